@@ -1,0 +1,231 @@
+"""The public Python API; the CLI is a thin layer over these functions.
+
+    >>> import graft
+    >>> run = graft.train("photos/", out="runs/birds")
+    >>> run.metrics["accuracy"]
+    >>> graft.load_bundle("runs/birds/bundle").predict(["robin.jpg"])
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import torch
+
+from graft.atomic import write_json, write_text
+from graft.backbones import DEFAULT_BACKBONE, load_backbone
+from graft.bundle import Bundle, Prediction, load_bundle, save_bundle
+from graft.config import TrainConfig
+from graft.console import QUIET, Reporter
+from graft.data import load_dataset, load_labelled_folder
+from graft.errors import DataError
+from graft.features import FeatureCache, backbone_key, default_cache_dir
+from graft.heads import HeadSpec, make_head
+from graft.loop import EpochRecord, seed_everything
+from graft.metrics import classification_metrics
+from graft.numerics import resolve_device, resolve_precision
+from graft.stages import Stage, discover_stages
+from graft.strategies import AuditRow, TrainContext, get_strategy
+from graft.strategies.base import count_params
+
+
+@dataclass
+class RunResult:
+    """What `train` produced: where it wrote, and the final validation metrics."""
+
+    run_dir: Path
+    bundle_dir: Path
+    metrics: dict[str, Any]
+    history: list[EpochRecord]
+
+    def load_bundle(self) -> Bundle:
+        return load_bundle(self.bundle_dir)
+
+
+def train(data: str | Path, out: str | Path, *, verbose: bool = True, **options: Any) -> RunResult:
+    """Adapt a pretrained backbone to the labelled images in `data`; write the run to `out`.
+
+    Options are the fields of `TrainConfig` (`backbone`, `strategy`, `head`, `epochs`, `lr`,
+    `augment_views`, `seed`, ...). Returns the run folder, bundle folder and metrics.
+    """
+    config = TrainConfig(data=str(data), out=str(out), **options)
+    return train_with_config(config, reporter=Reporter(verbose))
+
+
+def train_with_config(config: TrainConfig, *, reporter: Reporter = QUIET) -> RunResult:
+    """`train`, from a ready `TrainConfig` (what `config.json` holds)."""
+    started = time.perf_counter()
+    strategy = get_strategy(config.strategy)
+    seed_everything(config.seed)
+    run_dir = Path(config.out)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    dataset = load_dataset(config.data, val_fraction=config.val_fraction, seed=config.seed, on_bad_image=config.on_bad_image)
+    for warning in dataset.warnings:
+        reporter.warn(warning)
+    for bad in dataset.bad_images:
+        reporter.warn(f"skipped {bad.path}: {bad.reason}")
+    reporter.say(
+        f"data: {len(dataset.class_names)} classes, {len(dataset.train)} training and "
+        f"{len(dataset.val)} validation images ({dataset.split} split) from {dataset.root}"
+    )
+    backbone = load_backbone(config.backbone, weights=config.weights)
+    reporter.say(f"backbone: {backbone.architecture}, weights from {backbone.weights_source}")
+    device = resolve_device(config.device)
+    precision = resolve_precision(config.precision, device)
+    stages = discover_stages(backbone.model)
+    head_spec = HeadSpec(config.head, backbone.num_features, len(dataset.class_names), config.hidden, config.dropout)
+    audit = strategy.audit(backbone.model, stages, make_head(head_spec), config)
+    show_audit(reporter, f"strategy {config.strategy}: what trains", audit)
+
+    cache_root = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
+    cache = FeatureCache(cache_root, backbone_key(backbone, backbone.preprocessing, precision))
+    write_json(run_dir / "config.json", {**config.to_dict(), "resolved": {"device": str(device), "precision": precision}})
+    write_json(run_dir / "split.json", dataset.split_record())
+    history_path = run_dir / "history.jsonl"
+
+    def record_history(history: list[EpochRecord]) -> None:
+        write_text(history_path, "".join(json.dumps(r.to_dict()) + "\n" for r in history))
+
+    context = TrainContext(
+        config=config, dataset=dataset, backbone=backbone, stages=stages, head_spec=head_spec,
+        device=device, precision=precision, cache=cache, reporter=reporter, on_epoch=record_history,
+    )
+    outcome = strategy.train(context)
+    train_seconds = time.perf_counter() - started
+
+    predicted = outcome.val_logits.argmax(1).tolist()
+    metrics = classification_metrics(dataset.val.labels, predicted, dataset.class_names)
+    metrics.update(
+        backbone=backbone.architecture,
+        strategy=config.strategy,
+        num_train=len(dataset.train),
+        num_val=len(dataset.val),
+        train_seconds=round(train_seconds, 3),
+        trainable_params=sum(row.trainable_params for row in audit),
+        total_params=count_params(outcome.model),
+        best_epoch=outcome.fit.best_epoch,
+        epochs_run=len(outcome.fit.history),
+        stopped_early=outcome.fit.stopped_early,
+        data=dataset.summary(),
+        **{k: v for k, v in outcome.notes.items()},
+    )
+    meta = {
+        "backbone": {
+            "name": backbone.name,
+            "architecture": backbone.architecture,
+            "weights_source": backbone.weights_source,
+            "weights_id": backbone.weights_id,
+        },
+        "class_names": dataset.class_names,
+        "preprocessing": backbone.preprocessing.to_dict(),
+        "head": head_spec.to_dict(),
+        "strategy": config.strategy,
+        "precision": precision,
+        "val_accuracy": metrics["accuracy"],
+    }
+    bundle_dir = save_bundle(run_dir / "bundle", outcome.model, meta)
+    write_json(run_dir / "metrics.json", metrics)
+    reporter.say(
+        f"validation accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f} "
+        f"(best epoch {outcome.fit.best_epoch + 1} of {len(outcome.fit.history)}); "
+        f"run written to {run_dir}"
+    )
+    return RunResult(run_dir=run_dir, bundle_dir=bundle_dir, metrics=metrics, history=outcome.fit.history)
+
+
+def show_audit(reporter: Reporter, title: str, rows: Sequence[AuditRow]) -> None:
+    reporter.table(
+        title,
+        ["stage", "trainable", "total", "lr", "BatchNorm"],
+        [
+            (r.stage, f"{r.trainable_params:,}", f"{r.total_params:,}", f"{r.lr:.2g}" if r.lr else "-", r.bn_mode)
+            for r in rows
+        ],
+    )
+
+
+def evaluate(bundle: str | Path | Bundle, data: str | Path, *, on_bad_image: str = "error", batch_size: int = 32) -> dict[str, Any]:
+    """Metrics of a bundle on a labelled folder (or CSV): the keys of `metrics.json`."""
+    model = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+    images, bad = load_labelled_folder(data, on_bad_image=on_bad_image)  # type: ignore[arg-type]
+    unknown = sorted(set(images.class_names) - set(model.class_names))
+    if unknown:
+        raise DataError(
+            f"{data}: classes {unknown} are not among the bundle's classes ({', '.join(model.class_names)}); "
+            "rename the folders to the bundle's class names or remove them"
+        )
+    index = {name: i for i, name in enumerate(model.class_names)}
+    truth = [index[images.class_names[y]] for y in images.labels]
+    predicted = [model.class_names.index(p.label) for p in model.iter_predict(images.paths, top_k=1, batch_size=batch_size)]
+    metrics = classification_metrics(truth, predicted, model.class_names)
+    metrics.update(
+        backbone=model.backbone,
+        strategy=model.meta.get("strategy"),
+        num_images=len(truth),
+        bad_images=[{"path": b.path, "reason": b.reason} for b in bad],
+    )
+    return metrics
+
+
+def predict(bundle: str | Path | Bundle, paths: Iterable[str | Path], *, top_k: int = 5, batch_size: int = 32) -> Iterator[Prediction]:
+    """Predictions for image files and folders (folders are searched recursively), streamed."""
+    model = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+    return model.iter_predict(expand_image_paths(paths), top_k=top_k, batch_size=batch_size)
+
+
+def expand_image_paths(paths: Iterable[str | Path]) -> Iterator[Path]:
+    """Files as given; folders expanded to their image files (sorted, hidden files skipped)."""
+    from graft.data import walk_images
+
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            yield from sorted(walk_images(path))
+        else:
+            yield path  # a missing or unreadable file is reported by name when it is loaded
+
+
+@dataclass
+class Inspection:
+    """What `inspect` found: the backbone's stages and, for a strategy, what would train."""
+
+    architecture: str
+    weights_source: str
+    preprocessing: dict[str, Any]
+    num_features: int
+    stages: list[Stage]
+    total_params: int
+    audit: list[AuditRow] | None
+
+
+def inspect(
+    name: str = DEFAULT_BACKBONE,
+    *,
+    pretrained: bool = True,
+    weights: str | None = None,
+    strategy: str | None = None,
+    num_classes: int = 2,
+    **options: Any,
+) -> Inspection:
+    """The backbone's stages (name, parameters, channels, stride) and a strategy's audit."""
+    backbone = load_backbone(name, weights=weights, pretrained=pretrained)
+    stages = discover_stages(backbone.model)
+    audit = None
+    if strategy is not None:
+        config = TrainConfig(data=".", out=".", backbone=name, strategy=strategy, **options)
+        head = make_head(HeadSpec(config.head, backbone.num_features, num_classes, config.hidden, config.dropout))
+        audit = get_strategy(strategy).audit(backbone.model, stages, head, config)
+    return Inspection(
+        architecture=backbone.architecture,
+        weights_source=backbone.weights_source,
+        preprocessing=backbone.preprocessing.to_dict(),
+        num_features=backbone.num_features,
+        stages=stages,
+        total_params=count_params(backbone.model),
+        audit=audit,
+    )

@@ -1,0 +1,194 @@
+"""The bundle: what predict, evaluate, serve and export need, and nothing else.
+
+    bundle/
+      model.safetensors   the whole adapted network (backbone + head), tensors only
+      graft.json          format version, backbone, class names, preprocessing, head, strategy
+
+Loading never unpickles anything: safetensors + JSON. A bundle is written into a temporary
+folder and renamed into place, so it appears whole or not at all.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import torch
+from PIL import Image
+
+from graft.errors import BundleError, ImageError
+from graft.heads import HeadSpec, make_head
+from graft.model import GraftModel
+from graft.preprocessing import Preprocessing, build_transforms
+
+BUNDLE_FORMAT = 1
+MODEL_FILE = "model.safetensors"
+META_FILE = "graft.json"
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One image's prediction: the best label and score, and the top-k (label, score) pairs."""
+
+    path: str
+    label: str
+    score: float
+    top_k: list[tuple[str, float]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "label": self.label,
+            "score": round(self.score, 6),
+            "top_k": [{"label": label, "score": round(score, 6)} for label, score in self.top_k],
+        }
+
+
+def save_bundle(path: str | Path, model: GraftModel, meta: dict[str, Any]) -> Path:
+    """Write `model` and its metadata as a bundle folder at `path`, atomically."""
+    from safetensors.torch import save_file
+
+    from graft import __version__
+    from graft.atomic import atomic_dir
+
+    path = Path(path)
+    full_meta = {"format_version": BUNDLE_FORMAT, "graft_version": __version__, **meta}
+    for key in ("backbone", "class_names", "preprocessing", "head"):
+        if key not in full_meta:
+            raise BundleError(f"bundle metadata is missing {key!r} (a graft bug: please report it)")
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    with atomic_dir(path) as folder:
+        save_file(state, str(folder / MODEL_FILE), metadata={"format": "graft", "format_version": str(BUNDLE_FORMAT)})
+        (folder / META_FILE).write_text(json.dumps(full_meta, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+class Bundle:
+    """A trained classifier loaded from a bundle folder.
+
+    >>> bundle = load_bundle("runs/birds/bundle")
+    >>> [p.label for p in bundle.predict(["robin.jpg", "wren.jpg"])]
+    """
+
+    def __init__(self, path: Path, meta: dict[str, Any], model: GraftModel) -> None:
+        self.path = path
+        self.meta = meta
+        self.model = model.eval()
+        self.class_names: list[str] = list(meta["class_names"])
+        self.preprocessing = Preprocessing.from_dict(meta["preprocessing"])
+        self.transform = build_transforms(self.preprocessing)
+        self.device = torch.device("cpu")
+
+    @property
+    def backbone(self) -> str:
+        return str(self.meta["backbone"]["architecture"])
+
+    def to(self, device: str | torch.device) -> "Bundle":
+        self.device = torch.device(device)
+        self.model.to(self.device)
+        return self
+
+    @torch.inference_mode()
+    def logits(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """Raw logits (N, classes) for RGB PIL images, preprocessed as in training."""
+        if not images:
+            return torch.empty(0, len(self.class_names))
+        batch = torch.stack([self.transform(image) for image in images]).to(self.device)
+        return self.model(batch.contiguous(memory_format=torch.channels_last)).float().cpu()
+
+    def predict(self, sources: Iterable[str | Path | Image.Image], *, top_k: int = 5, batch_size: int = 32) -> list[Prediction]:
+        """Predict image files (paths) or PIL images. Unreadable files raise `ImageError`."""
+        return list(self.iter_predict(sources, top_k=top_k, batch_size=batch_size))
+
+    def iter_predict(
+        self,
+        sources: Iterable[str | Path | Image.Image],
+        *,
+        top_k: int = 5,
+        batch_size: int = 32,
+        on_error: Callable[[ImageError], None] | None = None,
+    ) -> Iterator[Prediction]:
+        """Like `predict`, streaming: images are read and predicted one batch at a time.
+
+        An unreadable file raises `ImageError`, or, with `on_error`, is handed to it and skipped.
+        """
+        from graft.images import load_image, to_rgb
+
+        names: list[str] = []
+        images: list[Image.Image] = []
+        for source in sources:
+            if isinstance(source, Image.Image):
+                names.append(getattr(source, "filename", "") or f"<image {len(names)}>")
+                images.append(to_rgb(source))
+            else:
+                try:
+                    image = load_image(source)
+                except ImageError as error:
+                    if on_error is None:
+                        raise
+                    on_error(error)
+                    continue
+                names.append(str(source))
+                images.append(image)
+            if len(images) == batch_size:
+                yield from self._predict_batch(names, images, top_k)
+                names, images = [], []
+        if images:
+            yield from self._predict_batch(names, images, top_k)
+
+    def _predict_batch(self, names: list[str], images: list[Image.Image], top_k: int) -> Iterator[Prediction]:
+        probabilities = self.logits(images).softmax(dim=1)
+        k = max(1, min(top_k, len(self.class_names)))
+        scores, indices = probabilities.topk(k, dim=1)
+        for name, row_scores, row_indices in zip(names, scores.tolist(), indices.tolist()):
+            pairs = [(self.class_names[i], float(s)) for s, i in zip(row_scores, row_indices)]
+            yield Prediction(path=name, label=pairs[0][0], score=pairs[0][1], top_k=pairs)
+
+
+def load_bundle(path: str | Path) -> Bundle:
+    """Load a bundle folder (or a run folder that holds one) without unpickling anything."""
+    from safetensors.torch import load_file
+
+    from graft.backbones import create_architecture
+
+    path = Path(path)
+    if (path / "bundle" / META_FILE).is_file() and not (path / META_FILE).is_file():
+        path = path / "bundle"
+    if not path.is_dir():
+        raise BundleError(f"{path}: no such bundle folder; give the bundle/ folder of a graft run")
+    meta_path, model_path = path / META_FILE, path / MODEL_FILE
+    for required in (meta_path, model_path):
+        if not required.is_file():
+            raise BundleError(f"{path}: the bundle is incomplete ({required.name} is missing); re-export or re-train it")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{meta_path}: not valid JSON ({exc}); the bundle is damaged") from None
+    version = meta.get("format_version")
+    if not isinstance(version, int) or version > BUNDLE_FORMAT:
+        raise BundleError(
+            f"{meta_path}: bundle format {version!r} is newer than this graft understands "
+            f"(format {BUNDLE_FORMAT}); upgrade graft (`pip install -U graft`)"
+        )
+    try:
+        architecture = meta["backbone"]["architecture"]
+        head_spec = HeadSpec.from_dict(meta["head"])
+        Preprocessing.from_dict(meta["preprocessing"])
+        meta["class_names"]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BundleError(f"{meta_path}: required field missing or malformed ({exc}); the bundle is damaged") from None
+    model = GraftModel(create_architecture(architecture), make_head(head_spec))
+    try:
+        state = load_file(str(model_path))
+    except Exception as exc:
+        raise BundleError(f"{model_path}: cannot be read as safetensors ({exc}); the bundle is damaged") from None
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise BundleError(
+            f"{model_path}: weights do not match the architecture in {META_FILE} "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]}); the bundle is damaged"
+        )
+    model.eval().to(memory_format=torch.channels_last)
+    return Bundle(path, meta, model)

@@ -1,0 +1,1 @@
+"""The `graft` command: one module per subcommand, each a thin layer over `graft`'s Python API."""

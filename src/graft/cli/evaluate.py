@@ -1,0 +1,32 @@
+"""`graft evaluate BUNDLE DIR`: the bundle's metrics on another labelled folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+
+def evaluate(
+    bundle: Path = typer.Argument(..., help="A bundle folder (or the run folder that holds one)."),
+    data: Path = typer.Argument(..., help="Labelled folder (one sub-folder per class) or CSV of path,label."),
+    as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON (the keys of metrics.json)."),
+    on_bad_image: str = typer.Option("error", help="error or skip unreadable images."),
+) -> None:
+    """Evaluate a trained bundle on a labelled folder."""
+    from graft.api import evaluate as evaluate_bundle
+
+    metrics = evaluate_bundle(bundle, data, on_bad_image=on_bad_image)
+    if as_json:
+        typer.echo(json.dumps(metrics, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(highlight=False)
+    console.print(f"{metrics['num_images']} images: accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}")
+    table = Table("class", "precision", "recall", "f1", "support")
+    for name, row in metrics["per_class"].items():
+        table.add_row(name, f"{row['precision']:.3f}", f"{row['recall']:.3f}", f"{row['f1']:.3f}", str(row["support"]))
+    console.print(table)

@@ -1,0 +1,41 @@
+"""`graft inspect NAME`: a backbone's stages, and what a strategy would train."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from graft.backbones import DEFAULT_BACKBONE
+
+
+def inspect(
+    name: str = typer.Argument(DEFAULT_BACKBONE, help="A timm model name (bundled offline: efficientnet_lite0/1/2)."),
+    strategy: Optional[str] = typer.Option(None, help="Also show what this strategy trains, stage by stage."),
+    weights: Optional[Path] = typer.Option(None, help="Local state-dict file for the backbone."),
+    pretrained: bool = typer.Option(True, "--pretrained/--architecture-only", help="Load pretrained weights, or only build the architecture."),
+    head: str = typer.Option("linear", help="Head used for the strategy audit."),
+    num_classes: int = typer.Option(2, help="Number of classes for the strategy audit."),
+) -> None:
+    """Show a backbone's stages (name, parameters, output channels and stride) and preprocessing."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from graft.api import inspect as inspect_backbone
+
+    found = inspect_backbone(name, pretrained=pretrained, weights=str(weights) if weights else None,
+                             strategy=strategy, num_classes=num_classes, head=head)
+    console = Console(highlight=False)
+    console.print(f"{found.architecture}: {found.total_params:,} parameters, {found.num_features} features; weights: {found.weights_source}")
+    p = found.preprocessing
+    console.print(f"preprocessing: {p['input_size'][1]}x{p['input_size'][2]} px, {p['interpolation']}, mean {p['mean']}, std {p['std']}, crop {p['crop_pct']}")
+    table = Table("#", "stage", "params", "channels", "stride", title="stages, input to head", title_justify="left")
+    for stage in found.stages:
+        table.add_row(str(stage.index), stage.name, f"{stage.num_params:,}", str(stage.out_channels or "-"), str(stage.reduction or "-"))
+    console.print(table)
+    if found.audit is not None:
+        from graft.api import show_audit
+        from graft.console import Reporter
+
+        show_audit(Reporter(console=console), f"strategy {strategy}: what trains", found.audit)

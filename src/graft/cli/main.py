@@ -1,0 +1,55 @@
+"""`graft`: the command-line entry point. Errors print as one clear message, not a traceback."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from graft.cli import demo, evaluate, inspect, predict, train
+
+app = typer.Typer(
+    name="graft",
+    help="Transfer learning on images: adapt a pretrained backbone to your labelled images, offline.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.command(name="demo")(demo.demo)
+app.command(name="inspect")(inspect.inspect)
+app.command(name="train")(train.train)
+app.command(name="predict")(predict.predict)
+app.command(name="evaluate")(evaluate.evaluate)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (0 ok, 1 some inputs failed, 2 usage or data error)."""
+    from graft.errors import GraftError
+
+    try:
+        # Without standalone mode click returns a command's exit code instead of exiting.
+        code = app(args=argv, standalone_mode=False)
+    except GraftError as error:
+        print(f"graft: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("graft: interrupted", file=sys.stderr)
+        return 130
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    except Exception as error:  # click's usage errors
+        import click
+
+        if isinstance(error, click.exceptions.Exit):
+            return int(error.exit_code)
+        if isinstance(error, click.ClickException):
+            error.show()
+            return 2
+        if isinstance(error, click.exceptions.Abort):
+            return 130
+        raise
+    return code if isinstance(code, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""`graft train DATA --out RUN`: adapt a backbone to a labelled folder and write the run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from graft.backbones import DEFAULT_BACKBONE
+
+
+def train(
+    data: Path = typer.Argument(..., help="Folder with one sub-folder per class (train/ and valid/ used if present), or a CSV of path,label."),
+    out: Path = typer.Option(Path("runs/graft"), "--out", "-o", help="Run folder to write (config, history, metrics, bundle)."),
+    backbone: str = typer.Option(DEFAULT_BACKBONE, help="Any timm model name; bundled offline: efficientnet_lite0/1/2."),
+    weights: Optional[Path] = typer.Option(None, help="Local state-dict file for the backbone (safetensors or torch)."),
+    strategy: str = typer.Option("feature-extract", help="Adaptation strategy (see `graft inspect --strategy`)."),
+    head: str = typer.Option("linear", help="New classifier head: linear or mlp."),
+    hidden: int = typer.Option(512, help="Hidden units of the mlp head."),
+    dropout: float = typer.Option(0.0, help="Dropout before the head's last layer."),
+    epochs: Optional[int] = typer.Option(None, help="Epochs (default: the strategy's)."),
+    batch_size: int = typer.Option(32, help="Training batch size."),
+    lr: Optional[float] = typer.Option(None, help="Learning rate of the head (default: the strategy's)."),
+    weight_decay: float = typer.Option(1e-4, help="AdamW weight decay."),
+    warmup_epochs: int = typer.Option(1, help="Linear warmup before the cosine decay."),
+    label_smoothing: float = typer.Option(0.1, help="Label smoothing of the training loss."),
+    patience: Optional[int] = typer.Option(None, help="Stop after this many epochs without validation improvement."),
+    seed: int = typer.Option(0, help="Seed of the split, the initialisation and the batches."),
+    val_fraction: float = typer.Option(0.2, help="Share of each class held out for validation when no valid/ folder exists."),
+    on_bad_image: str = typer.Option("error", help="error: stop and list unreadable images; skip: train without them."),
+    augment: str = typer.Option("light", help="Training augmentation: none, light or strong."),
+    augment_views: int = typer.Option(0, help="Augmented views per training image to cache (feature-extract)."),
+    class_weighting: str = typer.Option("none", help="none or balanced (inverse class frequency)."),
+    precision: str = typer.Option("fp32", help="fp32, bf16 or auto."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Feature cache folder (default: $GRAFT_CACHE_DIR or ~/.cache/graft)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing but errors."),
+) -> None:
+    """Train a classifier on DATA and write the run folder (with its bundle) to --out."""
+    from graft.api import train_with_config
+    from graft.config import TrainConfig
+    from graft.console import Reporter
+
+    config = TrainConfig(
+        data=str(data), out=str(out), backbone=backbone, weights=str(weights) if weights else None,
+        strategy=strategy, head=head, hidden=hidden, dropout=dropout, epochs=epochs,
+        batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
+        label_smoothing=label_smoothing, patience=patience, seed=seed, val_fraction=val_fraction,
+        on_bad_image=on_bad_image, augment=augment, augment_views=augment_views,
+        class_weighting=class_weighting, precision=precision, device=device,
+        cache_dir=str(cache_dir) if cache_dir else None,
+    )
+    result = train_with_config(config, reporter=Reporter(verbose=not quiet))
+    typer.echo(f"accuracy {result.metrics['accuracy']:.4f}  bundle {result.bundle_dir}")

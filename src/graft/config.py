@@ -1,0 +1,95 @@
+"""The settings of a training run: one frozen, typed dataclass, saved whole as `config.json`."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from graft.backbones import DEFAULT_BACKBONE
+from graft.errors import ConfigError
+from graft.heads import HEAD_KINDS
+from graft.numerics import PRECISIONS
+from graft.preprocessing import AUGMENT_LEVELS
+
+CLASS_WEIGHTINGS = ("none", "balanced")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that decides a run. `None` means "the strategy's default" where noted."""
+
+    data: str
+    out: str
+    backbone: str = DEFAULT_BACKBONE
+    weights: str | None = None
+    strategy: str = "feature-extract"
+    head: str = "linear"
+    hidden: int = 512
+    dropout: float = 0.0
+    epochs: int | None = None  # None: the strategy's default
+    batch_size: int = 32
+    lr: float | None = None  # None: the strategy's default
+    weight_decay: float = 1e-4
+    warmup_epochs: int = 1
+    label_smoothing: float = 0.1
+    patience: int | None = None  # epochs without improvement before stopping; None: strategy's default
+    seed: int = 0
+    val_fraction: float = 0.2
+    on_bad_image: str = "error"
+    augment: str = "light"  # augmentation for augmented views / fine-tuning
+    augment_views: int = 0  # extra augmented views per training image (feature-extract)
+    class_weighting: str = "none"
+    precision: str = "fp32"
+    device: str = "auto"
+    cache_dir: str | None = None  # None: graft's default cache folder
+
+    def __post_init__(self) -> None:
+        from graft.strategies import STRATEGY_NAMES
+
+        checks = [
+            ("--strategy", self.strategy, STRATEGY_NAMES),
+            ("--head", self.head, HEAD_KINDS),
+            ("--augment", self.augment, AUGMENT_LEVELS),
+            ("--precision", self.precision, PRECISIONS),
+            ("--class-weighting", self.class_weighting, CLASS_WEIGHTINGS),
+            ("--on-bad-image", self.on_bad_image, ("error", "skip")),
+        ]
+        for option, value, choices in checks:
+            if value not in choices:
+                raise ConfigError(f"{option}: {value!r} is not one of {', '.join(choices)}")
+        positive = [("--batch-size", self.batch_size), ("--hidden", self.hidden)]
+        if self.epochs is not None:
+            positive.append(("--epochs", self.epochs))
+        for option, value in positive:
+            if value < 1:
+                raise ConfigError(f"{option}: expected a positive whole number, got {value}")
+        if self.lr is not None and not self.lr > 0:
+            raise ConfigError(f"--lr: expected a positive learning rate, got {self.lr}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError(f"--label-smoothing: expected a number in [0, 1), got {self.label_smoothing}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"--dropout: expected a number in [0, 1), got {self.dropout}")
+        if self.augment_views < 0:
+            raise ConfigError(f"--augment-views: expected 0 or more, got {self.augment_views}")
+        if self.patience is not None and self.patience < 1:
+            raise ConfigError(f"--patience: expected a positive number of epochs, got {self.patience}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(f"config: unknown settings {unknown}; known ones are {sorted(names)}")
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def out_path(self) -> Path:
+        return Path(self.out)

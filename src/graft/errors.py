@@ -1,0 +1,36 @@
+"""The exceptions graft raises.
+
+Every message names the file or option at fault, says what was expected and how to fix it.
+The CLI prints them without a traceback; from Python they are ordinary exceptions.
+"""
+
+from __future__ import annotations
+
+
+class GraftError(Exception):
+    """Base class of every error graft raises on purpose."""
+
+
+class ConfigError(GraftError, ValueError):
+    """An option has a value graft cannot use (unknown name, out of range, incompatible)."""
+
+
+class DataError(GraftError):
+    """The images or labels given cannot be used as they are."""
+
+
+class ImageError(DataError):
+    """One image file cannot be read as an image."""
+
+    def __init__(self, path: object, reason: str) -> None:
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+class BackboneError(GraftError):
+    """A backbone or its weights cannot be created or found."""
+
+
+class BundleError(GraftError):
+    """A saved bundle is missing, incomplete, or from an incompatible graft version."""

@@ -1,0 +1,217 @@
+"""Frozen-backbone features, computed once and cached on disk.
+
+A cached feature is keyed by the backbone (architecture + weights hash), the preprocessing, the
+precision it was computed in, and the image file's content (not its name): renaming or moving a
+file reuses its feature, changing a single byte or the preprocessing does not. Augmented views
+are keyed by the augmentation, the seed and the view number too.
+
+The cache is a folder of safetensors shards per backbone key, written atomically; a run adds one
+shard with what it computed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from graft.backbones import Backbone
+from graft.images import load_image
+from graft.numerics import autocast
+from graft.preprocessing import Preprocessing, build_transforms
+
+FEATURE_FORMAT = 1
+
+
+def default_cache_dir() -> Path:
+    """`$GRAFT_CACHE_DIR`, else `$XDG_CACHE_HOME/graft`, else `~/.cache/graft`."""
+    if os.environ.get("GRAFT_CACHE_DIR"):
+        return Path(os.environ["GRAFT_CACHE_DIR"])
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return base / "graft"
+
+
+def backbone_key(backbone: Backbone, preprocessing: Preprocessing, precision: str) -> str:
+    """What makes two features comparable: same weights, same preprocessing, same precision."""
+    payload = {
+        "format": FEATURE_FORMAT,
+        "architecture": backbone.architecture,
+        "weights": backbone.weights_id,
+        "preprocessing": preprocessing.to_dict(),
+        "precision": precision,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
+
+
+@dataclass
+class FeatureCache:
+    """Feature vectors on disk under `root/<backbone key>/`, looked up by item key."""
+
+    root: Path
+    key: str
+    _index: dict[str, Path] | None = field(default=None, repr=False)
+
+    @property
+    def folder(self) -> Path:
+        return self.root / "features" / self.key
+
+    def _load_index(self) -> dict[str, Path]:
+        if self._index is None:
+            from safetensors import safe_open
+
+            self._index = {}
+            if self.folder.is_dir():
+                for shard in sorted(self.folder.glob("*.safetensors")):
+                    try:
+                        with safe_open(str(shard), framework="pt") as handle:
+                            for name in handle.keys():
+                                self._index[name] = shard
+                    except Exception:  # a damaged shard is ignored; its items are recomputed
+                        continue
+        return self._index
+
+    def get(self, keys: Sequence[str]) -> dict[str, torch.Tensor]:
+        from safetensors import safe_open
+
+        index = self._load_index()
+        by_shard: dict[Path, list[str]] = {}
+        for key in keys:
+            if key in index:
+                by_shard.setdefault(index[key], []).append(key)
+        found: dict[str, torch.Tensor] = {}
+        for shard, names in by_shard.items():
+            with safe_open(str(shard), framework="pt") as handle:
+                for name in names:
+                    found[name] = handle.get_tensor(name)
+        return found
+
+    def put(self, features: dict[str, torch.Tensor]) -> None:
+        if not features:
+            return
+        from safetensors.torch import save_file
+
+        from graft.atomic import atomic_path
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        shard = self.folder / f"{uuid.uuid4().hex}.safetensors"
+        with atomic_path(shard) as temporary:
+            save_file({k: v.contiguous() for k, v in features.items()}, str(temporary))
+        index = self._load_index()
+        for key in features:
+            index[key] = shard
+
+
+class ImageFiles(Dataset):
+    """Image files → tensors through a transform (decoding through `load_image`)."""
+
+    def __init__(self, paths: Sequence[Path], transform: Callable) -> None:
+        self.paths = list(paths)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.transform(load_image(self.paths[index]))
+
+
+@dataclass
+class ExtractionStats:
+    computed: int = 0
+    from_cache: int = 0
+
+
+def extract_features(
+    backbone: Backbone,
+    paths: Sequence[Path],
+    digests: Sequence[str],
+    *,
+    cache: FeatureCache | None,
+    precision: str = "fp32",
+    device: torch.device | None = None,
+    batch_size: int = 64,
+    augment: str = "none",
+    view: int = 0,
+    seed: int = 0,
+    num_workers: int | None = None,
+    progress: Callable[[int], None] | None = None,
+    stats: ExtractionStats | None = None,
+) -> torch.Tensor:
+    """Pooled features (N, D) of the images, from the cache where present, else computed.
+
+    `augment`/`view`/`seed` select one augmented view (`augment="none"` is the plain evaluation
+    view). `progress(n)` is called with the number of images done after each batch.
+    """
+    device = device or torch.device("cpu")
+    keys = [item_key(d, augment, view, seed) for d in digests]
+    cached = cache.get(keys) if cache is not None else {}
+    todo = [i for i, key in enumerate(keys) if key not in cached]
+    if stats is not None:
+        stats.from_cache += len(keys) - len(todo)
+        stats.computed += len(todo)
+    if progress and len(keys) > len(todo):
+        progress(len(keys) - len(todo))
+    computed: dict[str, torch.Tensor] = {}
+    if todo:
+        transform = build_transforms(backbone.preprocessing, augment=augment)
+        generator = torch.Generator().manual_seed(hash((seed, view)) & 0x7FFFFFFF)
+        if augment != "none":
+            torch.manual_seed(seed * 7919 + view)
+        workers = _default_workers(len(todo)) if num_workers is None else num_workers
+        loader = DataLoader(
+            ImageFiles([paths[i] for i in todo], transform),
+            batch_size=batch_size,
+            shuffle=False,
+            num_workers=workers,
+            generator=generator,
+            pin_memory=device.type == "cuda",
+        )
+        outputs = forward_batches(backbone.model, loader, precision=precision, device=device, progress=progress)
+        for position, index in enumerate(todo):
+            computed[keys[index]] = outputs[position]
+        if cache is not None:
+            cache.put(computed)
+    return torch.stack([cached[k] if k in cached else computed[k] for k in keys]) if keys else torch.empty(0, backbone.num_features)
+
+
+@torch.inference_mode()
+def forward_batches(
+    model: nn.Module,
+    batches: Iterable[torch.Tensor],
+    *,
+    precision: str,
+    device: torch.device,
+    progress: Callable[[int], None] | None = None,
+) -> torch.Tensor:
+    """Run `model` in eval mode over the batches; float32 outputs stacked on the CPU."""
+    model.eval().to(device)
+    model.to(memory_format=torch.channels_last)
+    outputs = []
+    for batch in batches:
+        batch = batch.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        with autocast(precision, device):
+            out = model(batch)
+        outputs.append(out.float().cpu())
+        if progress:
+            progress(len(batch))
+    return torch.cat(outputs) if outputs else torch.empty(0)
+
+
+def item_key(digest: str, augment: str, view: int, seed: int) -> str:
+    if augment == "none":
+        return digest
+    return f"{digest}.{augment}.s{seed}.v{view}"
+
+
+def _default_workers(count: int) -> int:
+    if count < 128:
+        return 0
+    return max(1, min(4, (os.cpu_count() or 2) - 1))

@@ -1,0 +1,111 @@
+"""Reading one image file into an upright RGB picture, or a clear reason why not.
+
+Everything that opens a user's image goes through `load_image` (training, predict, serve), so
+every command converts modes, applies EXIF orientation and refuses hostile files the same way.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from graft.errors import ImageError
+
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
+)
+
+# Images larger than this many pixels are refused before any pixel is decoded (a decompression
+# bomb is a small file that claims an enormous size). 40 000 x 40 000 would be 1.6 G pixels.
+MAX_IMAGE_PIXELS = 100_000_000
+
+# Pillow's own guard; ours is checked from the header first so the message can be clear.
+Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+
+
+def is_image_name(path: Path) -> bool:
+    """True for a file name graft treats as an image (by extension, case-insensitive)."""
+    return path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def load_image(source: str | Path | bytes, *, name: str | None = None) -> Image.Image:
+    """Decode an image file (a path or its bytes) into an upright 8-bit RGB image.
+
+    Grayscale, palette, alpha (composited on white), CMYK and 16-bit images are converted to RGB;
+    EXIF orientation is applied. Raises `ImageError` naming the file and the reason for an empty,
+    truncated, corrupt, non-image or oversized file.
+    """
+    label = name or (str(source) if not isinstance(source, bytes) else "<upload>")
+    data = _read_bytes(source, label)
+    if not data:
+        raise ImageError(label, "the file is empty (0 bytes); remove it or replace it with the image")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            if width * height > MAX_IMAGE_PIXELS:
+                raise ImageError(
+                    label,
+                    f"the image claims {width}x{height} pixels, more than graft's limit of "
+                    f"{MAX_IMAGE_PIXELS:,} (a decompression bomb or a huge scan); resize it first",
+                )
+            if width < 1 or height < 1:
+                raise ImageError(label, f"the image has no pixels ({width}x{height})")
+            image.load()
+    except ImageError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageError(label, "not an image file Pillow can read (wrong content for its name?)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(label, f"refused as a decompression bomb: {exc}") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageError(label, f"the image data is damaged or truncated ({exc})") from None
+    try:
+        image = ImageOps.exif_transpose(image)
+    except Exception:  # a broken EXIF block must not cost the picture itself
+        pass
+    return to_rgb(image)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB (alpha composited on white, 16-bit rescaled)."""
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if mode.startswith("I;16") or array.max(initial=0) > 255 else 255.0
+        if mode == "F":
+            lo, hi = float(array.min(initial=0)), float(array.max(initial=1))
+            array = (array - lo) / max(hi - lo, 1e-12) * 255.0
+        else:
+            array = array / top * 255.0
+        gray = Image.fromarray(np.clip(array + 0.5, 0, 255).astype(np.uint8), mode="L")
+        return gray.convert("RGB")
+    if mode == "P":
+        image = image.convert("RGBA") if "transparency" in image.info else image.convert("RGB")
+        mode = image.mode
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _read_bytes(source: str | Path | bytes, label: str) -> bytes:
+    if isinstance(source, bytes):
+        return source
+    path = Path(source)
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise ImageError(label, "no such file") from None
+    except IsADirectoryError:
+        raise ImageError(label, "is a folder, not an image file") from None
+    except OSError as exc:
+        raise ImageError(label, f"cannot be read ({exc.strerror or exc})") from None

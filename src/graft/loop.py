@@ -1,0 +1,145 @@
+"""The training loop: one explicit function, the same for every strategy.
+
+`fit` runs epochs of a caller-supplied `train_epoch` and `validate`, keeps the best epoch's
+weights (by validation accuracy, then loss), stops early when validation stops improving, and
+reports each epoch to `on_epoch` (history, progress, checkpoints). What an epoch *is* (a pass over
+cached features, or over images with some stages thawed) is the strategy's business.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+
+@dataclass
+class EpochRecord:
+    """One line of history.jsonl."""
+
+    epoch: int
+    train_loss: float
+    train_accuracy: float
+    val_loss: float
+    val_accuracy: float
+    lr: list[float]
+    seconds: float
+    stage_thawed: str | None = None
+    trainable_stages: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items()}
+
+
+@dataclass
+class FitResult:
+    history: list[EpochRecord]
+    best_epoch: int
+    best_val_accuracy: float
+    best_val_loss: float
+    stopped_early: bool
+    best_state: dict[str, torch.Tensor] = field(repr=False, default_factory=dict)
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int, floor: float = 0.01) -> Callable[[int], float]:
+    """LR multiplier: linear warmup to 1, then cosine decay to `floor` at `total_steps`."""
+
+    def factor(step: int) -> float:
+        if warmup_steps > 0 and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def fit(
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    train_epoch: Callable[[int], tuple[float, float]],
+    validate: Callable[[], tuple[float, float]],
+    epochs: int,
+    patience: int | None,
+    start_epoch: int = 0,
+    history: list[EpochRecord] | None = None,
+    best: tuple[int, float, float, dict[str, torch.Tensor]] | None = None,
+    before_epoch: Callable[[int], str | None] | None = None,
+    on_epoch: Callable[[EpochRecord, bool, "FitState"], None] | None = None,
+) -> FitResult:
+    """Train for up to `epochs` epochs; returns the history and the best epoch's state.
+
+    `train_epoch(epoch)` → (train loss, train accuracy); `validate()` → (val loss, val accuracy).
+    `before_epoch(epoch)` may change what trains (gradual unfreezing) and returns a note for the
+    history. `on_epoch(record, improved, state)` is told after each epoch (history, checkpoints).
+    `start_epoch`, `history` and `best` continue an interrupted run.
+    """
+    history = list(history or [])
+    best_epoch, best_acc, best_loss, best_state = best if best else (-1, -1.0, math.inf, {})
+    stale = 0 if not history else (history[-1].epoch - best_epoch)
+    stopped_early = False
+    for epoch in range(start_epoch, epochs):
+        note = before_epoch(epoch) if before_epoch else None
+        started = time.perf_counter()
+        train_loss, train_acc = train_epoch(epoch)
+        val_loss, val_acc = validate()
+        record = EpochRecord(
+            epoch=epoch,
+            train_loss=round(float(train_loss), 6),
+            train_accuracy=round(float(train_acc), 6),
+            val_loss=round(float(val_loss), 6),
+            val_accuracy=round(float(val_acc), 6),
+            lr=[float(f"{g['lr']:.3g}") for g in optimizer.param_groups],
+            seconds=round(time.perf_counter() - started, 3),
+            stage_thawed=note,
+        )
+        history.append(record)
+        improved = (val_acc > best_acc + 1e-9) or (abs(val_acc - best_acc) <= 1e-9 and val_loss < best_loss)
+        if improved:
+            best_epoch, best_acc, best_loss = epoch, val_acc, val_loss
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            stale = 0
+        else:
+            stale += 1
+        state = FitState(history, best_epoch, best_acc, best_loss, best_state)
+        if on_epoch:
+            on_epoch(record, improved, state)
+        if patience is not None and stale >= patience:
+            stopped_early = True
+            break
+    return FitResult(history, best_epoch, best_acc, best_loss, stopped_early, best_state)
+
+
+@dataclass
+class FitState:
+    """What `fit` knows after an epoch (handed to `on_epoch` for checkpoints)."""
+
+    history: list[EpochRecord]
+    best_epoch: int
+    best_val_accuracy: float
+    best_val_loss: float
+    best_state: dict[str, torch.Tensor]
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch; CPU runs with the same seed give the same result."""
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+@torch.no_grad()
+def evaluate_logits(logits: torch.Tensor, labels: torch.Tensor, loss_fn: nn.Module) -> tuple[float, float]:
+    """(mean loss, accuracy) of logits against labels."""
+    if len(labels) == 0:
+        return float("nan"), float("nan")
+    loss = float(loss_fn(logits, labels))
+    accuracy = float((logits.argmax(1) == labels).float().mean())
+    return loss, accuracy

@@ -1,0 +1,117 @@
+"""The backbone's own preprocessing: resolved from its pretrained config, stored, reused.
+
+A `Preprocessing` travels with every bundle, so predict, serve and export feed the model exactly
+what it saw in training. Transforms are built by timm from it (`build_transforms`).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+AugmentLevel = Literal["none", "light", "strong"]
+AUGMENT_LEVELS: tuple[str, ...] = ("none", "light", "strong")
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How an RGB image becomes the tensor the backbone expects (timm's data config, typed)."""
+
+    input_size: tuple[int, int, int]
+    interpolation: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    crop_pct: float
+    crop_mode: str = "center"
+
+    @property
+    def image_size(self) -> int:
+        return int(self.input_size[-1])
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Preprocessing":
+        return cls(
+            input_size=tuple(int(v) for v in data["input_size"]),  # type: ignore[arg-type]
+            interpolation=str(data["interpolation"]),
+            mean=tuple(float(v) for v in data["mean"]),  # type: ignore[arg-type]
+            std=tuple(float(v) for v in data["std"]),  # type: ignore[arg-type]
+            crop_pct=float(data["crop_pct"]),
+            crop_mode=str(data.get("crop_mode", "center")),
+        )
+
+    def with_overrides(self, **overrides: Any) -> "Preprocessing":
+        """A copy with explicit overrides; warns, since the backbone was trained with the original."""
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        if not overrides:
+            return self
+        warnings.warn(
+            f"preprocessing overridden ({', '.join(f'{k}={v}' for k, v in overrides.items())}); "
+            "the backbone was pretrained with its own values, expect lower accuracy",
+            stacklevel=2,
+        )
+        if "input_size" in overrides and isinstance(overrides["input_size"], int):
+            size = int(overrides["input_size"])
+            overrides["input_size"] = (3, size, size)
+        return replace(self, **overrides)
+
+
+def resolve_preprocessing(model: nn.Module) -> Preprocessing:
+    """The preprocessing a timm model was pretrained with (`timm.data.resolve_data_config`)."""
+    from timm.data import resolve_data_config
+
+    config = resolve_data_config({}, model=model)
+    return Preprocessing(
+        input_size=tuple(int(v) for v in config["input_size"]),  # type: ignore[arg-type]
+        interpolation=str(config.get("interpolation", "bicubic")),
+        mean=tuple(float(v) for v in config["mean"]),  # type: ignore[arg-type]
+        std=tuple(float(v) for v in config["std"]),  # type: ignore[arg-type]
+        crop_pct=float(config.get("crop_pct", 0.875)),
+        crop_mode=str(config.get("crop_mode", "center")),
+    )
+
+
+def build_transforms(preprocessing: Preprocessing, *, augment: str = "none") -> Any:
+    """The PIL-image → tensor transform: evaluation (`augment="none"`) or training augmentation.
+
+    Evaluation is timm's resize + center crop + normalise. `light` adds a random resized crop
+    (scale 0.6–1) and horizontal flip; `strong` uses a wider crop range and TrivialAugment
+    ("ta_wide" in timm's terms) for tiny data. Augmentation is never applied at evaluation.
+    """
+    from timm.data import create_transform
+
+    common = dict(
+        input_size=preprocessing.input_size,
+        interpolation=preprocessing.interpolation,
+        mean=preprocessing.mean,
+        std=preprocessing.std,
+        crop_pct=preprocessing.crop_pct,
+        crop_mode=preprocessing.crop_mode,
+    )
+    if augment == "none":
+        return create_transform(is_training=False, **common)
+    if augment == "light":
+        return create_transform(
+            is_training=True, scale=(0.6, 1.0), hflip=0.5, color_jitter=0.0, **common
+        )
+    if augment == "strong":
+        return create_transform(
+            is_training=True, scale=(0.35, 1.0), hflip=0.5, color_jitter=0.0,
+            auto_augment="ta_wide", **common,
+        )
+    from graft.errors import ConfigError
+
+    raise ConfigError(f"--augment: expected one of {', '.join(AUGMENT_LEVELS)}, got {augment!r}")
+
+
+def normalize_tensor(batch: torch.Tensor, preprocessing: Preprocessing) -> torch.Tensor:
+    """Normalise a float batch in [0, 1] (N, 3, H, W) with the backbone's mean and std."""
+    mean = torch.tensor(preprocessing.mean, dtype=batch.dtype, device=batch.device).view(1, 3, 1, 1)
+    std = torch.tensor(preprocessing.std, dtype=batch.dtype, device=batch.device).view(1, 3, 1, 1)
+    return (batch - mean) / std

@@ -1,0 +1,89 @@
+"""What every strategy shares: the context it gets, what it returns, and its audit."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Protocol
+
+import torch
+from torch import nn
+
+from graft.backbones import Backbone
+from graft.config import TrainConfig
+from graft.console import Reporter
+from graft.data import Dataset
+from graft.features import FeatureCache
+from graft.heads import HeadSpec
+from graft.loop import EpochRecord, FitResult
+from graft.model import GraftModel
+from graft.stages import Stage
+
+
+@dataclass
+class TrainContext:
+    """Everything a strategy needs to train, prepared by `graft.train`."""
+
+    config: TrainConfig
+    dataset: Dataset
+    backbone: Backbone
+    stages: list[Stage]
+    head_spec: HeadSpec
+    device: torch.device
+    precision: str
+    cache: FeatureCache | None
+    reporter: Reporter
+    on_epoch: Callable[[list[EpochRecord]], None]
+
+
+@dataclass
+class TrainOutcome:
+    """A trained model, its training history, and its logits on the validation images."""
+
+    model: GraftModel
+    fit: FitResult
+    val_logits: torch.Tensor
+    notes: dict[str, object] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AuditRow:
+    """One line of the trainability audit, printed before training."""
+
+    stage: str
+    trainable_params: int
+    total_params: int
+    lr: float | None
+    bn_mode: str  # "eval" (statistics frozen), "train", or "-" when the stage has no BatchNorm
+
+
+class Strategy(Protocol):
+    name: str
+    default_epochs: int
+    default_lr: float
+    default_patience: int
+
+    def audit(self, backbone: nn.Module, stages: list[Stage], head: nn.Module, config: TrainConfig) -> list[AuditRow]:
+        ...
+
+    def train(self, context: TrainContext) -> TrainOutcome:
+        ...
+
+
+def has_batchnorm(backbone: nn.Module, stage: Stage) -> bool:
+    modules = dict(backbone.named_modules())
+    for name in stage.module_names:
+        for sub in modules[name].modules():
+            if isinstance(sub, nn.modules.batchnorm._BatchNorm):
+                return True
+    return False
+
+
+def count_params(module: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+def cache_dir_of(config: TrainConfig) -> Path | None:
+    from graft.features import default_cache_dir
+
+    return Path(config.cache_dir) if config.cache_dir else default_cache_dir()

@@ -1,0 +1,68 @@
+"""The `graft` command, run as a user runs it (a real subprocess)."""
+
+import csv
+import io
+import json
+import subprocess
+import sys
+
+
+def graft_cli(*args, check=True):
+    result = subprocess.run([sys.executable, "-m", "graft.cli.main", *map(str, args)], capture_output=True, text=True, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"graft {' '.join(map(str, args))} failed ({result.returncode}):\n{result.stderr}")
+    return result
+
+
+def test_train_predict_evaluate_through_the_cli(fashion_folder, holdout_folder, tmp_path):
+    out = tmp_path / "run"
+    graft_cli("train", fashion_folder, "--out", out, "--epochs", "15", "--quiet")
+    assert (out / "bundle" / "graft.json").is_file()
+
+    lines = graft_cli("predict", out / "bundle", holdout_folder, "--format", "json", "--top-k", "2").stdout.splitlines()
+    rows = [json.loads(line) for line in lines]
+    assert len(rows) == 18
+    assert set(rows[0]) == {"path", "label", "score", "top_k"} and len(rows[0]["top_k"]) == 2
+
+    table = list(csv.DictReader(io.StringIO(graft_cli("predict", out, holdout_folder / "bag", "-f", "csv").stdout)))
+    assert len(table) == 6 and table[0]["label"] in ("bag", "sneaker", "trouser")
+
+    assert "bag" in graft_cli("predict", out / "bundle", next(holdout_folder.rglob("*.png"))).stdout
+
+    metrics = json.loads(graft_cli("evaluate", out / "bundle", holdout_folder, "--json").stdout)
+    assert metrics["num_images"] == 18 and "macro_f1" in metrics
+
+
+def test_predict_lists_an_unreadable_file_and_goes_on(trained_run, holdout_folder, tmp_path):
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff\xe0 not really")
+    good = next(holdout_folder.rglob("*.png"))
+    result = graft_cli("predict", trained_run.bundle_dir, good, broken, "--format", "json", check=False)
+    assert result.returncode == 1
+    rows = {row["path"]: row for row in map(json.loads, result.stdout.splitlines())}
+    assert set(rows) == {str(good), str(broken)}
+    assert "label" in rows[str(good)] and "truncated" in rows[str(broken)]["error"]
+    assert "broken.jpg" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_errors_are_one_clear_line(tmp_path):
+    result = graft_cli("train", tmp_path / "nowhere", check=False)
+    assert result.returncode == 2
+    assert "nowhere" in result.stderr and "Traceback" not in result.stderr
+    result = graft_cli("predict", tmp_path / "nobundle", tmp_path, check=False)
+    assert result.returncode == 2 and "bundle" in result.stderr
+
+
+def test_inspect_prints_stages(tmp_path):
+    out = graft_cli("inspect", "efficientnet_lite0", "--strategy", "feature-extract").stdout
+    assert "blocks.6+conv_head+bn2" in out and "mean (0.5, 0.5, 0.5)" in out and "eval" in out
+    out = graft_cli("inspect", "resnet50", "--architecture-only").stdout
+    assert "layer4" in out and "2048" in out
+
+
+def test_demo_runs_offline_end_to_end(tmp_path):
+    result = graft_cli("demo", "--out", tmp_path / "demo", "--per-class", "10")
+    text = result.stdout + result.stderr
+    assert "holdout accuracy" in text and "done" in text
+    metrics = json.loads((tmp_path / "demo" / "run" / "metrics.json").read_text())
+    assert metrics["data"]["num_classes"] == 10 and metrics["num_train"] == 80
