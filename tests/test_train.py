@@ -17,7 +17,7 @@ METRIC_KEYS = {
 
 def test_run_folder_holds_what_design_md_lists(trained_run):
     run = trained_run.run_dir
-    for name in ("config.json", "history.jsonl", "metrics.json", "split.json", "bundle/model.safetensors", "bundle/graft.json"):
+    for name in ("config.json", "history.jsonl", "metrics.json", "split.json", "val_predictions.json", "bundle/model.safetensors", "bundle/graft.json"):
         assert (run / name).is_file(), name
     metrics = json.loads((run / "metrics.json").read_text())
     assert METRIC_KEYS <= set(metrics)
@@ -29,6 +29,8 @@ def test_run_folder_holds_what_design_md_lists(trained_run):
     assert {"epoch", "lr", "train_loss", "val_loss", "val_accuracy", "seconds"} <= set(history[0])
     config = graft.TrainConfig.from_dict({k: v for k, v in json.loads((run / "config.json").read_text()).items() if k != "resolved"})
     assert config.strategy == "feature-extract" and config.epochs == 30
+    rows = json.loads((run / "val_predictions.json").read_text())
+    assert len(rows) == 6 and sum(r["true"] == r["label"] for r in rows) / 6 == metrics["accuracy"]
     meta = json.loads((run / "bundle" / "graft.json").read_text())
     assert meta["preprocessing"]["mean"] == [0.5, 0.5, 0.5] and meta["format_version"] == 1
 

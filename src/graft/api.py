@@ -21,7 +21,7 @@ from graft.backbones import DEFAULT_BACKBONE, load_backbone
 from graft.bundle import Bundle, Prediction, load_bundle, save_bundle
 from graft.config import TrainConfig
 from graft.console import QUIET, Reporter
-from graft.data import load_dataset, load_labelled_folder
+from graft.data import Dataset, load_dataset, load_labelled_folder, relative_path
 from graft.errors import DataError
 from graft.features import FeatureCache, backbone_key, default_cache_dir
 from graft.heads import HeadSpec, make_head
@@ -129,6 +129,7 @@ def train_with_config(config: TrainConfig, *, reporter: Reporter = QUIET) -> Run
         "val_accuracy": metrics["accuracy"],
     }
     bundle_dir = save_bundle(run_dir / "bundle", outcome.model, meta)
+    write_json(run_dir / "val_predictions.json", validation_predictions(dataset, outcome.val_logits))
     write_json(run_dir / "metrics.json", metrics)
     reporter.say(
         f"validation accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f} "
@@ -136,6 +137,23 @@ def train_with_config(config: TrainConfig, *, reporter: Reporter = QUIET) -> Run
         f"run written to {run_dir}"
     )
     return RunResult(run_dir=run_dir, bundle_dir=bundle_dir, metrics=metrics, history=outcome.fit.history)
+
+
+def validation_predictions(dataset: Dataset, logits: torch.Tensor) -> list[dict[str, Any]]:
+    """One row per validation image: path (relative to the data root), true label, prediction, score."""
+    probabilities = logits.softmax(dim=1)
+    scores, predicted = probabilities.max(dim=1)
+    names = dataset.class_names
+    rows = []
+    for path, truth, label, score, row in zip(dataset.val.paths, dataset.val.labels, predicted.tolist(), scores.tolist(), probabilities):
+        rows.append({
+            "path": relative_path(path, dataset.root),
+            "true": names[truth],
+            "label": names[label],
+            "score": round(score, 6),
+            "true_score": round(float(row[truth]), 6),
+        })
+    return rows
 
 
 def show_audit(reporter: Reporter, title: str, rows: Sequence[AuditRow]) -> None:

@@ -86,7 +86,7 @@ class Dataset:
         """Which file went where, relative to the data root: enough to repeat the split."""
 
         def rel(paths: Iterable[Path]) -> list[str]:
-            return [_relative(p, self.root) for p in paths]
+            return [relative_path(p, self.root) for p in paths]
 
         return {
             "split": self.split,
@@ -355,7 +355,7 @@ def _check_usable(root: Path, train: LabelledImages, val: LabelledImages, warnin
         )
 
 
-def _relative(path: Path, root: Path) -> str:
+def relative_path(path: Path, root: Path) -> str:
     try:
         return str(path.relative_to(root))
     except ValueError:
