@@ -128,6 +128,8 @@ def train_with_config(config: TrainConfig, *, reporter: Reporter = QUIET) -> Run
         "precision": precision,
         "val_accuracy": metrics["accuracy"],
     }
+    if outcome.adapters:
+        meta["adapters"] = outcome.adapters
     bundle_dir = save_bundle(run_dir / "bundle", outcome.model, meta)
     write_json(run_dir / "val_predictions.json", validation_predictions(dataset, outcome.val_logits))
     write_json(run_dir / "metrics.json", metrics)

@@ -180,6 +180,13 @@ def load_bundle(path: str | Path) -> Bundle:
     except (KeyError, TypeError, ValueError) as exc:
         raise BundleError(f"{meta_path}: required field missing or malformed ({exc}); the bundle is damaged") from None
     model = GraftModel(create_architecture(architecture), make_head(head_spec))
+    adapters = meta.get("adapters")
+    if adapters:
+        if adapters.get("kind") != "lora":
+            raise BundleError(f"{meta_path}: unknown adapter kind {adapters.get('kind')!r}; upgrade graft")
+        from graft.lora import apply_lora
+
+        apply_lora(model, rank=int(adapters["rank"]), alpha=float(adapters["alpha"]), target_modules=list(adapters["target_modules"]))
     try:
         state = load_file(str(model_path))
     except Exception as exc:

@@ -39,8 +39,13 @@ class TrainConfig:
     val_fraction: float = 0.2
     on_bad_image: str = "error"
     augment: str = "light"  # augmentation for augmented views / fine-tuning
-    augment_views: int = 0  # extra augmented views per training image (feature-extract)
+    augment_views: int | None = None  # augmented views cached per training image; None: strategy's default
     class_weighting: str = "none"
+    train_stages: int = 1  # partial: how many of the last stages train
+    lr_decay: float = 0.3  # discriminative rates: each earlier stage's lr is this times the next one's
+    thaw_every: int = 1  # gradual: epochs between two thaws
+    train_bn: bool = False  # let BatchNorm affine parameters of frozen stages train (stats stay frozen)
+    lora_rank: int = 8
     precision: str = "fp32"
     device: str = "auto"
     cache_dir: str | None = None  # None: graft's default cache folder
@@ -71,8 +76,13 @@ class TrainConfig:
             raise ConfigError(f"--label-smoothing: expected a number in [0, 1), got {self.label_smoothing}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"--dropout: expected a number in [0, 1), got {self.dropout}")
-        if self.augment_views < 0:
+        if self.augment_views is not None and self.augment_views < 0:
             raise ConfigError(f"--augment-views: expected 0 or more, got {self.augment_views}")
+        if not 0.0 < self.lr_decay <= 1.0:
+            raise ConfigError(f"--lr-decay: expected a number in (0, 1], got {self.lr_decay}")
+        for option, value in (("--train-stages", self.train_stages), ("--thaw-every", self.thaw_every), ("--lora-rank", self.lora_rank)):
+            if value < 1:
+                raise ConfigError(f"{option}: expected a positive whole number, got {value}")
         if self.patience is not None and self.patience < 1:
             raise ConfigError(f"--patience: expected a positive number of epochs, got {self.patience}")
 

@@ -39,15 +39,21 @@ def default_cache_dir() -> Path:
     return base / "graft"
 
 
-def backbone_key(backbone: Backbone, preprocessing: Preprocessing, precision: str) -> str:
-    """What makes two features comparable: same weights, same preprocessing, same precision."""
+def backbone_key(backbone: Backbone, preprocessing: Preprocessing, precision: str, part: str = "pooled") -> str:
+    """What makes two features comparable: same weights, preprocessing, precision and output.
+
+    `part` names what was cached: the pooled features, or the output of a frozen prefix.
+    """
     payload = {
+        "part": part,
         "format": FEATURE_FORMAT,
         "architecture": backbone.architecture,
         "weights": backbone.weights_id,
         "preprocessing": preprocessing.to_dict(),
         "precision": precision,
     }
+    if part == "pooled":
+        del payload["part"]  # keeps the keys of caches written before prefixes were cached
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -144,6 +150,7 @@ def extract_features(
     num_workers: int | None = None,
     progress: Callable[[int], None] | None = None,
     stats: ExtractionStats | None = None,
+    model: nn.Module | None = None,
 ) -> torch.Tensor:
     """Pooled features (N, D) of the images, from the cache where present, else computed.
 
@@ -174,15 +181,16 @@ def extract_features(
             generator=generator,
             pin_memory=device.type == "cuda",
         )
-        outputs = forward_batches(backbone.model, loader, precision=precision, device=device, progress=progress)
+        outputs = forward_batches(model if model is not None else backbone.model, loader, precision=precision, device=device, progress=progress)
         for position, index in enumerate(todo):
             computed[keys[index]] = outputs[position]
         if cache is not None:
             cache.put(computed)
-    return torch.stack([cached[k] if k in cached else computed[k] for k in keys]) if keys else torch.empty(0, backbone.num_features)
+    if not keys:
+        return torch.empty(0, backbone.num_features)
+    return torch.stack([cached[k] if k in cached else computed[k] for k in keys])
 
 
-@torch.inference_mode()
 def forward_batches(
     model: nn.Module,
     batches: Iterable[torch.Tensor],
@@ -192,16 +200,19 @@ def forward_batches(
     progress: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
     """Run `model` in eval mode over the batches; float32 outputs stacked on the CPU."""
+    # Moving the weights must happen outside inference mode, or they become inference tensors
+    # that can never train again (the same backbone may be fine-tuned after extraction).
     model.eval().to(device)
     model.to(memory_format=torch.channels_last)
     outputs = []
-    for batch in batches:
-        batch = batch.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        with autocast(precision, device):
-            out = model(batch)
-        outputs.append(out.float().cpu())
-        if progress:
-            progress(len(batch))
+    with torch.inference_mode():
+        for batch in batches:
+            batch = batch.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            with autocast(precision, device):
+                out = model(batch)
+            outputs.append(out.float().cpu())
+            if progress:
+                progress(len(batch))
     return torch.cat(outputs) if outputs else torch.empty(0)
 
 

@@ -9,10 +9,17 @@ from __future__ import annotations
 from graft.errors import ConfigError
 from graft.strategies.base import AuditRow, Strategy, TrainContext, TrainOutcome
 from graft.strategies.feature_extract import FeatureExtract
+from graft.strategies.finetune import Discriminative, Full, Gradual, LinearProbeThenFineTune, Lora, Partial
 
 STRATEGIES: dict[str, type[Strategy]] = {
     "feature-extract": FeatureExtract,
     "linear-probe": FeatureExtract,
+    "partial": Partial,
+    "full": Full,
+    "discriminative": Discriminative,
+    "gradual": Gradual,
+    "lp-ft": LinearProbeThenFineTune,
+    "lora": Lora,
 }
 STRATEGY_NAMES: tuple[str, ...] = tuple(STRATEGIES)
 

@@ -44,6 +44,7 @@ class TrainOutcome:
     fit: FitResult
     val_logits: torch.Tensor
     notes: dict[str, object] = field(default_factory=dict)
+    adapters: dict[str, object] | None = None  # recorded in the bundle so that it reloads them
 
 
 @dataclass(frozen=True)

@@ -64,7 +64,7 @@ class FeatureExtract:
         """Training features (views, N, D): view 0 plain, views 1..K augmented."""
         train = context.dataset.train
         views = [self._features(context, train.paths, train.digests, "none", 0, "training", stats)]
-        for view in range(1, context.config.augment_views + 1):
+        for view in range(1, (context.config.augment_views or 0) + 1):
             views.append(
                 self._features(context, train.paths, train.digests, context.config.augment, view, f"augmented view {view}", stats)
             )

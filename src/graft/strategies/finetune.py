@@ -1,0 +1,535 @@
+"""Fine-tuning strategies: `partial`, `full`, `discriminative`, `gradual`, `lp-ft`.
+
+They differ only in data: which stages train from which epoch, and at which learning rate.
+`StagePlan` holds that; `FineTune.train` runs the one image-training loop over it.
+
+Rules every plan obeys:
+- a frozen stage has `requires_grad=False` and its BatchNorm layers run in eval mode, so neither
+  its weights nor its running statistics move (`--train-bn` lets the BN affine parameters of frozen
+  stages train, statistics still frozen); autograd builds no graph through a frozen prefix, so
+  there is no backward through it;
+- the head trains at `lr`; backbone stage i of n trains at `lr * lr_decay ** (n - i)` when
+  discriminative (each stage `lr_decay` times the next one's, going toward the input);
+- a stage that thaws later joins the optimizer without resetting the others' state (every group is
+  in the optimizer from the start; a parameter without gradient is skipped by AdamW).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from graft.config import TrainConfig
+from graft.errors import ConfigError
+from graft.heads import make_head
+from graft.images import load_image
+from graft.loop import evaluate_logits, fit, warmup_cosine
+from graft.model import GraftModel
+from graft.numerics import autocast
+from graft.preprocessing import build_transforms
+from graft.prefix import Chain
+from graft.stages import Stage
+from graft.strategies.base import AuditRow, TrainContext, TrainOutcome, has_batchnorm
+
+
+# Augmented views cached per training image when only a suffix trains on cached activations
+# (the prefix's output cannot be re-augmented each epoch, so a few fixed views stand in).
+DEFAULT_PREFIX_VIEWS = 4
+
+
+@dataclass
+class StagePlan:
+    """What trains: per backbone stage, its learning rate and the epoch it thaws (None: never)."""
+
+    stage_lrs: list[float]
+    thaw_epoch: list[int | None]
+    head_lr: float
+    train_bn: bool = False
+    adapter_lr: float | None = None  # LoRA: adapters train at this rate, their base layers frozen
+    notes: dict[str, object] = field(default_factory=dict)
+
+    def trainable_at(self, epoch: int) -> list[bool]:
+        return [t is not None and t <= epoch for t in self.thaw_epoch]
+
+
+class FineTune:
+    """Base of the image-training strategies; subclasses choose the plan."""
+
+    name = "fine-tune"
+    default_epochs = 10
+    default_lr = 1e-3
+    default_patience = 4
+
+    def plan(self, stages: list[Stage], config: TrainConfig) -> StagePlan:
+        raise NotImplementedError
+
+    def audit(self, backbone: nn.Module, stages: list[Stage], head: nn.Module, config: TrainConfig) -> list[AuditRow]:
+        plan = self.plan(stages, config)
+        final = plan.trainable_at(10**9)
+        rows = []
+        for stage, trains, lr, thaw in zip(stages, final, plan.stage_lrs, plan.thaw_epoch):
+            bn = "-"
+            if has_batchnorm(backbone, stage):
+                bn = "train" if trains else "eval"
+            trainable = stage.num_params if trains else (_bn_affine_count(backbone, stage) if plan.train_bn else 0)
+            label = stage.name if not thaw else f"{stage.name} (from epoch {thaw + 1})"
+            rows.append(AuditRow(label, trainable, stage.num_params, lr if trains or plan.train_bn else None, bn))
+        head_params = sum(p.numel() for p in head.parameters())
+        rows.append(AuditRow("head", head_params, head_params, plan.head_lr, "-"))
+        return rows
+
+    def train(self, context: TrainContext) -> TrainOutcome:
+        config = context.config
+        plan = self.plan(context.stages, config)
+        head = self.initial_head(context)
+        model = GraftModel(context.backbone.model, head)
+        epochs = config.epochs or self.default_epochs
+        patience = config.patience or self.default_patience
+        split = cached_prefix_split(model, plan, context, epochs)
+        if split is not None:
+            return train_on_cached_prefix(model, plan, context, split, epochs=epochs, patience=patience, notes=plan.notes)
+        return train_on_images(model, plan, context, epochs=epochs, patience=patience, notes=plan.notes)
+
+    def initial_head(self, context: TrainContext) -> nn.Module:
+        return make_head(context.head_spec)
+
+
+class Partial(FineTune):
+    """The last `--train-stages K` stages train (discriminative rates among them); the rest is frozen."""
+
+    name = "partial"
+
+    def plan(self, stages: list[Stage], config: TrainConfig) -> StagePlan:
+        n = len(stages)
+        k = config.train_stages
+        if not 1 <= k <= n:
+            raise ConfigError(f"--train-stages: expected 1 to {n} (the backbone has {n} stages), got {k}")
+        lr = config.lr or self.default_lr
+        return StagePlan(
+            stage_lrs=[lr * config.lr_decay ** (n - i) for i in range(n)],
+            thaw_epoch=[0 if i >= n - k else None for i in range(n)],
+            head_lr=lr, train_bn=config.train_bn,
+        )
+
+
+class Full(FineTune):
+    """Everything trains at one learning rate: the textbook baseline, done with frozen nothing."""
+
+    name = "full"
+    default_lr = 1e-4
+
+    def plan(self, stages: list[Stage], config: TrainConfig) -> StagePlan:
+        lr = config.lr or self.default_lr
+        return StagePlan(stage_lrs=[lr] * len(stages), thaw_epoch=[0] * len(stages), head_lr=lr)
+
+
+class Discriminative(FineTune):
+    """Everything trains; each earlier stage's rate is `--lr-decay` times the next one's."""
+
+    name = "discriminative"
+
+    def plan(self, stages: list[Stage], config: TrainConfig) -> StagePlan:
+        n = len(stages)
+        lr = config.lr or self.default_lr
+        return StagePlan(
+            stage_lrs=[lr * config.lr_decay ** (n - i) for i in range(n)],
+            thaw_epoch=[0] * n, head_lr=lr,
+        )
+
+
+class Gradual(FineTune):
+    """The head first, then one more stage (from the top) thawed every `--thaw-every` epochs."""
+
+    name = "gradual"
+
+    def plan(self, stages: list[Stage], config: TrainConfig) -> StagePlan:
+        n = len(stages)
+        lr = config.lr or self.default_lr
+        every = config.thaw_every
+        return StagePlan(
+            stage_lrs=[lr * config.lr_decay ** (n - i) for i in range(n)],
+            thaw_epoch=[every * (n - i) for i in range(n)],
+            head_lr=lr, train_bn=config.train_bn,
+        )
+
+
+class LinearProbeThenFineTune(FineTune):
+    """`lp-ft`: a linear probe on cached features first, then everything fine-tunes from that head
+    at a tenth of the rate (discriminative), so the new head does not wreck the features early."""
+
+    name = "lp-ft"
+
+    def plan(self, stages: list[Stage], config: TrainConfig) -> StagePlan:
+        n = len(stages)
+        lr = (config.lr or self.default_lr) * 0.1
+        return StagePlan(
+            stage_lrs=[lr * config.lr_decay ** (n - 1 - i) for i in range(n)],
+            thaw_epoch=[0] * n, head_lr=lr,
+        )
+
+    def initial_head(self, context: TrainContext) -> nn.Module:
+        from graft.strategies.feature_extract import FeatureExtract
+
+        probe = FeatureExtract()
+        outcome = probe.train(context)
+        for parameter in context.backbone.model.parameters():
+            parameter.requires_grad_(True)
+        self.probe_history = outcome.fit.history
+        context.reporter.say(f"lp-ft: linear probe done (val accuracy {outcome.fit.best_val_accuracy:.3f}); fine-tuning from its head")
+        return outcome.model.head
+
+
+class Lora(FineTune):
+    """Low-rank adapters (peft LoRA, `--lora-rank`) on every linear layer and ungrouped convolution;
+    the base weights and every BatchNorm stay frozen; the head trains fully. For large backbones."""
+
+    name = "lora"
+    default_lr = 1e-3
+
+    def plan(self, stages: list[Stage], config: TrainConfig) -> StagePlan:
+        lr = config.lr or self.default_lr
+        return StagePlan(stage_lrs=[lr] * len(stages), thaw_epoch=[None] * len(stages), head_lr=lr, adapter_lr=lr,
+                         notes={"lora_rank": config.lora_rank})
+
+    def audit(self, backbone: nn.Module, stages: list[Stage], head: nn.Module, config: TrainConfig) -> list[AuditRow]:
+        from graft.lora import lora_targets
+
+        modules = dict(backbone.named_modules())
+        lr = config.lr or self.default_lr
+        rows = []
+        for stage in stages:
+            adapters = sum(
+                _lora_size(modules[name], config.lora_rank) for name in lora_targets(backbone)
+                if any(name == m or name.startswith(m + ".") for m in stage.module_names)
+            )
+            bn = "eval" if has_batchnorm(backbone, stage) else "-"
+            rows.append(AuditRow(f"{stage.name} (LoRA)", adapters, stage.num_params + adapters, lr if adapters else None, bn))
+        head_params = sum(p.numel() for p in head.parameters())
+        rows.append(AuditRow("head", head_params, head_params, lr, "-"))
+        return rows
+
+    def train(self, context: TrainContext) -> TrainOutcome:
+        from graft.lora import apply_lora, lora_targets
+        from graft.stages import discover_stages
+
+        config = context.config
+        model = GraftModel(context.backbone.model, self.initial_head(context))
+        spec = apply_lora(model, rank=config.lora_rank, alpha=float(config.lora_rank), target_modules=lora_targets(model.backbone))
+        stages = discover_stages(model.backbone)  # parameter names changed: base_layer, lora_A, lora_B
+        plan = self.plan(stages, config)
+        outcome = train_on_images(model, plan, context, epochs=config.epochs or self.default_epochs,
+                                  patience=config.patience or self.default_patience, notes=plan.notes, stages=stages)
+        outcome.adapters = spec
+        return outcome
+
+
+def _lora_size(module: nn.Module, rank: int) -> int:
+    if isinstance(module, nn.Linear):
+        return rank * (module.in_features + module.out_features)
+    if isinstance(module, nn.Conv2d):
+        k = module.kernel_size[0] * module.kernel_size[1]
+        return rank * (module.in_channels * k + module.out_channels)
+    return 0
+
+
+# --- training on cached prefix activations ----------------------------------------------------------
+
+
+def cached_prefix_split(model: GraftModel, plan: StagePlan, context: TrainContext, epochs: int) -> tuple[Chain, Chain] | None:
+    """(frozen prefix, trainable suffix) when the prefix stays frozen all run and can be cut off."""
+    from graft.prefix import Chain, sequential_chain, split_index
+
+    trains = plan.trainable_at(epochs)
+    if plan.train_bn or not any(trains) or all(trains):
+        return None
+    first = trains.index(True)
+    if not all(trains[first:]) or plan.thaw_epoch[first] != 0:
+        return None  # a stage thaws during the run: the prefix changes, nothing to cache
+    chain = sequential_chain(model.backbone, context.backbone.preprocessing.input_size)
+    if chain is None:
+        return None
+    position = split_index(chain, context.stages, first)
+    if position is None or position == 0:
+        return None
+    return Chain(chain[:position]), Chain(chain[position:])
+
+
+def train_on_cached_prefix(model: GraftModel, plan: StagePlan, context: TrainContext, split, *, epochs: int, patience: int, notes: dict) -> TrainOutcome:
+    """Train the suffix + head on the frozen prefix's cached outputs (with augmented views)."""
+    from graft.features import ExtractionStats, FeatureCache, backbone_key, extract_features
+    from graft.strategies.feature_extract import class_weights
+
+    prefix, suffix = split
+    config, device = context.config, context.device
+    backbone = context.backbone
+    views = DEFAULT_PREFIX_VIEWS if config.augment_views is None else config.augment_views
+    part = f"prefix:{prefix.names[-1]}"
+    cache = FeatureCache(context.cache.root, backbone_key(backbone, backbone.preprocessing, context.precision, part)) if context.cache else None
+    stats = ExtractionStats()
+
+    def activations(paths, digests, augment, view, what):
+        with context.reporter.progress(f"frozen prefix ({what})", len(paths)) as advance:
+            return extract_features(
+                backbone, paths, digests, cache=cache, precision=context.precision, device=device,
+                augment=augment, view=view, seed=config.seed, progress=advance, stats=stats, model=prefix,
+            )
+
+    train, val = context.dataset.train, context.dataset.val
+    train_views = [activations(train.paths, train.digests, "none", 0, "training")]
+    for view in range(1, views + 1):
+        train_views.append(activations(train.paths, train.digests, config.augment, view, f"augmented view {view}"))
+    stacked = torch.stack(train_views)
+    val_inputs = activations(val.paths, val.digests, "none", 0, "validation")
+    context.reporter.say(
+        f"training {', '.join(suffix.names)} + head on cached outputs of the frozen prefix "
+        f"(up to {prefix.names[-1]}; {stats.computed} computed, {stats.from_cache} from the cache, {views} augmented views)"
+    )
+    trainable = nn.Sequential(suffix, model.head).to(device)
+    apply_trainability(model, context.stages, plan.trainable_at(0), plan.train_bn)
+    optimizer = torch.optim.AdamW(param_groups(model, context.stages, plan, config.weight_decay))
+    count = len(train)
+    steps_per_epoch = math.ceil(count / config.batch_size)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(epochs * steps_per_epoch, config.warmup_epochs * steps_per_epoch))
+    labels = torch.tensor(train.labels)
+    weights = class_weights(labels, context.head_spec.num_classes, config.class_weighting)
+    loss_fn = nn.CrossEntropyLoss(weight=weights, label_smoothing=config.label_smoothing)
+    val_labels = torch.tensor(val.labels)
+    generator = torch.Generator().manual_seed(config.seed)
+
+    def train_epoch(epoch: int) -> tuple[float, float]:
+        apply_trainability(model, context.stages, plan.trainable_at(epoch), plan.train_bn)
+        order = torch.randperm(count, generator=generator)
+        view_of = torch.randint(len(train_views), (count,), generator=generator)
+        total, correct = 0.0, 0
+        for start in range(0, count, config.batch_size):
+            index = order[start : start + config.batch_size]
+            inputs = stacked[view_of[index], index].to(device).contiguous(memory_format=torch.channels_last)
+            targets = labels[index].to(device)
+            with autocast(context.precision, device):
+                logits = trainable(inputs).float()
+            loss = loss_fn(logits, targets)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            total += loss.item() * len(index)
+            correct += int((logits.argmax(1) == targets).sum())
+        return total / count, correct / count
+
+    @torch.inference_mode()
+    def predict_logits() -> torch.Tensor:
+        trainable.eval()
+        outputs = []
+        for start in range(0, len(val_inputs), 256):
+            batch = val_inputs[start : start + 256].to(device).contiguous(memory_format=torch.channels_last)
+            with autocast(context.precision, device):
+                outputs.append(trainable(batch).float().cpu())
+        return torch.cat(outputs)
+
+    def validate() -> tuple[float, float]:
+        return evaluate_logits(predict_logits(), val_labels, nn.CrossEntropyLoss())
+
+    with context.reporter.progress(f"{config.strategy} epochs", epochs) as advance:
+
+        def on_epoch(record, improved, state) -> None:
+            context.on_epoch(state.history)
+            advance(1, status=f"loss {record.train_loss:.3f} val acc {record.val_accuracy:.3f}")
+
+        result = fit(model=model, optimizer=optimizer, train_epoch=train_epoch, validate=validate,
+                     epochs=epochs, patience=patience, on_epoch=on_epoch)
+    model.load_state_dict(result.best_state)
+    model.eval().cpu()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    val_logits = predict_logits()
+    return TrainOutcome(model=model, fit=result, val_logits=val_logits, notes={
+        **notes, "cached_prefix": prefix.names[-1], "augment_views": views,
+        "features_computed": stats.computed, "features_from_cache": stats.from_cache,
+    })
+
+
+# --- the image-training loop -----------------------------------------------------------------------
+
+
+class LabelledImageFiles(Dataset):
+    def __init__(self, paths, labels, transform) -> None:
+        self.paths, self.labels, self.transform = list(paths), list(labels), transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        return self.transform(load_image(self.paths[index])), self.labels[index]
+
+
+def apply_trainability(model: GraftModel, stages: list[Stage], trainable: list[bool], train_bn: bool, adapters: bool = False) -> None:
+    """Set requires_grad per stage and put the BatchNorm layers of frozen stages in eval mode."""
+    from graft.lora import is_adapter_parameter
+
+    modules = dict(model.backbone.named_modules())
+    params = dict(model.backbone.named_parameters())
+    model.train()
+    for stage, trains in zip(stages, trainable):
+        for name in stage.param_names:
+            params[name].requires_grad_(trains or (adapters and is_adapter_parameter(name)))
+        if trains:
+            continue
+        for module_name in stage.module_names:
+            for sub in modules[module_name].modules():
+                if isinstance(sub, nn.modules.batchnorm._BatchNorm):
+                    sub.eval()  # statistics frozen, whatever model.train() said
+                    if train_bn and sub.affine:
+                        sub.weight.requires_grad_(True)
+                        sub.bias.requires_grad_(True)
+    for parameter in model.head.parameters():
+        parameter.requires_grad_(True)
+
+
+def param_groups(model: GraftModel, stages: list[Stage], plan: StagePlan, weight_decay: float) -> list[dict]:
+    """One optimizer group per stage that ever trains (or has BN to train), plus the head."""
+    from graft.lora import is_adapter_parameter
+
+    params = dict(model.backbone.named_parameters())
+    groups = []
+    if plan.adapter_lr is not None:
+        adapters = [p for n, p in params.items() if is_adapter_parameter(n)]
+        groups.append({"params": adapters, "lr": plan.adapter_lr, "weight_decay": weight_decay, "name": "adapters"})
+    final = plan.trainable_at(10**9)
+    for stage, lr, trains in zip(stages, plan.stage_lrs, final):
+        if trains or plan.train_bn:
+            groups.append({"params": [params[n] for n in stage.param_names], "lr": lr, "weight_decay": weight_decay, "name": stage.name})
+    groups.append({"params": list(model.head.parameters()), "lr": plan.head_lr, "weight_decay": weight_decay, "name": "head"})
+    return groups
+
+
+def train_on_images(
+    model: GraftModel, plan: StagePlan, context: TrainContext, *, epochs: int, patience: int, notes: dict,
+    stages: list[Stage] | None = None,
+) -> TrainOutcome:
+    """Train `model` on the images by `plan`; keep the best epoch; return its validation logits."""
+    from graft.strategies.feature_extract import class_weights
+
+    config = context.config
+    device, precision = context.device, context.precision
+    stages = stages or context.stages
+    train_set = context.dataset.train
+    val_set = context.dataset.val
+    generator = torch.Generator().manual_seed(config.seed)
+    workers = _workers(len(train_set))
+    train_loader = DataLoader(
+        LabelledImageFiles(train_set.paths, train_set.labels, build_transforms(context.backbone.preprocessing, augment=config.augment)),
+        batch_size=config.batch_size, shuffle=True, generator=generator, num_workers=workers,
+        persistent_workers=workers > 0, pin_memory=device.type == "cuda",
+        worker_init_fn=_seed_worker,
+    )
+    val_loader = DataLoader(
+        LabelledImageFiles(val_set.paths, val_set.labels, build_transforms(context.backbone.preprocessing)),
+        batch_size=max(64, config.batch_size), shuffle=False, num_workers=_workers(len(val_set)),
+        persistent_workers=_workers(len(val_set)) > 0,
+    )
+    model.to(device).to(memory_format=torch.channels_last)
+    apply_trainability(model, stages, plan.trainable_at(0), plan.train_bn, plan.adapter_lr is not None)
+    optimizer = torch.optim.AdamW(param_groups(model, stages, plan, config.weight_decay))
+    steps = epochs * math.ceil(len(train_set) / config.batch_size)
+    warmup = config.warmup_epochs * math.ceil(len(train_set) / config.batch_size)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps, warmup))
+    weights = class_weights(torch.tensor(train_set.labels), context.head_spec.num_classes, config.class_weighting)
+    loss_fn = nn.CrossEntropyLoss(weight=weights.to(device) if weights is not None else None, label_smoothing=config.label_smoothing)
+    val_loss_fn = nn.CrossEntropyLoss()
+    val_labels = torch.tensor(val_set.labels)
+    current = plan.trainable_at(0)
+
+    def before_epoch(epoch: int) -> str | None:
+        nonlocal current
+        wanted = plan.trainable_at(epoch)
+        thawed = [stages[i].name for i, (now, was) in enumerate(zip(wanted, current)) if now and not was]
+        current = wanted
+        apply_trainability(model, stages, wanted, plan.train_bn, plan.adapter_lr is not None)
+        if thawed:
+            context.reporter.say(f"epoch {epoch + 1}: thawed {', '.join(thawed)}")
+            return "thawed " + ", ".join(thawed)
+        return None
+
+    def train_epoch(epoch: int) -> tuple[float, float]:
+        total, correct, count = 0.0, 0, 0
+        for images, labels in train_loader:
+            images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            labels = labels.to(device, non_blocking=True)
+            with autocast(precision, device):
+                logits = model(images)
+                loss = loss_fn(logits.float(), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            total += loss.item() * len(labels)
+            correct += int((logits.argmax(1) == labels).sum())
+            count += len(labels)
+            advance(0, status=f"batch loss {loss.item():.3f}")
+        return total / count, correct / count
+
+    def validate() -> tuple[float, float]:
+        return evaluate_logits(predict_logits(), val_labels, val_loss_fn)
+
+    @torch.inference_mode()
+    def predict_logits() -> torch.Tensor:
+        was_training = model.training
+        model.eval()
+        outputs = []
+        for images, _ in val_loader:
+            images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            with autocast(precision, device):
+                outputs.append(model(images).float().cpu())
+        if was_training:
+            apply_trainability(model, stages, current, plan.train_bn, plan.adapter_lr is not None)
+        return torch.cat(outputs)
+
+    with context.reporter.progress(f"{config.strategy} epochs", epochs) as advance:
+
+        def on_epoch(record, improved, state) -> None:
+            context.on_epoch(state.history)
+            advance(1, status=f"loss {record.train_loss:.3f} val acc {record.val_accuracy:.3f}")
+
+        result = fit(
+            model=model, optimizer=optimizer, train_epoch=train_epoch, validate=validate,
+            epochs=epochs, patience=patience, before_epoch=before_epoch, on_epoch=on_epoch,
+        )
+    model.load_state_dict(result.best_state)
+    model.eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    val_logits = predict_logits()
+    model.cpu()
+    return TrainOutcome(model=model, fit=result, val_logits=val_logits, notes=notes)
+
+
+def _workers(count: int) -> int:
+    import os
+
+    if count < 64:
+        return 0
+    return max(1, min(4, (os.cpu_count() or 2) - 1))
+
+
+def _seed_worker(worker_id: int) -> None:
+    import random
+
+    import numpy as np
+
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def _bn_affine_count(backbone: nn.Module, stage: Stage) -> int:
+    modules = dict(backbone.named_modules())
+    total = 0
+    for name in stage.module_names:
+        for sub in modules[name].modules():
+            if isinstance(sub, nn.modules.batchnorm._BatchNorm) and sub.affine:
+                total += sub.weight.numel() + sub.bias.numel()
+    return total
