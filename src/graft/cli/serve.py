@@ -1,0 +1,33 @@
+"""`graft serve BUNDLE`: the HTTP API and web page for a bundle, with uvicorn."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+
+
+def serve(
+    bundle: Path = typer.Argument(..., help="A bundle folder (or the run folder that holds one)."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0 for every interface)."),
+    port: int = typer.Option(8000, help="Port to listen on."),
+    top_k: int = typer.Option(5, "--top-k", "-k", help="Labels per image unless a request asks otherwise."),
+    max_upload_mb: float = typer.Option(10.0, help="Largest image file accepted, in MiB."),
+    max_images: int = typer.Option(16, help="Most image files accepted in one request."),
+    log_level: str = typer.Option("info", help="uvicorn's log level (debug, info, warning, error)."),
+    access_log: bool = typer.Option(True, "--access-log/--no-access-log", help="Log every request (uvicorn)."),
+) -> None:
+    """Serve a bundle: POST /predict, GET /healthz, a web page at / and API docs at /docs."""
+    from graft.errors import ConfigError
+    from graft.extras import require_extra
+
+    (uvicorn,) = require_extra("serve", "uvicorn")
+    from graft.serve import create_app
+
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"--port: expected a port number between 0 and 65535, got {port}")
+    app = create_app(bundle, max_upload_bytes=int(max_upload_mb * 1024 * 1024), max_images=max_images, top_k=top_k)
+    print(f"graft: serving {app.state.bundle.path} on http://{host}:{port}/ (API docs at /docs)", file=sys.stderr)
+    # One process: the model is loaded once and inference runs in the thread pool.
+    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=access_log)

@@ -1,0 +1,239 @@
+"""The HTTP API and web page for a bundle (FastAPI; run it with uvicorn or `graft serve`).
+
+    POST /predict   one or more image files (multipart field `files`) -> top-k per image (JSON)
+    GET  /healthz   liveness, the model and the limits
+    GET  /          a self-contained page to drop images on
+    GET  /docs      OpenAPI docs (the schema itself is /openapi.json)
+
+The bundle is loaded once, when the app is created. Decoding and inference run in Starlette's
+thread pool, so requests never block the event loop; forward passes take a lock, one at a time,
+because on CPU one pass already uses every core and parallel passes only add memory.
+
+Every refused request is a 4xx with a JSON body `{"detail": "<what was wrong and the fix>"}`:
+413 for a body, file or image count over the limits, 422 for an empty, truncated or non-image file
+(`"file"` names it) and for a request without files.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import threading
+from pathlib import Path
+from typing import Any, Awaitable, Callable, MutableMapping
+
+from graft.extras import require_extra
+
+# Before the imports below, so that a missing extra names `graft[serve]` instead of a module.
+require_extra("serve", "fastapi", "starlette")
+if importlib.util.find_spec("python_multipart") is None and importlib.util.find_spec("multipart") is None:
+    require_extra("serve", "python_multipart")
+
+from fastapi import FastAPI, File, Query, Request, UploadFile  # noqa: E402
+from fastapi.encoders import jsonable_encoder  # noqa: E402
+from fastapi.exceptions import RequestValidationError  # noqa: E402
+from fastapi.responses import HTMLResponse, JSONResponse  # noqa: E402
+from starlette.concurrency import run_in_threadpool  # noqa: E402
+
+from graft.bundle import Bundle, load_bundle  # noqa: E402
+from graft.errors import ConfigError, ImageError  # noqa: E402
+from graft.serve.page import PAGE_HTML  # noqa: E402
+
+DEFAULT_MAX_UPLOAD_BYTES = 10 * 1024 * 1024
+DEFAULT_MAX_IMAGES = 16
+DEFAULT_TOP_K = 5
+# Room for the multipart boundaries and part headers on top of the files themselves.
+MULTIPART_OVERHEAD_BYTES = 64 * 1024
+# Nothing but this origin: the page is self-contained and must stay so.
+PAGE_CSP = (
+    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+    "img-src 'self' blob: data:; connect-src 'self'; base-uri 'none'; form-action 'self'"
+)
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+def create_app(
+    bundle: Bundle | str | Path,
+    *,
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+    max_images: int = DEFAULT_MAX_IMAGES,
+    top_k: int = DEFAULT_TOP_K,
+) -> FastAPI:
+    """A FastAPI app that predicts with `bundle` (a `Bundle` or its folder, loaded once here).
+
+    `max_upload_bytes` bounds each image file, `max_images` the files per request; `top_k` is
+    the default number of labels per image (a request may ask for fewer or more with `?top_k=`).
+
+    >>> import uvicorn
+    >>> uvicorn.run(create_app("runs/birds/bundle"), host="127.0.0.1", port=8000)
+    """
+    if max_upload_bytes < 1:
+        raise ConfigError(f"--max-upload-mb: expected a positive size, got {max_upload_bytes} bytes")
+    if max_images < 1:
+        raise ConfigError(f"--max-images: expected 1 or more, got {max_images}")
+    if top_k < 1:
+        raise ConfigError(f"--top-k: expected 1 or more, got {top_k}")
+    model = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+    inference_lock = threading.Lock()
+
+    app = FastAPI(
+        title="graft",
+        summary=f"Image classifier: {model.backbone}, {len(model.class_names)} classes",
+        description="Predict labels of images with a graft bundle. `POST /predict` with image files.",
+        version=str(model.meta.get("graft_version", "")),
+    )
+    app.state.bundle = model
+    max_body = max_images * max_upload_bytes + MULTIPART_OVERHEAD_BYTES
+    app.add_middleware(BodySizeLimit, max_bytes=max_body)
+
+    @app.exception_handler(RequestValidationError)
+    async def explain_validation(request: Request, error: RequestValidationError) -> JSONResponse:
+        detail = "the request is not valid"
+        if request.url.path.rstrip("/").endswith("/predict"):
+            detail = (
+                "POST /predict expects multipart/form-data with one or more image files in the "
+                "field 'files', e.g. curl -F files=@photo.jpg http://HOST/predict"
+            )
+        return JSONResponse(status_code=422, content={"detail": detail, "errors": _plain(error.errors())})
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page() -> HTMLResponse:
+        return HTMLResponse(PAGE_HTML, headers={"Content-Security-Policy": PAGE_CSP, "Cache-Control": "no-store"})
+
+    @app.get("/healthz", summary="Liveness, the model and the limits")
+    async def healthz() -> dict[str, Any]:
+        return {
+            "status": "ok",
+            "backbone": model.backbone,
+            "classes": model.class_names,
+            "num_classes": len(model.class_names),
+            "top_k": top_k,
+            "max_upload_bytes": max_upload_bytes,
+            "max_images": max_images,
+        }
+
+    @app.post(
+        "/predict",
+        summary="Top-k labels for one or more images",
+        responses={
+            413: {"description": "Too many files, or a file or the request is too large"},
+            422: {"description": "An empty, truncated or non-image file, or no files at all"},
+        },
+    )
+    async def predict(
+        files: list[UploadFile] = File(..., description="Image files (JPEG, PNG, WebP, BMP, GIF, TIFF...)"),
+        k: int | None = Query(None, alias="top_k", ge=1, description=f"Labels per image (default {top_k})"),
+    ) -> Any:
+        if len(files) > max_images:
+            return _refuse(413, f"{len(files)} files in one request, the limit is {max_images}; send them in several requests")
+        payloads: list[tuple[str, bytes]] = []
+        for index, upload in enumerate(files):
+            name = upload.filename or f"file {index + 1}"
+            if upload.size is not None and upload.size > max_upload_bytes:
+                return _refuse(413, _too_large(name, upload.size, max_upload_bytes), name)
+            data = await upload.read(max_upload_bytes + 1)
+            await upload.close()
+            if len(data) > max_upload_bytes:
+                return _refuse(413, _too_large(name, len(data), max_upload_bytes), name)
+            payloads.append((name, data))
+        try:
+            predictions = await run_in_threadpool(_predict, model, inference_lock, payloads, k or top_k)
+        except ImageError as error:
+            return _refuse(422, f"{error.path}: {error.reason}", error.path)
+        return {"predictions": predictions}
+
+    return app
+
+
+def _predict(model: Bundle, lock: threading.Lock, payloads: list[tuple[str, bytes]], top_k: int) -> list[dict[str, Any]]:
+    """Decode every upload (in parallel with other requests), then one forward pass at a time."""
+    from graft.images import load_image
+
+    images = [load_image(data, name=name) for name, data in payloads]
+    with lock:
+        predictions = model.predict(images, top_k=top_k, batch_size=len(images))
+    rows = []
+    for (name, _), prediction in zip(payloads, predictions):
+        row = prediction.to_dict()
+        del row["path"]
+        rows.append({"file": name, **row})
+    return rows
+
+
+def _refuse(status: int, detail: str, file: str | None = None) -> JSONResponse:
+    content: dict[str, Any] = {"detail": detail}
+    if file is not None:
+        content["file"] = file
+    return JSONResponse(status_code=status, content=content)
+
+
+def _too_large(name: str, size: int, limit: int) -> str:
+    return (
+        f"{name}: {size:,} bytes, over the limit of {limit:,} bytes per image; resize or recompress "
+        "it (or start the server with a larger --max-upload-mb)"
+    )
+
+
+def _plain(errors: Any) -> Any:
+    # Validation errors can hold the raw bytes of the input; keep them out of the JSON.
+    return jsonable_encoder(errors, custom_encoder={bytes: lambda raw: f"<{len(raw)} bytes>"})
+
+
+class BodySizeLimit:
+    """Refuses a request body over `max_bytes` with 413 before it is parsed or spooled.
+
+    A declared Content-Length is checked at once; a chunked body is counted as it arrives and the
+    response is replaced by a 413 once the count passes the limit.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await self._send_413(send, int(declared))
+            return
+        received = 0
+        over = False
+
+        async def counting_receive() -> Message:
+            nonlocal received, over
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    over = True
+                    # End the body here: the parser fails, and its answer is replaced below.
+                    return {"type": "http.request", "body": b"", "more_body": False}
+            return message
+
+        replaced = False
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal replaced
+            if over:
+                if not replaced:
+                    replaced = True
+                    await self._send_413(send, received)
+                return
+            await send(message)
+
+        await self.app(scope, counting_receive, guarded_send)
+
+    async def _send_413(self, send: Send, size: int) -> None:
+        response = _refuse(
+            413,
+            f"the request body ({size:,} bytes or more) is over the server's limit of {self.max_bytes:,} bytes; "
+            "send fewer or smaller images per request",
+        )
+        await send({"type": "http.response.start", "status": 413, "headers": response.raw_headers})
+        await send({"type": "http.response.body", "body": response.body})

@@ -1,0 +1,262 @@
+"""`graft serve` over a real uvicorn on 127.0.0.1 (a subprocess): API, limits, load, the web page."""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+from graft.bundle import load_bundle  # noqa: E402
+
+MAX_UPLOAD_MB = 1
+MAX_IMAGES = 4
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS in /proc")
+
+
+@pytest.fixture(scope="module")
+def server(trained_run, tmp_path_factory):
+    """`graft serve` as a user starts it, on a free port; yields (base URL, process)."""
+    port = _free_port()
+    log_path = tmp_path_factory.mktemp("serve") / "server.log"
+    command = [
+        sys.executable, "-m", "graft.cli.main", "serve", str(trained_run.bundle_dir), "--port", str(port),
+        "--max-upload-mb", str(MAX_UPLOAD_MB), "--max-images", str(MAX_IMAGES), "--top-k", "3", "--no-access-log",
+    ]
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while True:
+        if process.poll() is not None:
+            raise AssertionError(f"graft serve exited ({process.returncode}):\n{log_path.read_text()}")
+        try:
+            if httpx.get(f"{base}/healthz", timeout=2).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError(f"graft serve did not answer in time:\n{log_path.read_text()}")
+        time.sleep(0.3)
+    yield base, process
+    process.terminate()
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+    log = log_path.read_text()
+    assert "Traceback" not in log, log
+
+
+@pytest.fixture(scope="module")
+def bundle(trained_run):
+    return load_bundle(trained_run.bundle_dir)
+
+
+@pytest.fixture(scope="module")
+def pngs(holdout_folder) -> list[Path]:
+    return sorted(holdout_folder.rglob("*.png"))
+
+
+def _jpeg_bytes() -> bytes:
+    from skimage.data import chelsea
+
+    buffer = io.BytesIO()
+    Image.fromarray(chelsea()).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def _refused(response, status: int, *words: str) -> dict:
+    assert response.status_code == status, (response.status_code, response.text)
+    assert response.headers["content-type"].startswith("application/json")
+    body = response.json()
+    for word in words:
+        assert word in body["detail"], body
+    return body
+
+
+def test_healthz(server, bundle):
+    base, _ = server
+    info = httpx.get(f"{base}/healthz").json()
+    assert info["status"] == "ok" and info["classes"] == bundle.class_names
+    assert info["max_images"] == MAX_IMAGES and info["max_upload_bytes"] == MAX_UPLOAD_MB * 1024 * 1024
+
+
+def test_predict_matches_the_bundle(server, bundle, pngs):
+    base, _ = server
+    chosen = [pngs[0], pngs[7], pngs[14]]  # one of each class folder
+    files = [("files", (p.name, p.read_bytes(), "image/png")) for p in chosen]
+    response = httpx.post(f"{base}/predict", files=files, timeout=60)
+    assert response.status_code == 200, response.text
+    predictions = response.json()["predictions"]
+    expected = bundle.predict(chosen, top_k=3)
+    assert [p["file"] for p in predictions] == [p.name for p in chosen]
+    for got, want in zip(predictions, expected):
+        assert got["label"] == want.label and abs(got["score"] - want.score) < 1e-5
+        assert [entry["label"] for entry in got["top_k"]] == [label for label, _ in want.top_k]
+    # The served model is the trained one, not a random head: most real images are right.
+    assert sum(got["label"] == path.parent.name for got, path in zip(predictions, chosen)) >= 2
+
+    one = httpx.post(f"{base}/predict?top_k=1", files=[("files", ("cat.jpg", _jpeg_bytes(), "image/jpeg"))])
+    assert one.status_code == 200 and len(one.json()["predictions"][0]["top_k"]) == 1
+
+
+def test_bad_uploads_get_a_clear_4xx(server, pngs):
+    base, _ = server
+    url = f"{base}/predict"
+
+    body = _refused(httpx.post(url, files=[("files", ("notes.txt", b"hello, not an image\n", "text/plain"))]), 422, "notes.txt", "not an image")
+    assert body["file"] == "notes.txt"
+    truncated = _jpeg_bytes()[:5000]
+    _refused(httpx.post(url, files=[("files", ("cut.jpg", truncated, "image/jpeg"))]), 422, "cut.jpg", "truncated")
+    _refused(httpx.post(url, files=[("files", ("empty.png", b"", "image/png"))]), 422, "empty.png", "empty")
+    # One bad file among good ones refuses the request and names the bad one.
+    mixed = [("files", (pngs[0].name, pngs[0].read_bytes(), "image/png")), ("files", ("cut.jpg", truncated, "image/jpeg"))]
+    _refused(httpx.post(url, files=mixed), 422, "cut.jpg")
+
+    big = os.urandom(MAX_UPLOAD_MB * 1024 * 1024 + 1000)
+    _refused(httpx.post(url, files=[("files", ("big.png", big, "image/png"))]), 413, "big.png", "limit")
+    huge = os.urandom((MAX_IMAGES + 1) * MAX_UPLOAD_MB * 1024 * 1024)  # over the whole body limit
+    _refused(httpx.post(url, files=[("files", ("huge.png", huge, "image/png"))]), 413, "limit")
+    many = [("files", (p.name, p.read_bytes(), "image/png")) for p in pngs[: MAX_IMAGES + 1]]
+    _refused(httpx.post(url, files=many), 413, f"limit is {MAX_IMAGES}")
+
+    _refused(httpx.post(url, data={"other": "x"}), 422, "files")
+    _refused(httpx.post(url, content=b"{}", headers={"content-type": "application/json"}), 422, "multipart")
+
+
+def test_a_chunked_body_over_the_limit_is_refused(server):
+    """No Content-Length to check up front: the body is counted as it arrives."""
+    base, _ = server
+    boundary = "graftboundary"
+    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"x.png\"\r\n"
+            "Content-Type: image/png\r\n\r\n").encode()
+    chunk = os.urandom(256 * 1024)
+
+    def body():
+        yield head
+        for _ in range((MAX_IMAGES + 2) * MAX_UPLOAD_MB * 4):
+            yield chunk
+        yield f"\r\n--{boundary}--\r\n".encode()
+
+    response = httpx.post(f"{base}/predict", content=body(), headers={"content-type": f"multipart/form-data; boundary={boundary}"})
+    _refused(response, 413, "limit")
+
+
+def test_missing_extra_names_it(trained_run):
+    code = (
+        "import sys; sys.modules['fastapi'] = None; from graft.cli.main import main; "
+        f"sys.exit(main(['serve', {str(trained_run.bundle_dir)!r}]))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and 'pip install "graft[serve]"' in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_docs_and_openapi(server):
+    base, _ = server
+    assert httpx.get(f"{base}/docs").status_code == 200
+    schema = httpx.get(f"{base}/openapi.json").json()
+    assert "/predict" in schema["paths"] and "/healthz" in schema["paths"]
+
+
+@pytest.mark.slow
+def test_load_8_clients_x_25_requests_no_errors_bounded_memory(server, pngs, capsys):
+    base, process = server
+    payloads = [(p.name, p.read_bytes(), "image/png") for p in pngs] + [("cat.jpg", _jpeg_bytes(), "image/jpeg")]
+
+    def client(worker: int, requests: int) -> tuple[int, list[str]]:
+        ok, errors = 0, []
+        with httpx.Client(base_url=base, timeout=120) as http:
+            for i in range(requests):
+                payload = payloads[(worker * 7 + i) % len(payloads)]
+                response = http.post("/predict", files=[("files", payload)])
+                if response.status_code == 200 and response.json()["predictions"][0]["label"]:
+                    ok += 1
+                else:
+                    errors.append(f"{response.status_code} {response.text[:200]}")
+        return ok, errors
+
+    def round_of(requests: int) -> tuple[int, list[str], float]:
+        start = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            results = list(pool.map(lambda w: client(w, requests), range(8)))
+        return sum(r[0] for r in results), [e for r in results for e in r[1]], time.perf_counter() - start
+
+    warm_ok, warm_errors, _ = round_of(5)
+    assert warm_ok == 40 and not warm_errors, warm_errors
+    rss_before = _rss_bytes(process.pid)
+    ok, errors, seconds = round_of(25)
+    rss_after = _rss_bytes(process.pid)
+    with capsys.disabled():
+        print(
+            f"\nload test: {ok} ok / 200 requests, {len(errors)} errors, {seconds:.1f} s "
+            f"({ok / seconds:.1f} req/s); server RSS {rss_before / 2**20:.1f} MiB after warm-up, "
+            f"{rss_after / 2**20:.1f} MiB after load ({(rss_after - rss_before) / 2**20:+.1f} MiB)"
+        )
+    assert ok == 200 and not errors, errors[:5]
+    assert rss_after - rss_before < 64 * 2**20, f"RSS grew from {rss_before} to {rss_after} bytes"
+    assert httpx.get(f"{base}/healthz").status_code == 200
+
+
+@pytest.mark.slow
+def test_web_page_predicts_an_uploaded_image(server, bundle, pngs):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if not Path("/usr/bin/chromium").exists():
+        pytest.skip("Debian's chromium is not installed (scripts/setup.sh --dev)")
+    base, _ = server
+    image = next(p for p in pngs if p.parent.name == "trouser")
+    expected = bundle.predict([image], top_k=3)[0]
+    problems: list[str] = []
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path="/usr/bin/chromium",
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                  "--disable-sync", "--no-first-run"],
+        )
+        try:
+            page = browser.new_page()
+            page.on("console", lambda message: message.type == "error" and problems.append(f"console: {message.text}"))
+            page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
+            page.on("requestfailed", lambda request: problems.append(f"request failed: {request.url}"))
+            page.goto(base + "/", wait_until="load")
+            page.wait_for_function("document.getElementById('model-info').textContent.includes('classes')")
+            assert bundle.backbone in page.text_content("#model-info")
+
+            page.set_input_files("#file-input", str(image))
+            page.wait_for_selector('.result[data-state="done"]', timeout=60_000)
+            label = page.text_content(".result .label")
+            assert label.startswith(expected.label), (label, expected.label)
+            rows = page.locator(".result .topk li").all_text_contents()
+            assert len(rows) == 3 and expected.top_k[1][0] in rows[1]
+            thumbnail = page.eval_on_selector(".result img", "img => [img.src, img.naturalWidth]")
+            assert thumbnail[0].startswith("blob:") and thumbnail[1] == 28
+            assert page.text_content(".result .name") == image.name
+        finally:
+            browser.close()
+    assert not problems, problems
