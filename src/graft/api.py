@@ -133,12 +133,29 @@ def train_with_config(config: TrainConfig, *, reporter: Reporter = QUIET) -> Run
     bundle_dir = save_bundle(run_dir / "bundle", outcome.model, meta)
     write_json(run_dir / "val_predictions.json", validation_predictions(dataset, outcome.val_logits))
     write_json(run_dir / "metrics.json", metrics)
+    write_run_report(run_dir, reporter)
     reporter.say(
         f"validation accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f} "
         f"(best epoch {outcome.fit.best_epoch + 1} of {len(outcome.fit.history)}); "
         f"run written to {run_dir}"
     )
     return RunResult(run_dir=run_dir, bundle_dir=bundle_dir, metrics=metrics, history=outcome.fit.history)
+
+
+def write_run_report(run_dir: Path, reporter: Reporter) -> None:
+    """Write the run's report.html; a failure warns instead of costing the finished run."""
+    try:
+        from graft.report import write_report
+
+        started = time.perf_counter()
+        path = write_report(run_dir)
+        reporter.say(f"report written to {path} ({time.perf_counter() - started:.1f} s)")
+    except Exception as error:  # the report only views the run, which is complete on disk already
+        reporter.warn(
+            f"{run_dir / 'report.html'}: the report could not be written ({type(error).__name__}: {error}); "
+            f"the run itself is complete. Retry with: python -c \"from graft.report import write_report; "
+            f"write_report('{run_dir}')\""
+        )
 
 
 def validation_predictions(dataset: Dataset, logits: torch.Tensor) -> list[dict[str, Any]]:

@@ -7,6 +7,8 @@ import sys
 import typer
 
 from graft.cli import demo, evaluate, inspect, predict, train
+from graft.cli import compare, show_features
+from graft.cli import export, serve
 
 app = typer.Typer(
     name="graft",
@@ -20,6 +22,10 @@ app.command(name="inspect")(inspect.inspect)
 app.command(name="train")(train.train)
 app.command(name="predict")(predict.predict)
 app.command(name="evaluate")(evaluate.evaluate)
+app.command(name="show-features")(show_features.show_features)
+app.command(name="compare")(compare.compare)
+app.command(name="export")(export.export)
+app.command(name="serve")(serve.serve)
 
 
 def main(argv: list[str] | None = None) -> int:

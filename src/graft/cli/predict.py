@@ -19,6 +19,12 @@ def predict(
     top_k: int = typer.Option(3, "--top-k", "-k", help="How many labels to give per image."),
     output_format: str = typer.Option("table", "--format", "-f", help="table, csv, or json (one object per line)."),
     batch_size: int = typer.Option(32, help="Images per forward pass."),
+    explain: Path | None = typer.Option(
+        None, "--explain", help="Also write a class activation map (Grad-CAM overlay) per image into this folder."
+    ),
+    out: Path | None = typer.Option(
+        None, "--out", "-o", help="Write CSV here, with a progress bar; resumes: appends, skips images already in it."
+    ),
 ) -> None:
     """Predict the labels of images with a trained bundle."""
     from graft.api import predict as predict_images
@@ -29,7 +35,12 @@ def predict(
         raise ConfigError(f"--format: {output_format!r} is not one of {', '.join(FORMATS)}")
     if top_k < 1:
         raise ConfigError(f"--top-k: expected 1 or more, got {top_k}")
+    if out is not None and explain is not None:
+        raise ConfigError("--explain and --out cannot be combined: write the CSV first, then explain the images you want to see")
     model = load_bundle(bundle)
+    if out is not None:
+        _predict_to_file(model, paths, out, top_k, batch_size)
+        return
     failures: list[ImageError] = []
 
     def on_error(error: ImageError) -> None:
@@ -39,6 +50,9 @@ def predict(
             print(json.dumps({"path": error.path, "error": error.reason}), flush=True)
 
     stream = model.iter_predict(_expand(paths), top_k=top_k, batch_size=batch_size, on_error=on_error)
+    explained: list = []
+    if explain is not None:
+        stream = _remember(stream, explained)
     if output_format == "json":
         for prediction in stream:
             print(json.dumps(prediction.to_dict()), flush=True)
@@ -57,7 +71,34 @@ def predict(
             table.add_row(prediction.path, prediction.label, f"{prediction.score:.3f}",
                           ", ".join(f"{label} {score:.2f}" for label, score in prediction.top_k))
         Console(highlight=False).print(table)
+    if explain is not None:
+        _explain(model, explained, explain)
     if failures:
+        raise typer.Exit(1)
+
+
+def _remember(stream, seen: list):
+    # The maps are drawn after the listing so that predictions still stream out first.
+    for prediction in stream:
+        seen.append(prediction)
+        yield prediction
+
+
+def _explain(model, predictions: list, folder: Path) -> None:
+    from graft.report.explain import explain_images
+
+    written = explain_images(model, [p.path for p in predictions], folder, labels=[p.label for p in predictions])
+    print(f"graft: {len(written)} class activation maps written to {folder}", file=sys.stderr)
+
+
+def _predict_to_file(model, paths: List[Path], out: Path, top_k: int, batch_size: int) -> None:
+    from graft.batch import predict_to_csv
+    from graft.console import Reporter
+
+    result = predict_to_csv(model, paths, out, top_k=top_k, batch_size=batch_size, reporter=Reporter())
+    print(f"graft: {result.written} predictions appended to {result.out} ({result.skipped} already there, "
+          f"{len(result.failed)} unreadable)", file=sys.stderr)
+    if result.failed:
         raise typer.Exit(1)
 
 

@@ -1,0 +1,42 @@
+"""`graft compare DATA --strategies a,b,c --out DIR`: strategies side by side, one report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from graft.backbones import DEFAULT_BACKBONE
+
+
+def compare(
+    data: Path = typer.Argument(..., help="Image folder (one sub-folder per class) or a path,label CSV."),
+    strategies: str = typer.Option("feature-extract,partial", help="Comma-separated strategy names to run."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for compare.html, compare.json and one run folder per strategy."),
+    backbone: str = typer.Option(DEFAULT_BACKBONE, help="timm model name (bundled offline: efficientnet_lite0/1/2)."),
+    epochs: int = typer.Option(10, help="The epoch budget, the same for every strategy."),
+    seed: int = typer.Option(0, help="Seed of the split, augmentation and initialisation, the same for every strategy."),
+    augment: str = typer.Option("light", help="Augmentation: none, light or strong."),
+    batch_size: int = typer.Option(32, help="Images per training step."),
+    val_fraction: float = typer.Option(0.2, help="Validation share when DATA has no train/valid split."),
+    on_bad_image: str = typer.Option("error", help="error or skip."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, mps."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Feature cache folder (default: $GRAFT_CACHE_DIR or ~/.cache/graft)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing but errors."),
+) -> None:
+    """Train several strategies on the same split, budget and seed; write one comparison report."""
+    from graft.console import Reporter
+    from graft.report.compare import compare as run_compare
+
+    result = run_compare(
+        data, strategies, out, reporter=Reporter(verbose=not quiet), backbone=backbone, epochs=epochs,
+        seed=seed, augment=augment, batch_size=batch_size, val_fraction=val_fraction,
+        on_bad_image=on_bad_image, device=device, cache_dir=str(cache_dir) if cache_dir else None,
+    )
+    for row in result.rows:
+        status = f"accuracy {row.val_accuracy:.4f}" if row.error is None else f"FAILED ({row.error})"
+        typer.echo(f"{row.strategy}: {status}")
+    typer.echo(f"report {result.html_path}")
+    if any(row.error for row in result.rows):
+        raise typer.Exit(1)

@@ -1,0 +1,393 @@
+"""`report.html`: one self-contained page that shows what a run's transfer did.
+
+Everything is read back from the run folder (config.json, metrics.json, history.jsonl,
+split.json, val_predictions.json, bundle/), so a report can be rebuilt for any finished run with
+`write_report(run_dir)`. Figures are embedded as base64 PNGs: the page needs no network, no
+JavaScript and no other file.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import time
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import torch
+
+from graft.errors import BundleError
+
+# The report's sections, in page order: (id, heading). Tests and readers rely on these ids.
+SECTIONS: tuple[tuple[str, str], ...] = (
+    ("data", "Data"),
+    ("strategy", "Strategy and what it trains"),
+    ("curves", "Learning curves"),
+    ("confusion", "Confusion matrix"),
+    ("per-class", "Per-class precision, recall and F1"),
+    ("mistakes", "Most confidently wrong validation images"),
+    ("filters", "First-layer filters"),
+    ("feature-maps", "Feature maps"),
+    ("forgetting", "Forgetting per stage"),
+)
+MAX_MISTAKES = 12
+REPORT_FEATURE_STAGES = 4  # rows of feature maps in the report; show-features draws any others
+
+STYLE = """
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 0 auto; max-width: 1180px;
+       padding: 1.5rem; color: #1d2327; line-height: 1.45; }
+h1 { margin-bottom: .2rem; } h2 { border-bottom: 2px solid #e3e6e8; padding-bottom: .2rem; margin-top: 2rem; }
+.lead { color: #50575e; margin-top: 0; }
+.cards { display: flex; flex-wrap: wrap; gap: .8rem; margin: 1rem 0; }
+.card { background: #f4f6f7; border-radius: 8px; padding: .6rem 1rem; min-width: 9rem; }
+.card b { display: block; font-size: 1.35rem; }
+table { border-collapse: collapse; margin: .6rem 0; font-size: .9rem; }
+th, td { border-bottom: 1px solid #e3e6e8; padding: .25rem .7rem; text-align: right; }
+th:first-child, td:first-child { text-align: left; }
+th { background: #f4f6f7; }
+img { max-width: 100%; height: auto; }
+figure { margin: .6rem 0; }
+figcaption, .note { color: #50575e; font-size: .85rem; }
+.gallery { display: flex; flex-wrap: wrap; gap: .8rem; }
+.gallery figure { width: 120px; margin: 0; text-align: center; }
+.gallery img { width: 112px; height: 112px; image-rendering: pixelated; border: 1px solid #ccd0d4; }
+.bad { color: #b32d2e; }
+"""
+
+
+# --- small HTML helpers, shared with compare.html -----------------------------------------------
+
+
+def esc(value: object) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def page(title: str, body: str) -> str:
+    """A complete HTML document with the report's inline style and no external resources."""
+    return (
+        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+        "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
+        f"<title>{esc(title)}</title>\n<style>{STYLE}</style>\n</head>\n<body>\n{body}\n</body>\n</html>\n"
+    )
+
+
+def section(section_id: str, heading: str, content: str) -> str:
+    return f'<section id="{esc(section_id)}">\n<h2>{esc(heading)}</h2>\n{content}\n</section>\n'
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
+    head = "".join(f"<th>{esc(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{esc(cell)}</td>" for cell in row) + "</tr>\n" for row in rows)
+    return f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}</tbody>\n</table>"
+
+
+def img(uri: str, alt: str, caption: str | None = None) -> str:
+    tag = f'<img src="{uri}" alt="{esc(alt)}">'
+    return f"<figure>{tag}<figcaption>{esc(caption)}</figcaption></figure>" if caption else f"<figure>{tag}</figure>"
+
+
+def note(text: str) -> str:
+    return f'<p class="note">{esc(text)}</p>'
+
+
+def fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+# --- reading the run back -----------------------------------------------------------------------
+
+
+class Run:
+    """The files of a finished run folder, read once."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.dir = run_dir
+        self.metrics: dict[str, Any] = self._json("metrics.json")
+        self.config: dict[str, Any] = self._json("config.json")
+        self.split: dict[str, Any] = self._json("split.json", default={})
+        self.predictions: list[dict[str, Any]] = self._json("val_predictions.json", default=[])
+        history_path = run_dir / "history.jsonl"
+        self.history = [json.loads(line) for line in history_path.read_text(encoding="utf-8").splitlines() if line.strip()] if history_path.is_file() else []
+        self.data_root = Path(self.metrics.get("data", {}).get("root") or self.config.get("data", "."))
+
+    def _json(self, name: str, default: Any = None) -> Any:
+        path = self.dir / name
+        if not path.is_file():
+            if default is not None:
+                return default
+            raise BundleError(f"{path}: missing; the report is built from a finished run folder (run `graft train` first)")
+        return json.loads(path.read_text(encoding="utf-8"))
+
+    def val_images(self, limit: int) -> list[tuple[Path, str]]:
+        """Up to `limit` validation images that exist, taken round-robin over the classes."""
+        by_class: dict[str, list[Path]] = {}
+        for relative, label in self.split.get("val", []):
+            path = self.data_root / relative
+            by_class.setdefault(label, []).append(path)
+        chosen: list[tuple[Path, str]] = []
+        queues = [list(paths) for paths in by_class.values()]
+        labels = list(by_class)
+        while len(chosen) < limit and any(queues):
+            for label, queue in zip(labels, queues):
+                if queue and len(chosen) < limit:
+                    path = queue.pop(0)
+                    if path.is_file():
+                        chosen.append((path, label))
+        return chosen
+
+
+def load_batch(paths: Sequence[Path], transform: Any) -> torch.Tensor:
+    """Preprocessed images (n, 3, H, W); unreadable files are skipped (they were reported in training)."""
+    from graft.errors import ImageError
+    from graft.images import load_image
+
+    tensors = []
+    for path in paths:
+        try:
+            tensors.append(transform(load_image(path)))
+        except ImageError:
+            continue
+    return torch.stack(tensors) if tensors else torch.empty(0)
+
+
+def first_conv_weight(model: torch.nn.Module) -> tuple[str, torch.Tensor] | None:
+    """The first 2-D convolution that reads the image (name, weight), or None (a ViT's patch embed counts)."""
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Conv2d) and module.in_channels in (1, 3):
+            return name, module.weight.detach().float().cpu()
+    return None
+
+
+# --- the report ---------------------------------------------------------------------------------
+
+
+def write_report(run_dir: str | Path, *, cka_images: int | None = None) -> Path:
+    """Build `report.html` (and `forgetting.json`) for a finished run folder; returns the page's path.
+
+    Loads the run's bundle and the pretrained backbone it started from, measures forgetting per
+    stage on up to `cka_images` (default 64) validation images, draws the figures, and writes the
+    page atomically. Typically a few seconds on a CPU; a feature-extract run needs no forward pass
+    for CKA because its backbone is bit-identical to the pretrained one.
+
+    >>> write_report("runs/birds")  # doctest: +SKIP
+    PosixPath('runs/birds/report.html')
+    """
+    from graft.atomic import write_json, write_text
+    from graft.backbones import load_backbone
+    from graft.bundle import load_bundle
+    from graft.report import figures
+    from graft.report.forgetting import MAX_CKA_IMAGES, stage_forgetting
+    from graft.stages import discover_stages
+
+    started = time.perf_counter()
+    run_dir = Path(run_dir)
+    run = Run(run_dir)
+    bundle = load_bundle(run_dir / "bundle")
+    pretrained = load_backbone(bundle.meta["backbone"]["name"], weights=run.config.get("weights"))
+    stages = discover_stages(pretrained.model)
+
+    val_images = run.val_images(min(cka_images or MAX_CKA_IMAGES, MAX_CKA_IMAGES))
+    loaded: list[int] = []
+
+    def batch() -> torch.Tensor:
+        # Only called when some stage changed: a feature-extract run never decodes these images.
+        images = load_batch([path for path, _ in val_images], bundle.transform)
+        loaded.append(len(images))
+        return images
+
+    forgetting = [row.to_dict() for row in stage_forgetting(bundle.model.backbone, pretrained.model, batch, stages=stages)]
+    num_images = loaded[0] if loaded else 0
+    write_json(run_dir / "forgetting.json", {"images": num_images, "stages": forgetting})
+
+    parts = [
+        header(run),
+        section("data", "Data", data_section(run)),
+        section("strategy", "Strategy and what it trains", strategy_section(run, bundle, pretrained, stages)),
+        section("curves", "Learning curves", curves_section(run, figures)),
+        section("confusion", "Confusion matrix", img(
+            figures.figure_uri(figures.confusion_matrix(run.metrics["confusion_matrix"], run.metrics["class_names"])),
+            "confusion matrix", "rows: true class; columns: predicted class; shading: fraction of the row",
+        )),
+        section("per-class", "Per-class precision, recall and F1", per_class_section(run)),
+        section("mistakes", "Most confidently wrong validation images", mistakes_section(run, figures)),
+        section("filters", "First-layer filters", filters_section(bundle.model.backbone, pretrained.model, figures)),
+        section("feature-maps", "Feature maps", feature_maps_section(bundle, val_images)),
+        section("forgetting", "Forgetting per stage", forgetting_section(forgetting, num_images, figures)),
+        note(f"Report built by graft in {time.perf_counter() - started:.1f} s from {run_dir}."),
+    ]
+    out = run_dir / "report.html"
+    write_text(out, page(f"graft report: {run_dir.name}", "\n".join(parts)))
+    return out
+
+
+def header(run: Run) -> str:
+    m = run.metrics
+    cards = [
+        ("validation accuracy", f"{m['accuracy']:.3f}"),
+        ("macro-F1", f"{m['macro_f1']:.3f}"),
+        ("strategy", m.get("strategy", "?")),
+        ("backbone", m.get("backbone", "?")),
+        ("trainable / total params", f"{m.get('trainable_params', 0):,} / {m.get('total_params', 0):,}"),
+        ("training time", f"{m.get('train_seconds', 0):.1f} s"),
+    ]
+    card_html = "".join(f'<div class="card">{esc(label)}<b>{esc(value)}</b></div>' for label, value in cards)
+    return (
+        f"<header><h1>graft run: {esc(run.dir.name)}</h1>"
+        f'<p class="lead">{esc(m.get("num_train", "?"))} training and {esc(m.get("num_val", "?"))} validation images '
+        f"from {esc(run.data_root)}</p><div class=\"cards\">{card_html}</div></header>"
+    )
+
+
+def data_section(run: Run) -> str:
+    data = run.metrics.get("data", {})
+    train_counts: Mapping[str, int] = data.get("train_per_class", {})
+    val_counts: Mapping[str, int] = data.get("val_per_class", {})
+    names = run.metrics["class_names"]
+    rows = [(name, train_counts.get(name, 0), val_counts.get(name, 0)) for name in names]
+    rows.append(("total", sum(train_counts.values()), sum(val_counts.values())))
+    ratio = data.get("imbalance_ratio")
+    summary = (
+        f"<p>{len(names)} classes; split: {esc(data.get('split', '?'))} (seed {esc(data.get('seed', '?'))}). "
+        f"Imbalance (largest / smallest training class): <b>{esc(fmt(ratio, 2))}</b>"
+        + (" — consider --class-weighting balanced." if isinstance(ratio, (int, float)) and ratio >= 3 else ".")
+        + "</p>"
+    )
+    bad = data.get("bad_images", [])
+    if bad:
+        bad_html = f'<p class="bad">{len(bad)} bad image(s) skipped:</p>' + table(["file", "reason"], [(b["path"], b["reason"]) for b in bad])
+    else:
+        bad_html = "<p>Bad images skipped: none.</p>"
+    warnings = "".join(f'<p class="bad">warning: {esc(w)}</p>' for w in data.get("warnings", []))
+    return summary + table(["class", "training images", "validation images"], rows) + bad_html + warnings
+
+
+def strategy_section(run: Run, bundle: Any, pretrained: Any, stages: Sequence[Any]) -> str:
+    from graft.config import TrainConfig
+    from graft.strategies import STRATEGY_NAMES, get_strategy
+
+    name = run.metrics.get("strategy") or run.config.get("strategy")
+    settings = {k: v for k, v in run.config.items() if k not in ("data", "out", "resolved")}
+    intro = f"<p>Strategy <b>{esc(name)}</b>. Settings: " + ", ".join(f"{esc(k)}={esc(v)}" for k, v in settings.items()) + ".</p>"
+    if name not in STRATEGY_NAMES:
+        return intro + note(f"the audit is not available: strategy {name!r} is not known to this graft version")
+    try:
+        config = TrainConfig.from_dict({k: v for k, v in run.config.items() if k != "resolved"})
+        # The audit describes the run's start: the pretrained backbone with the trained head.
+        rows = get_strategy(name).audit(pretrained.model, list(stages), bundle.model.head, config)
+    except Exception as error:  # a strategy's audit must not cost the rest of the report
+        return intro + note(f"the audit could not be computed: {error}")
+    body = table(
+        ["stage", "trainable params", "total params", "learning rate", "BatchNorm"],
+        [(r.stage, f"{r.trainable_params:,}", f"{r.total_params:,}", f"{r.lr:.2g}" if r.lr else "-", r.bn_mode) for r in rows],
+    )
+    return intro + body + note("BatchNorm \"eval\": running statistics frozen to the pretrained ones.")
+
+
+def curves_section(run: Run, figures: Any) -> str:
+    if not run.history:
+        return note("history.jsonl is empty: no epoch was recorded.")
+    thawed = [(row["epoch"] + 1, row["stage_thawed"]) for row in run.history if row.get("stage_thawed")]
+    fig = figures.learning_curves(run.history, run.metrics.get("best_epoch"))
+    caption = f"{len(run.history)} epochs; best epoch {fmt((run.metrics.get('best_epoch') or 0) + 1)} (green line)"
+    if thawed:
+        caption += "; dashed lines: " + ", ".join(f"epoch {e} thawed {s}" for e, s in thawed)
+    else:
+        caption += "; no stage was thawed during training"
+    return img(figures.figure_uri(fig), "learning curves", caption)
+
+
+def per_class_section(run: Run) -> str:
+    per_class = run.metrics.get("per_class", {})
+    rows = [
+        (name, fmt(v.get("precision")), fmt(v.get("recall")), fmt(v.get("f1")), v.get("support", ""))
+        for name, v in per_class.items()
+    ]
+    return table(["class", "precision", "recall", "F1", "support"], rows)
+
+
+def mistakes_section(run: Run, figures: Any) -> str:
+    from graft.errors import ImageError
+    from graft.images import load_image
+
+    wrong = sorted((r for r in run.predictions if r["label"] != r["true"]), key=lambda r: -r["score"])
+    if not run.predictions:
+        return note("val_predictions.json is missing: no per-image predictions to show.")
+    if not wrong:
+        return "<p>Every validation image was classified correctly.</p>"
+    tiles = []
+    for row in wrong[:MAX_MISTAKES]:
+        try:
+            uri = figures.image_uri(load_image(run.data_root / row["path"]), max_side=160)
+        except ImageError:
+            continue  # the data folder moved since training; the caption table below still lists it
+        tiles.append(
+            f'<figure><img src="{uri}" alt="{esc(row["path"])}">'
+            f"<figcaption>true <b>{esc(row['true'])}</b><br>predicted <b class=\"bad\">{esc(row['label'])}</b> "
+            f"({row['score']:.2f})</figcaption></figure>"
+        )
+    listing = table(
+        ["image", "true", "predicted", "score", "score of the true class"],
+        [(r["path"], r["true"], r["label"], f"{r['score']:.3f}", f"{r['true_score']:.3f}") for r in wrong[:MAX_MISTAKES]],
+    )
+    return f"<p>{len(wrong)} of {len(run.predictions)} validation images are wrong; the {min(len(wrong), MAX_MISTAKES)} most confident:</p>" + f'<div class="gallery">{"".join(tiles)}</div>' + listing
+
+
+def filters_section(trained: torch.nn.Module, pretrained: torch.nn.Module, figures: Any) -> str:
+    before, after = first_conv_weight(pretrained), first_conv_weight(trained)
+    if before is None or after is None or before[1].shape != after[1].shape:
+        return note("this backbone has no first convolution over the image to draw")
+    name, weight = before
+    fig = figures.first_layer_filters(before[1].numpy(), after[1].numpy())
+    moved = float(torch.linalg.norm(after[1] - weight) / torch.linalg.norm(weight))
+    return img(
+        figures.figure_uri(fig), "first-layer filters before and after training",
+        f"{name}: {weight.shape[0]} kernels of {weight.shape[2]}x{weight.shape[3]} (RGB), grey = 0, same scale before and after; "
+        f"relative change {moved:.3g}",
+    )
+
+
+def feature_maps_section(bundle: Any, val_images: Sequence[tuple[Path, str]]) -> str:
+    from graft.images import load_image
+    from graft.report.activations import feature_maps_figure
+    from graft.report.figures import figure_uri
+
+    if not val_images:
+        return note("no validation image could be read to show feature maps for")
+    path, label = val_images[0]
+    fig = feature_maps_figure(bundle, load_image(path), stages=spread_stages(bundle.model.backbone, REPORT_FEATURE_STAGES))
+    return img(
+        figure_uri(fig), f"feature maps of {path.name}",
+        f"{path.name} (true class {label}) through the trained backbone: per stage, the most active channels. "
+        f"Other images and stages: graft show-features BUNDLE IMAGE --stages 0,3,-1 --out maps.png",
+    )
+
+
+def spread_stages(backbone: torch.nn.Module, count: int) -> list[int]:
+    """`count` stage indices spread from the first to the last stage (the report's feature maps)."""
+    from graft.stages import discover_stages
+
+    total = len(discover_stages(backbone))
+    if total <= count:
+        return list(range(total))
+    return sorted({round(i * (total - 1) / (count - 1)) for i in range(count)})
+
+
+def forgetting_section(rows: Sequence[Mapping[str, Any]], num_images: int, figures: Any) -> str:
+    if num_images:
+        measured = f"on {num_images} validation images"
+    else:
+        measured = "(every stage is bit-identical to the pretrained one, so its outputs are too: CKA 1 without a forward pass)"
+    chart = img(
+        figures.figure_uri(figures.forgetting_chart({"this run": rows})), "forgetting per stage",
+        f"left: how far each stage's weights moved from the pretrained ones; right: linear CKA between the stage's "
+        f"outputs in the trained and the pretrained backbone {measured}",
+    )
+    listing = table(
+        ["stage", "params", "weight drift", "linear CKA", "identical to pretrained"],
+        [(f"{r['index']}: {r['name']}", f"{r['num_params']:,}", fmt(r["drift"], 4), fmt(r["cka"], 4), "yes" if r["unchanged"] else "no") for r in rows],
+    )
+    return chart + listing + note("definitions: docs/report.md. Drift 0 and CKA 1: the stage is exactly the pretrained one.")

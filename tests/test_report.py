@@ -1,0 +1,108 @@
+"""The run report on a real run: every section, embedded figures, a real browser, show-features."""
+
+from __future__ import annotations
+
+import io
+import json
+
+from PIL import Image
+from rich.console import Console
+
+from _html import decode_png, open_in_chromium, parse_page
+from graft.report.html import SECTIONS
+
+FIGURE_SECTIONS = ("curves", "confusion", "filters", "feature-maps", "forgetting")
+
+
+def test_report_has_every_section_with_embedded_figures(trained_run):
+    report = trained_run.run_dir / "report.html"
+    page = parse_page(report)
+    metrics = json.loads((trained_run.run_dir / "metrics.json").read_text())
+    for section_id, heading in SECTIONS:
+        assert section_id in page.sections, f"section #{section_id} missing"
+        assert page.sections[section_id].heading.strip() == heading
+    for section_id in FIGURE_SECTIONS:
+        images = page.sections[section_id].images
+        assert images, f"#{section_id} has no figure"
+        for src in images:
+            decode_png(src)
+    # Self-contained: nothing is fetched, no script can fail offline.
+    assert all(r.startswith("data:image/png;base64,") or not r.startswith(("http", "//", "/")) for r in page.resources)
+    assert not {"script", "link", "iframe"} & page.tags
+
+    data = page.sections["data"]
+    for name in metrics["class_names"]:
+        assert name in data.text
+    assert "Bad images skipped: none" in data.text and "Imbalance" in data.text
+    # One audit row per stage plus the head (and the header row).
+    strategy = page.sections["strategy"]
+    stages = json.loads((trained_run.run_dir / "forgetting.json").read_text())["stages"]
+    assert strategy.table_rows == len(stages) + 2 and "feature-extract" in strategy.text
+    per_class = page.sections["per-class"]
+    assert per_class.table_rows == len(metrics["class_names"]) + 1
+    assert f"{metrics['per_class']['bag']['f1']:.3f}" in per_class.text
+
+    predictions = json.loads((trained_run.run_dir / "val_predictions.json").read_text())
+    wrong = [r for r in predictions if r["label"] != r["true"]]
+    mistakes = page.sections["mistakes"]
+    if wrong:
+        assert len(mistakes.images) == min(len(wrong), 12)
+        for src in mistakes.images:
+            decode_png(src)
+        assert wrong[0]["path"] in mistakes.text
+    else:
+        assert "classified correctly" in mistakes.text
+
+
+def test_learning_curves_mark_thawed_stages(tmp_path):
+    from graft.report.figures import figure_uri, learning_curves
+
+    history = [
+        {"epoch": e, "train_loss": 1 / (e + 1), "val_loss": 1.2 / (e + 1), "train_accuracy": e / 5, "val_accuracy": e / 6,
+         "lr": [0.1], "seconds": 0.1, "stage_thawed": "blocks.6" if e == 2 else None}
+        for e in range(5)
+    ]
+    fig = learning_curves(history, best_epoch=3)
+    loss_ax, acc_ax = fig.axes
+    dashed = [line for line in loss_ax.get_lines() if line.get_linestyle() == "--"]
+    assert [list(line.get_xdata()) for line in dashed] == [[3, 3]]  # epoch index 2 is shown as epoch 3
+    assert any(text.get_text() == "blocks.6" for text in acc_ax.texts)
+    decode_png(figure_uri(fig))
+
+
+def test_report_opens_in_chromium_without_errors(trained_run):
+    errors, images = open_in_chromium(trained_run.run_dir / "report.html")
+    assert errors == []
+    assert len(images) >= len(FIGURE_SECTIONS)
+    assert all(image["complete"] and image["naturalWidth"] > 0 for image in images), images
+
+
+def test_a_failing_report_warns_and_keeps_the_run(tmp_path):
+    from graft.api import write_run_report
+    from graft.console import Reporter
+
+    out = io.StringIO()
+    write_run_report(tmp_path, Reporter(console=Console(file=out, width=300)))  # no metrics.json there
+    assert "report could not be written" in out.getvalue() and "metrics.json" in out.getvalue()
+    assert not (tmp_path / "report.html").exists()
+
+
+def test_show_features_writes_a_png_for_chosen_stages(trained_run, holdout_folder, tmp_path):
+    from graft.cli.main import main
+
+    image = sorted(holdout_folder.rglob("*.png"))[0]
+    out = tmp_path / "maps.png"
+    assert main(["show-features", str(trained_run.bundle_dir), str(image), "--stages", "0,blocks.2,-1", "--channels", "3", "--out", str(out)]) == 0
+    two_stages = tmp_path / "two.png"
+    assert main(["show-features", str(trained_run.bundle_dir), str(image), "--stages", "1,-1", "--channels", "3", "--out", str(two_stages)]) == 0
+    # One row per chosen stage: three stages draw a taller figure than two.
+    assert Image.open(out).height > Image.open(two_stages).height > 0
+
+
+def test_show_features_rejects_an_unknown_stage(trained_run, holdout_folder, tmp_path, capsys):
+    from graft.cli.main import main
+
+    image = sorted(holdout_folder.rglob("*.png"))[0]
+    assert main(["show-features", str(trained_run.bundle_dir), str(image), "--stages", "99", "--out", str(tmp_path / "m.png")]) == 2
+    message = capsys.readouterr().err
+    assert "--stages" in message and "'99'" in message and "blocks.0" in message
