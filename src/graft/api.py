@@ -46,20 +46,31 @@ class RunResult:
         return load_bundle(self.bundle_dir)
 
 
-def train(data: str | Path, out: str | Path, *, verbose: bool = True, **options: Any) -> RunResult:
+def train(data: str | Path, out: str | Path, *, verbose: bool = True, resume: bool = False, **options: Any) -> RunResult:
     """Adapt a pretrained backbone to the labelled images in `data`; write the run to `out`.
 
     Options are the fields of `TrainConfig` (`backbone`, `strategy`, `head`, `epochs`, `lr`,
     `augment_views`, `seed`, ...). Returns the run folder, bundle folder and metrics.
+    `resume=True` continues an interrupted run in `out` from its last completed epoch (the
+    options must be the run's own).
     """
     config = TrainConfig(data=str(data), out=str(out), **options)
-    return train_with_config(config, reporter=Reporter(verbose))
+    return train_with_config(config, reporter=Reporter(verbose), resume=resume)
 
 
-def train_with_config(config: TrainConfig, *, reporter: Reporter = QUIET) -> RunResult:
-    """`train`, from a ready `TrainConfig` (what `config.json` holds)."""
+def train_with_config(config: TrainConfig, *, reporter: Reporter = QUIET, resume: bool = False) -> RunResult:
+    """`train`, from a ready `TrainConfig` (what `config.json` holds).
+
+    A checkpoint is written to `RUN/checkpoint/` after every epoch and removed when the run is
+    done; `resume=True` continues from it (see `graft.checkpoint`).
+    """
+    from graft.checkpoint import prepare_checkpoints
+    from graft.preflight import check_options
+
     started = time.perf_counter()
     strategy = get_strategy(config.strategy)
+    check_options(config)
+    checkpoints = prepare_checkpoints(config, resume=resume, warn=reporter.warn)
     seed_everything(config.seed)
     run_dir = Path(config.out)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -73,7 +84,7 @@ def train_with_config(config: TrainConfig, *, reporter: Reporter = QUIET) -> Run
         f"data: {len(dataset.class_names)} classes, {len(dataset.train)} training and "
         f"{len(dataset.val)} validation images ({dataset.split} split) from {dataset.root}"
     )
-    backbone = load_backbone(config.backbone, weights=config.weights)
+    backbone = load_backbone(config.backbone, weights=config.weights, keep_classifier=config.strategy == "auto")
     reporter.say(f"backbone: {backbone.architecture}, weights from {backbone.weights_source}")
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device)
@@ -94,6 +105,7 @@ def train_with_config(config: TrainConfig, *, reporter: Reporter = QUIET) -> Run
     context = TrainContext(
         config=config, dataset=dataset, backbone=backbone, stages=stages, head_spec=head_spec,
         device=device, precision=precision, cache=cache, reporter=reporter, on_epoch=record_history,
+        checkpoint=checkpoints,
     )
     outcome = strategy.train(context)
     train_seconds = time.perf_counter() - started
@@ -133,6 +145,7 @@ def train_with_config(config: TrainConfig, *, reporter: Reporter = QUIET) -> Run
     bundle_dir = save_bundle(run_dir / "bundle", outcome.model, meta)
     write_json(run_dir / "val_predictions.json", validation_predictions(dataset, outcome.val_logits))
     write_json(run_dir / "metrics.json", metrics)
+    checkpoints.remove()  # the bundle and metrics are the result now
     write_run_report(run_dir, reporter)
     reporter.say(
         f"validation accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f} "

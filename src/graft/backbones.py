@@ -110,12 +110,13 @@ def load_backbone(
     if state is None and pretrained and weights is None:
         model = _create_from_hub(architecture)
         weights_id = _hash_state(model.state_dict())
+        has_classifier = True
     else:
         model = timm.create_model(architecture, pretrained=False)
-        if state is not None:
-            _load_state(model, state, label=source)
+        # Random weights have no meaningful ImageNet classifier, nor does a file saved without one.
+        has_classifier = _load_state(model, state, label=source) if state is not None else False
     model.eval()
-    classifier = _split_classifier(model) if keep_classifier else None
+    classifier = _split_classifier(model) if keep_classifier and has_classifier else None
     model.reset_classifier(0)
     return Backbone(
         name=name,
@@ -136,6 +137,12 @@ def create_architecture(architecture: str) -> nn.Module:
     _check_known_architecture(architecture, architecture)
     model = timm.create_model(architecture, pretrained=False, num_classes=0)
     return model
+
+
+def check_backbone_name(name: str) -> None:
+    """Raise `ConfigError` (with close matches and the offline choices) unless `name` is a model."""
+    spec = BUNDLED.get(name)
+    _check_known_architecture(spec.architecture if spec else name, name)
 
 
 def bundled_names() -> list[str]:
@@ -196,14 +203,19 @@ def _read_weights_file(path: Path) -> dict[str, torch.Tensor]:
     return dict(state)
 
 
-def _load_state(model: nn.Module, state: dict[str, torch.Tensor], *, label: str) -> None:
-    """Load a state dict, mapping foreign key names by position when every shape matches."""
+def _load_state(model: nn.Module, state: dict[str, torch.Tensor], *, label: str) -> bool:
+    """Load a state dict, mapping foreign key names by position when every shape matches.
+
+    Returns whether the state held the pretrained classifier too.
+    """
     target = model.state_dict()
     classifier = str(getattr(model, "pretrained_cfg", {}).get("classifier", "classifier"))
     head_keys = {k for k in target if k == classifier or k.startswith(classifier + ".")}
+    with_classifier = True
     if len(state) == len(target) - len(head_keys) and not head_keys & set(state):
         # A backbone saved without its ImageNet classifier (as graft keeps it) is complete too.
         target = {k: v for k, v in target.items() if k not in head_keys}
+        with_classifier = False
     if set(state) != set(target):
         state = _map_by_position(state, target, label=label)
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -213,6 +225,7 @@ def _load_state(model: nn.Module, state: dict[str, torch.Tensor], *, label: str)
             f"weights from {label} do not fit the architecture: missing {missing[:5]}, "
             f"unexpected {unexpected[:5]}. Check that the file belongs to this backbone."
         )
+    return with_classifier
 
 
 def _map_by_position(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from graft.errors import ConfigError
 from graft.strategies.base import AuditRow, Strategy, TrainContext, TrainOutcome
+from graft.strategies.auto import Auto
 from graft.strategies.feature_extract import FeatureExtract
 from graft.strategies.finetune import Discriminative, Full, Gradual, LinearProbeThenFineTune, Lora, Partial
 
@@ -20,6 +21,7 @@ STRATEGIES: dict[str, type[Strategy]] = {
     "gradual": Gradual,
     "lp-ft": LinearProbeThenFineTune,
     "lora": Lora,
+    "auto": Auto,
 }
 STRATEGY_NAMES: tuple[str, ...] = tuple(STRATEGIES)
 

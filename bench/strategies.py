@@ -1,0 +1,105 @@
+"""Every strategy beside the peers on the K-shot Fashion-MNIST task (shared/benchmarks.md).
+
+Accuracy is on the held-out test split (never used for a choice); graft may use validation for
+early stopping and for `auto`. Each row is one run: wall time from the call to graft.train (or the
+peer's training loop) to its end, trainable parameters, and validation/test accuracy.
+
+    python bench/strategies.py --shots 20 [--strategies auto feature-extract partial ...] [--peers probe textbook-frozen textbook-full fastai]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import RESULTS, max_rss_mb, print_table, task_folder, write_results  # noqa: E402
+
+import graft  # noqa: E402
+
+ALL_STRATEGIES = ["feature-extract", "partial", "lp-ft", "gradual", "discriminative", "full", "lora", "auto"]
+ALL_PEERS = ["probe", "textbook-frozen", "textbook-full", "fastai"]
+COLUMNS = ["method", "test_accuracy", "val_accuracy", "seconds", "trainable_params", "note"]
+
+
+def run_graft(root: Path, strategy: str, epochs: int | None, cache: Path, options: dict) -> dict:
+    started = time.perf_counter()
+    run = graft.train(root, out=RESULTS / "runs" / f"{root.name}-{strategy}", strategy=strategy, epochs=epochs,
+                      cache_dir=str(cache), verbose=False, **options)
+    seconds = time.perf_counter() - started
+    test = graft.evaluate(run.bundle_dir, root / "test")
+    note = run.metrics.get("auto", {}).get("chose", "") if strategy == "auto" else ""
+    return {"method": f"graft {strategy}", "test_accuracy": test["accuracy"], "val_accuracy": run.metrics["accuracy"],
+            "seconds": seconds, "trainable_params": run.metrics["trainable_params"], "note": note,
+            "epochs_run": run.metrics["epochs_run"]}
+
+
+def run_probe(root: Path, cache: Path) -> dict:
+    from sklearn.linear_model import LogisticRegression
+
+    from graft.backbones import load_backbone
+    from graft.data import load_labelled_folder
+    from graft.features import FeatureCache, backbone_key, extract_features
+
+    backbone = load_backbone()
+    store = FeatureCache(cache, backbone_key(backbone, backbone.preprocessing, "fp32"))
+    started = time.perf_counter()
+    sets = {name: load_labelled_folder(root / name)[0] for name in ("train", "valid", "test")}
+    features = {name: extract_features(backbone, s.paths, s.digests, cache=store).numpy() for name, s in sets.items()}
+    probe = LogisticRegression(max_iter=1000).fit(features["train"], sets["train"].labels)
+    return {"method": "sklearn probe (LogisticRegression)", "test_accuracy": probe.score(features["test"], sets["test"].labels),
+            "val_accuracy": probe.score(features["valid"], sets["valid"].labels), "seconds": time.perf_counter() - started,
+            "trainable_params": probe.coef_.size + probe.intercept_.size, "note": "extraction of train+valid+test included"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--shots", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--epochs", type=int, default=None, help="epochs for every graft strategy (default: each one's own)")
+    parser.add_argument("--strategies", nargs="*", default=ALL_STRATEGIES)
+    parser.add_argument("--peers", nargs="*", default=ALL_PEERS)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    import peers
+
+    root = task_folder(args.shots, args.seed)
+    rows: list[dict] = []
+    name = f"strategies_{args.shots}shot_seed{args.seed}"
+
+    def record(row: dict | None, method: str) -> None:
+        if row is None:
+            return
+        row.setdefault("method", method)
+        rows.append(row)
+        print_table([row], COLUMNS)
+        write_results(name, rows, {"shots": args.shots, "seed": args.seed, "max_rss_mb": max_rss_mb()})
+
+    for strategy in args.strategies:
+        # A fresh cache per strategy: every row pays for its own backbone passes.
+        record(run_graft(root, strategy, args.epochs, Path(tempfile.mkdtemp(prefix="graft-bench-")), {"seed": args.seed}), strategy)
+    if "probe" in args.peers:
+        record(run_probe(root, Path(tempfile.mkdtemp(prefix="graft-bench-"))), "probe")
+    if "textbook-frozen" in args.peers:
+        record({"method": "textbook frozen loop, 5 epochs (BN in train mode)", **peers.textbook(root, full=False)}, "")
+    if "textbook-full" in args.peers:
+        record({"method": "textbook full fine-tune, Adam 1e-4, 5 epochs", **peers.textbook(root, full=True)}, "")
+    if "fastai" in args.peers:
+        record(_fastai_row(peers, root), "fastai")
+    print()
+    print_table(sorted(rows, key=lambda r: -r["test_accuracy"]), COLUMNS)
+    print(f"max RSS {max_rss_mb():.0f} MB; written {RESULTS / (name + '.json')}")
+
+
+def _fastai_row(peers, root: Path) -> dict | None:
+    result = peers.fastai(root)
+    return None if result is None else {"method": "fastai fine_tune(4, freeze_epochs=1)", **result, "note": "time excludes the final validation"}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""`auto`: measure the data and its distance from the backbone's pretraining, then choose.
+
+What it measures (cheap: one pass of the frozen backbone over the training images, whose pooled
+features land in the feature cache that `feature-extract` reuses):
+- images per class (median), number of classes, imbalance (largest / smallest class);
+- **ImageNet confidence**: the mean top-1 probability the backbone's own pretrained ImageNet
+  classifier gives the training images. Photos of ImageNet-like things score high (foolbox's
+  ImageNet validation images: 0.73 with EfficientNet-Lite0); grayscale product thumbnails score
+  low (Fashion-MNIST: 0.24; CIFAR-10 at 32 px: 0.31). It needs no labels and costs nothing more
+  than the features.
+- **probe accuracy**: 3-fold cross-validated logistic-regression accuracy on those features: how
+  well the frozen final features already separate the classes. Reported, and the distance measure
+  when the backbone has no ImageNet classifier (weights from a file without one).
+
+The rule starts from the classic table (small/large × similar/distant) and is written out below
+in `choose`; `docs/strategies.md` has the measurements it was checked against.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from graft.config import TrainConfig
+from graft.features import ExtractionStats, extract_features
+from graft.stages import Stage
+from graft.strategies.base import AuditRow, TrainContext, TrainOutcome
+
+SMALL_PER_CLASS = 100  # fewer training images per class than this is "small data"
+DISTANT_CONFIDENCE = 0.45  # ImageNet confidence below this is a "distant domain"
+DISTANT_PROBE_ACCURACY = 0.85  # fallback when there is no ImageNet classifier
+
+
+@dataclass(frozen=True)
+class Measurements:
+    num_classes: int
+    images_per_class: float
+    imbalance: float
+    imagenet_confidence: float | None
+    probe_accuracy: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+
+
+@dataclass(frozen=True)
+class Choice:
+    strategy: str
+    options: dict[str, Any]
+    rule: str
+    reason: str
+
+
+def choose(measured: Measurements) -> Choice:
+    """The documented rule: data size × domain distance → strategy and its settings."""
+    small = measured.images_per_class < SMALL_PER_CLASS
+    if measured.imagenet_confidence is not None:
+        distant = measured.imagenet_confidence < DISTANT_CONFIDENCE
+        distance = f"ImageNet confidence {measured.imagenet_confidence:.2f} {'<' if distant else '>='} {DISTANT_CONFIDENCE}"
+    elif measured.probe_accuracy is not None:
+        distant = measured.probe_accuracy < DISTANT_PROBE_ACCURACY
+        distance = f"probe accuracy {measured.probe_accuracy:.2f} {'<' if distant else '>='} {DISTANT_PROBE_ACCURACY} (no ImageNet classifier)"
+    else:
+        distant, distance = True, "no distance measure available: assumed distant"
+    size = f"{measured.images_per_class:g} images per class {'<' if small else '>='} {SMALL_PER_CLASS}"
+    imbalance = {"class_weighting": "balanced"} if measured.imbalance >= 3 else {}
+    if small and not distant:
+        return Choice("feature-extract", {"augment_views": 2, **imbalance}, "small + similar -> feature-extract",
+                      f"{size} and {distance}: the pretrained features already fit; training more would overfit")
+    if small and distant:
+        stages = 1 if measured.images_per_class < 30 else 2
+        return Choice("partial", {"train_stages": stages, "augment_views": 4, "epochs": 15, "patience": 5, **imbalance},
+                      "small + distant -> partial",
+                      f"{size} and {distance}: the top stage(s) must adapt to the new domain, the rest is kept; "
+                      f"the frozen prefix runs once per image (cached), with 4 augmented views")
+    if not distant:
+        return Choice("discriminative", {"epochs": 10, **imbalance}, "large + similar -> discriminative",
+                      f"{size} and {distance}: every stage can adapt a little, early stages least")
+    return Choice("full", {"epochs": 10, **imbalance}, "large + distant -> full",
+                  f"{size} and {distance}: enough data to move every stage")
+
+
+class Auto:
+    name = "auto"
+    default_epochs = 10
+    default_lr = 1e-3
+    default_patience = 5
+
+    def audit(self, backbone: nn.Module, stages: list[Stage], head: nn.Module, config: TrainConfig) -> list[AuditRow]:
+        # What trains is decided after measuring the data; the chosen strategy prints its own.
+        rows = [AuditRow(f"{stage.name} (decided by measurement)", 0, stage.num_params, None, "?") for stage in stages]
+        head_params = sum(p.numel() for p in head.parameters())
+        rows.append(AuditRow("head", head_params, head_params, None, "-"))
+        return rows
+
+    def train(self, context: TrainContext) -> TrainOutcome:
+        from graft.api import show_audit
+        from graft.strategies import get_strategy
+
+        measured = measure(context)
+        choice = choose(measured)
+        reporter = context.reporter
+        reporter.say("auto measured: " + ", ".join(f"{k} {v}" for k, v in measured.to_dict().items()))
+        reporter.say(f"auto rule: {choice.rule}; because {choice.reason}")
+        user_set = {k: getattr(context.config, k) for k in choice.options if getattr(context.config, k) != getattr(TrainConfig, k, None)}
+        options = {**choice.options, **user_set}  # options the user gave explicitly win
+        config = context.config.replace(strategy=choice.strategy, **options)
+        reporter.say(f"auto chose {choice.strategy} with {options}")
+        strategy = get_strategy(choice.strategy)
+        from graft.heads import make_head
+
+        show_audit(reporter, f"strategy {choice.strategy} (chosen by auto): what trains",
+                   strategy.audit(context.backbone.model, context.stages, make_head(context.head_spec), config))
+        chosen_context = TrainContext(**{**context.__dict__, "config": config})
+        outcome = strategy.train(chosen_context)
+        outcome.notes = {**outcome.notes, "auto": {"measured": measured.to_dict(), "chose": choice.strategy,
+                                                    "options": options, "rule": choice.rule, "reason": choice.reason}}
+        return outcome
+
+
+def measure(context: TrainContext) -> Measurements:
+    """The data's size and balance, and its distance from the backbone's pretraining domain."""
+    train = context.dataset.train
+    counts = [n for n in train.counts().values() if n]
+    with context.reporter.progress("auto: measuring (features)", len(train)) as advance:
+        features = extract_features(
+            context.backbone, train.paths, train.digests, cache=context.cache, precision=context.precision,
+            device=context.device, progress=advance, stats=ExtractionStats(),
+        )
+    confidence = None
+    classifier = context.backbone.imagenet_classifier
+    if classifier is not None:
+        with torch.no_grad():
+            confidence = float(classifier(features).softmax(dim=1).max(dim=1).values.mean())
+    return Measurements(
+        num_classes=len(counts),
+        images_per_class=float(statistics.median(counts)),
+        imbalance=max(counts) / min(counts),
+        imagenet_confidence=confidence,
+        probe_accuracy=_probe_accuracy(features, train.labels, context.config.seed),
+    )
+
+
+def _probe_accuracy(features: torch.Tensor, labels: list[int], seed: int) -> float | None:
+    from collections import Counter
+
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+
+    smallest = min(Counter(labels).values())
+    folds = min(3, smallest)
+    if folds < 2:
+        return None
+    cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    scores = cross_val_score(LogisticRegression(max_iter=500), features.numpy(), labels, cv=cv)
+    return float(scores.mean())
