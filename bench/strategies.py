@@ -64,13 +64,14 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None, help="epochs for every graft strategy (default: each one's own)")
     parser.add_argument("--strategies", nargs="*", default=ALL_STRATEGIES)
     parser.add_argument("--peers", nargs="*", default=ALL_PEERS)
+    parser.add_argument("--set", nargs="*", default=[], metavar="OPTION=VALUE", help="extra graft options, e.g. train_stages=3")
     args = parser.parse_args()
     torch.set_num_threads(2)
     import peers
 
     root = task_folder(args.shots, args.seed)
     rows: list[dict] = []
-    name = f"strategies_{args.shots}shot_seed{args.seed}"
+    name = f"strategies_{args.shots}shot_seed{args.seed}" + ("_" + "_".join(args.set) if args.set else "") + ("_" + "_".join(args.strategies) if args.strategies != ALL_STRATEGIES else "")
 
     def record(row: dict | None, method: str) -> None:
         if row is None:
@@ -82,7 +83,11 @@ def main() -> None:
 
     for strategy in args.strategies:
         # A fresh cache per strategy: every row pays for its own backbone passes.
-        record(run_graft(root, strategy, args.epochs, Path(tempfile.mkdtemp(prefix="graft-bench-")), {"seed": args.seed}), strategy)
+        options = {"seed": args.seed, **{k: _value(v) for k, v in (item.split("=", 1) for item in args.set)}}
+        row = run_graft(root, strategy, args.epochs, Path(tempfile.mkdtemp(prefix="graft-bench-")), options)
+        if args.set:
+            row["method"] += " (" + ", ".join(args.set) + ")"
+        record(row, strategy)
     if "probe" in args.peers:
         record(run_probe(root, Path(tempfile.mkdtemp(prefix="graft-bench-"))), "probe")
     if "textbook-frozen" in args.peers:
@@ -94,6 +99,15 @@ def main() -> None:
     print()
     print_table(sorted(rows, key=lambda r: -r["test_accuracy"]), COLUMNS)
     print(f"max RSS {max_rss_mb():.0f} MB; written {RESULTS / (name + '.json')}")
+
+
+def _value(text: str) -> object:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(text.lower(), text)
 
 
 def _fastai_row(peers, root: Path) -> dict | None:

@@ -37,3 +37,4 @@ def test_auto_measures_real_images_and_says_why(fashion_folder, tmp_path):
     assert auto["chose"] == "partial" and auto["rule"] == "small + distant -> partial"
     assert auto["options"]["epochs"] == 2  # what the user set explicitly wins over the rule's choice
     assert run.metrics["strategy"] == "auto"
+    assert run.metrics["trainable_params"] > 1_000_000  # the chosen partial's last stage, not a head alone

@@ -6,37 +6,51 @@
     >>> bundle.predict(["robin.jpg"])[0].label
     >>> graft.evaluate(bundle, "holdout/")["accuracy"]
     >>> graft.inspect("efficientnet_lite0").stages
+
+The names below are imported on first use, so `import graft` does not pay for torch and timm
+until they are needed (the CLI's `--help` stays instant).
 """
 
 from __future__ import annotations
 
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
 
-from graft.api import Inspection, RunResult, evaluate, inspect, predict, train, train_with_config
-from graft.backbones import Backbone, load_backbone
-from graft.bundle import Bundle, Prediction, load_bundle
-from graft.config import TrainConfig
-from graft.errors import BackboneError, BundleError, ConfigError, DataError, GraftError, ImageError
+_EXPORTS = {
+    "Inspection": "graft.api",
+    "RunResult": "graft.api",
+    "evaluate": "graft.api",
+    "inspect": "graft.api",
+    "predict": "graft.api",
+    "train": "graft.api",
+    "train_with_config": "graft.api",
+    "Backbone": "graft.backbones",
+    "load_backbone": "graft.backbones",
+    "Bundle": "graft.bundle",
+    "Prediction": "graft.bundle",
+    "load_bundle": "graft.bundle",
+    "TrainConfig": "graft.config",
+    "BackboneError": "graft.errors",
+    "BundleError": "graft.errors",
+    "ConfigError": "graft.errors",
+    "DataError": "graft.errors",
+    "GraftError": "graft.errors",
+    "ImageError": "graft.errors",
+}
 
-__all__ = [
-    "Backbone",
-    "BackboneError",
-    "Bundle",
-    "BundleError",
-    "ConfigError",
-    "DataError",
-    "GraftError",
-    "ImageError",
-    "Inspection",
-    "Prediction",
-    "RunResult",
-    "TrainConfig",
-    "__version__",
-    "evaluate",
-    "inspect",
-    "load_backbone",
-    "load_bundle",
-    "predict",
-    "train",
-    "train_with_config",
-]
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'graft' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

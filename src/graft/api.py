@@ -16,6 +16,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 
+from graft import distributed
 from graft.atomic import write_json, write_text
 from graft.backbones import DEFAULT_BACKBONE, load_backbone
 from graft.bundle import Bundle, Prediction, load_bundle, save_bundle
@@ -51,7 +52,7 @@ def train(data: str | Path, out: str | Path, *, verbose: bool = True, resume: bo
 
     Options are the fields of `TrainConfig` (`backbone`, `strategy`, `head`, `epochs`, `lr`,
     `augment_views`, `seed`, ...). Returns the run folder, bundle folder and metrics.
-    `resume=True` continues an interrupted run in `out` from its last completed epoch (the
+    `resume=True` continues an interrupted run in `out` from its last checkpointed epoch (the
     options must be the run's own).
     """
     config = TrainConfig(data=str(data), out=str(out), **options)
@@ -87,6 +88,11 @@ def train_with_config(config: TrainConfig, *, reporter: Reporter = QUIET, resume
     backbone = load_backbone(config.backbone, weights=config.weights, keep_classifier=config.strategy == "auto")
     reporter.say(f"backbone: {backbone.architecture}, weights from {backbone.weights_source}")
     device = resolve_device(config.device)
+    distributed.setup(device)  # joins torchrun's process group when there is one
+    device = distributed.local_device(device)
+    main_rank = distributed.is_main()
+    if not main_rank:
+        reporter = QUIET  # one voice, one set of files: rank 0's
     precision = resolve_precision(config.precision, device)
     stages = discover_stages(backbone.model)
     head_spec = HeadSpec(config.head, backbone.num_features, len(dataset.class_names), config.hidden, config.dropout)
@@ -95,12 +101,14 @@ def train_with_config(config: TrainConfig, *, reporter: Reporter = QUIET, resume
 
     cache_root = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
     cache = FeatureCache(cache_root, backbone_key(backbone, backbone.preprocessing, precision))
-    write_json(run_dir / "config.json", {**config.to_dict(), "resolved": {"device": str(device), "precision": precision}})
-    write_json(run_dir / "split.json", dataset.split_record())
+    if main_rank:
+        write_json(run_dir / "config.json", {**config.to_dict(), "resolved": {"device": str(device), "precision": precision}})
+        write_json(run_dir / "split.json", dataset.split_record())
     history_path = run_dir / "history.jsonl"
 
     def record_history(history: list[EpochRecord]) -> None:
-        write_text(history_path, "".join(json.dumps(r.to_dict()) + "\n" for r in history))
+        if main_rank:
+            write_text(history_path, "".join(json.dumps(r.to_dict()) + "\n" for r in history))
 
     context = TrainContext(
         config=config, dataset=dataset, backbone=backbone, stages=stages, head_spec=head_spec,
@@ -118,14 +126,14 @@ def train_with_config(config: TrainConfig, *, reporter: Reporter = QUIET, resume
         num_train=len(dataset.train),
         num_val=len(dataset.val),
         train_seconds=round(train_seconds, 3),
-        trainable_params=sum(row.trainable_params for row in audit),
+        trainable_params=sum(row.trainable_params for row in audit),  # auto replaces it by its choice's
         total_params=count_params(outcome.model),
         best_epoch=outcome.fit.best_epoch,
         epochs_run=len(outcome.fit.history),
         stopped_early=outcome.fit.stopped_early,
         data=dataset.summary(),
-        **{k: v for k, v in outcome.notes.items()},
     )
+    metrics.update(outcome.notes)  # strategy facts: cache hits, cached prefix, auto's choice
     meta = {
         "backbone": {
             "name": backbone.name,
@@ -142,11 +150,14 @@ def train_with_config(config: TrainConfig, *, reporter: Reporter = QUIET, resume
     }
     if outcome.adapters:
         meta["adapters"] = outcome.adapters
-    bundle_dir = save_bundle(run_dir / "bundle", outcome.model, meta)
-    write_json(run_dir / "val_predictions.json", validation_predictions(dataset, outcome.val_logits))
-    write_json(run_dir / "metrics.json", metrics)
-    checkpoints.remove()  # the bundle and metrics are the result now
-    write_run_report(run_dir, reporter)
+    bundle_dir = run_dir / "bundle"
+    if main_rank:
+        save_bundle(bundle_dir, outcome.model, meta)
+        write_json(run_dir / "val_predictions.json", validation_predictions(dataset, outcome.val_logits))
+        write_json(run_dir / "metrics.json", metrics)
+        checkpoints.remove()  # the bundle and metrics are the result now
+        write_run_report(run_dir, reporter)
+    distributed.barrier()  # no rank returns before the files exist
     reporter.say(
         f"validation accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f} "
         f"(best epoch {outcome.fit.best_epoch + 1} of {len(outcome.fit.history)}); "

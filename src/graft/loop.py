@@ -83,6 +83,9 @@ def fit(
     best_epoch, best_acc, best_loss, best_state = best if best else (-1, -1.0, math.inf, {})
     stale = 0 if not history else (history[-1].epoch - best_epoch)
     stopped_early = False
+    if history and patience is not None and stale >= patience:
+        # A resumed run whose last epoch already triggered early stopping stops where it stopped.
+        return FitResult(history, best_epoch, best_acc, best_loss, True, best_state)
     for epoch in range(start_epoch, epochs):
         note = before_epoch(epoch) if before_epoch else None
         started = time.perf_counter()

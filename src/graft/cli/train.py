@@ -37,10 +37,11 @@ def train(
     train_bn: bool = typer.Option(False, "--train-bn", help="Let BatchNorm affine parameters of frozen stages train (statistics stay frozen)."),
     lora_rank: int = typer.Option(8, help="lora: rank of the adapters."),
     class_weighting: str = typer.Option("none", help="none or balanced (inverse class frequency)."),
-    precision: str = typer.Option("fp32", help="fp32, bf16 or auto."),
+    precision: str = typer.Option("auto", help="auto (bf16 where the hardware runs it natively, else fp32), fp32 or bf16."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     cache_dir: Optional[Path] = typer.Option(None, help="Feature cache folder (default: $GRAFT_CACHE_DIR or ~/.cache/graft)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing but errors."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run in --out from its last checkpointed epoch (same options)."),
 ) -> None:
     """Train a classifier on DATA and write the run folder (with its bundle) to --out."""
     from graft.api import train_with_config
@@ -57,5 +58,5 @@ def train(
         class_weighting=class_weighting, precision=precision, device=device,
         cache_dir=str(cache_dir) if cache_dir else None,
     )
-    result = train_with_config(config, reporter=Reporter(verbose=not quiet))
+    result = train_with_config(config, reporter=Reporter(verbose=not quiet), resume=resume)
     typer.echo(f"accuracy {result.metrics['accuracy']:.4f}  bundle {result.bundle_dir}")

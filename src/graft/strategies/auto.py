@@ -113,11 +113,11 @@ class Auto:
         strategy = get_strategy(choice.strategy)
         from graft.heads import make_head
 
-        show_audit(reporter, f"strategy {choice.strategy} (chosen by auto): what trains",
-                   strategy.audit(context.backbone.model, context.stages, make_head(context.head_spec), config))
+        audit = strategy.audit(context.backbone.model, context.stages, make_head(context.head_spec), config)
+        show_audit(reporter, f"strategy {choice.strategy} (chosen by auto): what trains", audit)
         chosen_context = TrainContext(**{**context.__dict__, "config": config})
         outcome = strategy.train(chosen_context)
-        outcome.notes = {**outcome.notes, "auto": {"measured": measured.to_dict(), "chose": choice.strategy,
+        outcome.notes = {**outcome.notes, "trainable_params": sum(row.trainable_params for row in audit), "auto": {"measured": measured.to_dict(), "chose": choice.strategy,
                                                     "options": options, "rule": choice.rule, "reason": choice.reason}}
         return outcome
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
 import torch
 from torch import nn
@@ -18,6 +18,9 @@ from graft.heads import HeadSpec
 from graft.loop import EpochRecord, FitResult
 from graft.model import GraftModel
 from graft.stages import Stage
+
+if TYPE_CHECKING:
+    from graft.checkpoint import Checkpointer
 
 
 @dataclass
@@ -34,6 +37,8 @@ class TrainContext:
     cache: FeatureCache | None
     reporter: Reporter
     on_epoch: Callable[[list[EpochRecord]], None]
+    # Per-epoch checkpoints of the run (and what to resume from); None: no checkpoints.
+    checkpoint: "Checkpointer | None" = None
 
 
 @dataclass

@@ -13,11 +13,13 @@ import math
 import torch
 from torch import nn
 
+from graft.checkpoint import start_phase
 from graft.config import TrainConfig
 from graft.features import ExtractionStats, extract_features
 from graft.heads import make_head
 from graft.loop import evaluate_logits, fit, warmup_cosine
 from graft.model import GraftModel
+from graft.numerics import intra_op_threads
 from graft.stages import Stage
 from graft.strategies.base import AuditRow, TrainContext, TrainOutcome, count_params, has_batchnorm
 
@@ -147,16 +149,21 @@ def train_head(
         head.eval()
         return evaluate_logits(head(val_features), val_labels, val_loss_fn)
 
+    checkpoint = start_phase(context, "head", model=head, optimizer=optimizer, scheduler=scheduler, generators={"batches": generator})
     with context.reporter.progress("head epochs", epochs) as advance:
+        advance(checkpoint.start_epoch)
 
         def on_epoch(record, improved, state) -> None:
             context.on_epoch(state.history)
+            checkpoint.save(state)
             advance(1, status=f"loss {record.train_loss:.3f} val acc {record.val_accuracy:.3f}")
 
-        result = fit(
-            model=head, optimizer=optimizer, train_epoch=train_epoch, validate=validate,
-            epochs=epochs, patience=patience, on_epoch=on_epoch,
-        )
+        # Head epochs are tiny ops where OpenMP's thread wake-ups cost more than they save.
+        with intra_op_threads(1):
+            result = fit(
+                model=head, optimizer=optimizer, train_epoch=train_epoch, validate=validate,
+                epochs=epochs, patience=patience, on_epoch=on_epoch, **checkpoint.fit_kwargs,
+            )
     head.load_state_dict(result.best_state)
     head.eval()
     with torch.no_grad():

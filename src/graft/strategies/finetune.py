@@ -21,8 +21,11 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from graft import distributed
+
+from graft.checkpoint import start_phase
 from graft.config import TrainConfig
 from graft.errors import ConfigError
 from graft.heads import make_head
@@ -30,6 +33,7 @@ from graft.images import load_image
 from graft.loop import evaluate_logits, fit, warmup_cosine
 from graft.model import GraftModel
 from graft.numerics import autocast
+from graft.pipeline import EvalImages, default_batch_size
 from graft.preprocessing import build_transforms
 from graft.prefix import Chain
 from graft.stages import Stage
@@ -333,14 +337,17 @@ def train_on_cached_prefix(model: GraftModel, plan: StagePlan, context: TrainCon
     def validate() -> tuple[float, float]:
         return evaluate_logits(predict_logits(), val_labels, nn.CrossEntropyLoss())
 
+    checkpoint = start_phase(context, "finetune", model=model, optimizer=optimizer, scheduler=scheduler, generators={"batches": generator})
     with context.reporter.progress(f"{config.strategy} epochs", epochs) as advance:
+        advance(checkpoint.start_epoch)
 
         def on_epoch(record, improved, state) -> None:
             context.on_epoch(state.history)
+            checkpoint.save(state)
             advance(1, status=f"loss {record.train_loss:.3f} val acc {record.val_accuracy:.3f}")
 
         result = fit(model=model, optimizer=optimizer, train_epoch=train_epoch, validate=validate,
-                     epochs=epochs, patience=patience, on_epoch=on_epoch)
+                     epochs=epochs, patience=patience, on_epoch=on_epoch, **checkpoint.fit_kwargs)
     model.load_state_dict(result.best_state)
     model.eval().cpu()
     for parameter in model.parameters():
@@ -420,36 +427,43 @@ def train_on_images(
     val_set = context.dataset.val
     generator = torch.Generator().manual_seed(config.seed)
     workers = _workers(len(train_set))
+    train_images = LabelledImageFiles(train_set.paths, train_set.labels, build_transforms(context.backbone.preprocessing, augment=config.augment))
+    # Under torchrun each rank trains on its share of every epoch (gradients averaged by DDP).
+    sampler = DistributedSampler(train_images, num_replicas=distributed.world_size(), rank=distributed.rank(), shuffle=True, seed=config.seed) if distributed.active() else None
     train_loader = DataLoader(
-        LabelledImageFiles(train_set.paths, train_set.labels, build_transforms(context.backbone.preprocessing, augment=config.augment)),
-        batch_size=config.batch_size, shuffle=True, generator=generator, num_workers=workers,
+        train_images, sampler=sampler,
+        batch_size=config.batch_size, shuffle=sampler is None, generator=generator, num_workers=workers,
         persistent_workers=workers > 0, pin_memory=device.type == "cuda",
         worker_init_fn=_seed_worker,
     )
-    val_loader = DataLoader(
-        LabelledImageFiles(val_set.paths, val_set.labels, build_transforms(context.backbone.preprocessing)),
-        batch_size=max(64, config.batch_size), shuffle=False, num_workers=_workers(len(val_set)),
-        persistent_workers=_workers(len(val_set)) > 0,
-    )
+    # Each rank validates its strided share; the logits are gathered back into file order.
+    val_local = distributed.shard(range(len(val_set)))
+    # Validation images are decoded once and kept in memory: every later epoch reads them from there.
+    val_loader = EvalImages([val_set.paths[i] for i in val_local], [val_set.digests[i] for i in val_local], context.backbone.preprocessing,
+                            batch_size=max(default_batch_size(device), config.batch_size), pin_memory=device.type == "cuda")
     model.to(device).to(memory_format=torch.channels_last)
     apply_trainability(model, stages, plan.trainable_at(0), plan.train_bn, plan.adapter_lr is not None)
     optimizer = torch.optim.AdamW(param_groups(model, stages, plan, config.weight_decay))
-    steps = epochs * math.ceil(len(train_set) / config.batch_size)
-    warmup = config.warmup_epochs * math.ceil(len(train_set) / config.batch_size)
+    steps = epochs * len(train_loader)
+    warmup = config.warmup_epochs * len(train_loader)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps, warmup))
     weights = class_weights(torch.tensor(train_set.labels), context.head_spec.num_classes, config.class_weighting)
     loss_fn = nn.CrossEntropyLoss(weight=weights.to(device) if weights is not None else None, label_smoothing=config.label_smoothing)
     val_loss_fn = nn.CrossEntropyLoss()
     val_labels = torch.tensor(val_set.labels)
     current = plan.trainable_at(0)
+    network = distributed.wrap(model, device)
 
     def before_epoch(epoch: int) -> str | None:
-        nonlocal current
+        nonlocal current, network
         wanted = plan.trainable_at(epoch)
         thawed = [stages[i].name for i, (now, was) in enumerate(zip(wanted, current)) if now and not was]
         current = wanted
         apply_trainability(model, stages, wanted, plan.train_bn, plan.adapter_lr is not None)
+        if sampler is not None:
+            sampler.set_epoch(epoch)
         if thawed:
+            network = distributed.wrap(model, device)  # DDP registers the trainable parameters anew
             context.reporter.say(f"epoch {epoch + 1}: thawed {', '.join(thawed)}")
             return "thawed " + ", ".join(thawed)
         return None
@@ -460,7 +474,7 @@ def train_on_images(
             images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             labels = labels.to(device, non_blocking=True)
             with autocast(precision, device):
-                logits = model(images)
+                logits = network(images)
                 loss = loss_fn(logits.float(), labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -480,23 +494,34 @@ def train_on_images(
         was_training = model.training
         model.eval()
         outputs = []
-        for images, _ in val_loader:
+        for images in val_loader:
             images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             with autocast(precision, device):
                 outputs.append(model(images).float().cpu())
         if was_training:
             apply_trainability(model, stages, current, plan.train_bn, plan.adapter_lr is not None)
-        return torch.cat(outputs)
+        local = torch.cat(outputs) if outputs else torch.empty(0, context.head_spec.num_classes)
+        if not distributed.active():
+            return local
+        rows = distributed.gather_shards(dict(zip(val_local, local)))
+        return torch.stack([rows[i] for i in range(len(val_set))])
 
+    checkpoint = start_phase(context, "finetune", model=model, optimizer=optimizer, scheduler=scheduler, generators={"batches": generator})
+    if "trainable_stages" in checkpoint.extra:
+        current = [bool(t) for t in checkpoint.extra["trainable_stages"]]  # the thaw stage reached
+        apply_trainability(model, stages, current, plan.train_bn, plan.adapter_lr is not None)
     with context.reporter.progress(f"{config.strategy} epochs", epochs) as advance:
+        advance(checkpoint.start_epoch)
 
         def on_epoch(record, improved, state) -> None:
             context.on_epoch(state.history)
+            checkpoint.save(state, {"trainable_stages": current})
             advance(1, status=f"loss {record.train_loss:.3f} val acc {record.val_accuracy:.3f}")
 
         result = fit(
             model=model, optimizer=optimizer, train_epoch=train_epoch, validate=validate,
             epochs=epochs, patience=patience, before_epoch=before_epoch, on_epoch=on_epoch,
+            **checkpoint.fit_kwargs,
         )
     model.load_state_dict(result.best_state)
     model.eval()

@@ -1,0 +1,134 @@
+"""Property-based tests (hypothesis): image loading and the server's upload path never crash.
+
+Random bytes, damaged real encodings and random valid images of every mode and format: the
+result is an upright RGB image, or an `ImageError` naming the file (a 422 from the server),
+never any other exception and never a 500.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from graft.errors import ImageError
+from graft.images import load_image
+
+FUZZ = settings(max_examples=int(os.environ.get("GRAFT_FUZZ_EXAMPLES", "60")), deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+SERVER_FUZZ = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+
+FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP", "PPM")
+MODES = ("L", "RGB", "RGBA", "P", "LA", "I;16", "CMYK", "1")
+
+
+@st.composite
+def images(draw) -> tuple[Image.Image, str]:
+    """A random valid picture: any mode, 1 to 48 pixels a side, saved in a format that takes it."""
+    width = draw(st.integers(1, 48))
+    height = draw(st.integers(1, 48))
+    mode = draw(st.sampled_from(MODES))
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, size=(height, width, 4), dtype=np.uint8)
+    if mode == "I;16":
+        image = Image.fromarray(rng.integers(0, 65536, size=(height, width), dtype=np.uint16))
+        fmt = draw(st.sampled_from(("PNG", "TIFF")))
+    else:
+        image = Image.fromarray(pixels, "RGBA").convert(mode)
+        allowed = {
+            "L": FORMATS, "RGB": FORMATS, "RGBA": ("PNG", "TIFF", "WEBP", "GIF"), "P": ("PNG", "GIF", "BMP", "TIFF"),
+            "LA": ("PNG", "TIFF"), "CMYK": ("JPEG", "TIFF"), "1": ("PNG", "BMP", "TIFF", "GIF", "PPM"),
+        }[mode]
+        fmt = draw(st.sampled_from(allowed))
+    return image, fmt
+
+
+def _encode(image: Image.Image, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def _rgb_or_named_error(data: bytes, name: str = "fuzz.bin") -> Image.Image | None:
+    try:
+        image = load_image(data, name=name)
+    except ImageError as error:
+        assert error.path == name and error.reason
+        return None
+    assert image.mode == "RGB" and image.width >= 1 and image.height >= 1
+    np.asarray(image)  # the pixels are really there
+    return image
+
+
+# Magic numbers of the formats Pillow reads, so random tails reach the decoders' parsers.
+MAGIC = (b"", b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*", b"RIFF\x00\x00\x00\x00WEBPVP8 ", b"P6\n")
+
+
+@FUZZ
+@given(st.sampled_from(MAGIC), st.binary(max_size=4096))
+def test_random_bytes_load_or_give_a_named_error(magic, data):
+    _rgb_or_named_error(magic + data)
+
+
+@FUZZ
+@given(images(), st.data())
+def test_damaged_real_encodings_load_or_give_a_named_error(picture, data):
+    image, fmt = picture
+    encoded = bytearray(_encode(image, fmt))
+    action = data.draw(st.sampled_from(("truncate", "flip", "splice")))
+    if action == "truncate":
+        encoded = encoded[: data.draw(st.integers(0, max(0, len(encoded) - 1)))]
+    elif action == "flip":
+        for _ in range(data.draw(st.integers(1, 8))):
+            position = data.draw(st.integers(0, len(encoded) - 1))
+            encoded[position] ^= data.draw(st.integers(1, 255))
+    else:
+        position = data.draw(st.integers(0, len(encoded)))
+        encoded[position:position] = data.draw(st.binary(min_size=1, max_size=64))
+    _rgb_or_named_error(bytes(encoded), name=f"damaged.{fmt.lower()}")
+
+
+@FUZZ
+@given(images())
+def test_every_valid_image_becomes_rgb_of_the_same_size(picture):
+    image, fmt = picture
+    loaded = load_image(_encode(image, fmt), name=f"valid.{fmt.lower()}")
+    assert loaded.mode == "RGB" and loaded.size == image.size
+
+
+@pytest.fixture(scope="module")
+def client(trained_run):
+    from fastapi.testclient import TestClient
+
+    from graft.serve.app import create_app
+
+    with TestClient(create_app(trained_run.bundle_dir, max_upload_bytes=64 * 1024)) as test_client:
+        yield test_client
+
+
+@SERVER_FUZZ
+@given(st.binary(max_size=2048), st.text(min_size=1, max_size=40).filter(lambda s: "\x00" not in s))
+def test_server_answers_random_uploads_with_a_prediction_or_a_clear_4xx(client, data, name):
+    response = client.post("/predict", files=[("files", (name, data, "application/octet-stream"))])
+    assert response.status_code in (200, 413, 422), response.text
+    body = response.json()
+    if response.status_code == 200:
+        assert len(body["predictions"]) == 1
+    else:
+        assert body["detail"]
+
+
+@SERVER_FUZZ
+@given(images())
+def test_server_predicts_every_random_valid_image(client, picture):
+    image, fmt = picture
+    response = client.post("/predict?top_k=2", files=[("files", (f"x.{fmt.lower()}", _encode(image, fmt), "image/*"))])
+    assert response.status_code == 200, response.text
+    (row,) = response.json()["predictions"]
+    assert row["label"] in ("bag", "sneaker", "trouser") and len(row["top_k"]) == 2
+    assert 0.0 <= row["score"] <= 1.0
