@@ -21,6 +21,7 @@ from PIL import Image
 from graft.errors import BundleError, ImageError
 from graft.heads import HeadSpec, make_head
 from graft.model import GraftModel
+from graft.numerics import autocast, inference_precision
 from graft.preprocessing import Preprocessing, build_transforms
 
 BUNDLE_FORMAT = 1
@@ -70,6 +71,9 @@ class Bundle:
 
     >>> bundle = load_bundle("runs/birds/bundle")
     >>> [p.label for p in bundle.predict(["robin.jpg", "wren.jpg"])]
+
+    `precision` is what `logits` computes in: the bundle's recorded training precision
+    (`meta["precision"]`) where this device runs it natively, else fp32; assign "fp32" to force it.
     """
 
     def __init__(self, path: Path, meta: dict[str, Any], model: GraftModel) -> None:
@@ -80,6 +84,7 @@ class Bundle:
         self.preprocessing = Preprocessing.from_dict(meta["preprocessing"])
         self.transform = build_transforms(self.preprocessing)
         self.device = torch.device("cpu")
+        self.precision = inference_precision(meta.get("precision"), self.device)
 
     @property
     def backbone(self) -> str:
@@ -88,6 +93,7 @@ class Bundle:
     def to(self, device: str | torch.device) -> "Bundle":
         self.device = torch.device(device)
         self.model.to(self.device)
+        self.precision = inference_precision(self.meta.get("precision"), self.device)
         return self
 
     @torch.inference_mode()
@@ -96,7 +102,9 @@ class Bundle:
         if not images:
             return torch.empty(0, len(self.class_names))
         batch = torch.stack([self.transform(image) for image in images]).to(self.device)
-        return self.model(batch.contiguous(memory_format=torch.channels_last)).float().cpu()
+        # The precision the bundle was trained in, where the device runs it (see `precision`).
+        with autocast(self.precision, self.device):
+            return self.model(batch.contiguous(memory_format=torch.channels_last)).float().cpu()
 
     def predict(self, sources: Iterable[str | Path | Image.Image], *, top_k: int = 5, batch_size: int = 32) -> list[Prediction]:
         """Predict image files (paths) or PIL images. Unreadable files raise `ImageError`."""

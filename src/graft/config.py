@@ -46,7 +46,7 @@ class TrainConfig:
     thaw_every: int = 1  # gradual: epochs between two thaws
     train_bn: bool = False  # let BatchNorm affine parameters of frozen stages train (stats stay frozen)
     lora_rank: int = 8
-    precision: str = "fp32"
+    precision: str = "auto"  # bf16 autocast where the hardware runs it natively, else fp32
     device: str = "auto"
     cache_dir: str | None = None  # None: graft's default cache folder
 

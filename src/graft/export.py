@@ -182,7 +182,8 @@ def _to_onnx(onnx: Any, bundle: Bundle, opset: int) -> Any:
 def _max_logit_difference(bundle: Bundle, session: Any, batch: torch.Tensor) -> float:
     """Largest |PyTorch - onnxruntime| over the whole batch and over each image alone."""
     with torch.inference_mode():
-        # The same memory format as `Bundle.logits`, so the reference is exactly what predict gives.
+        # The same memory format as `Bundle.logits`, in fp32 like the ONNX graph (predict may run in
+        # bf16 where the bundle was trained so; that path is within graft.numerics.BF16_TOLERANCE).
         expected = bundle.model.cpu()(batch.contiguous(memory_format=torch.channels_last)).float().numpy()
     bundle.model.to(bundle.device)
     got = session.run([OUTPUT_NAME], {INPUT_NAME: batch.numpy()})[0]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,11 +22,13 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
+from graft import distributed
 from graft.backbones import Backbone
 from graft.images import load_image
 from graft.numerics import autocast
+from graft.pipeline import default_batch_size, image_batches, preprocessing_id
 from graft.preprocessing import Preprocessing, build_transforms
 
 FEATURE_FORMAT = 1
@@ -143,7 +146,7 @@ def extract_features(
     cache: FeatureCache | None,
     precision: str = "fp32",
     device: torch.device | None = None,
-    batch_size: int = 64,
+    batch_size: int | None = None,
     augment: str = "none",
     view: int = 0,
     seed: int = 0,
@@ -156,6 +159,8 @@ def extract_features(
 
     `augment`/`view`/`seed` select one augmented view (`augment="none"` is the plain evaluation
     view). `progress(n)` is called with the number of images done after each batch.
+    Images are decoded one batch ahead in a background thread (`num_workers=None` or 0) or in that
+    many worker processes; `batch_size=None` picks one for the device (`default_batch_size`).
     """
     device = device or torch.device("cpu")
     keys = [item_key(d, augment, view, seed) for d in digests]
@@ -169,22 +174,28 @@ def extract_features(
     computed: dict[str, torch.Tensor] = {}
     if todo:
         transform = build_transforms(backbone.preprocessing, augment=augment)
-        generator = torch.Generator().manual_seed(hash((seed, view)) & 0x7FFFFFFF)
         if augment != "none":
+            # Augmented views are drawn in one decoding thread, in order, so seeding both random
+            # sources timm's transforms use makes every view reproducible.
             torch.manual_seed(seed * 7919 + view)
-        workers = _default_workers(len(todo)) if num_workers is None else num_workers
-        loader = DataLoader(
-            ImageFiles([paths[i] for i in todo], transform),
-            batch_size=batch_size,
-            shuffle=False,
-            num_workers=workers,
-            generator=generator,
+            random.seed(seed * 7919 + view)
+        # Only the deterministic evaluation view may be kept decoded in memory and reused.
+        view_id = preprocessing_id(backbone.preprocessing) if augment == "none" else None
+        # Under torchrun each rank computes a strided share; the shares are gathered below.
+        mine = distributed.shard(todo)
+        loader = image_batches(
+            [paths[i] for i in mine],
+            transform,
+            batch_size=batch_size or default_batch_size(device),
+            keys=[f"{digests[i]}.{view_id}" for i in mine] if view_id else None,
+            workers=num_workers or 0,
             pin_memory=device.type == "cuda",
         )
         outputs = forward_batches(model if model is not None else backbone.model, loader, precision=precision, device=device, progress=progress)
-        for position, index in enumerate(todo):
+        for position, index in enumerate(mine):
             computed[keys[index]] = outputs[position]
-        if cache is not None:
+        computed = distributed.gather_shards(computed)
+        if cache is not None and distributed.is_main():
             cache.put(computed)
     if not keys:
         return torch.empty(0, backbone.num_features)
@@ -221,8 +232,3 @@ def item_key(digest: str, augment: str, view: int, seed: int) -> str:
         return digest
     return f"{digest}.{augment}.s{seed}.v{view}"
 
-
-def _default_workers(count: int) -> int:
-    if count < 128:
-        return 0
-    return max(1, min(4, (os.cpu_count() or 2) - 1))

@@ -1,0 +1,114 @@
+"""Feature extraction from image files beside the bare forward pass on in-memory tensors.
+
+The ceiling: EfficientNet-Lite0's forward on a batch already decoded, resized and normalised in
+memory (channels_last, same precision, same threads). Against it, per precision, interleaved in
+one run and repeated (median of the per-repetition ratios, with min–max):
+- graft: `extract_features` from the PNG files (decode thread one batch ahead), decoded-image
+  store off, so every repetition decodes every file;
+- graft, second pass: the same images again with the decoded-image store on (what validation every
+  epoch, `lp-ft`, `compare` and `evaluate` in one process get);
+- graft with one DataLoader worker process instead of the decode thread;
+- plain: the textbook `DataLoader(num_workers=0)` over the timm transform, fp32 NCHW (the
+  24 img/s of shared/benchmarks.md was this).
+
+    python bench/extraction.py [--images 192] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import Timer, max_rss_mb, print_table, task_folder, write_results  # noqa: E402
+
+from graft import pipeline  # noqa: E402
+from graft.backbones import load_backbone  # noqa: E402
+from graft.data import load_labelled_folder  # noqa: E402
+from graft.features import ImageFiles, extract_features, forward_batches  # noqa: E402
+from graft.numerics import cpu_supports_bf16  # noqa: E402
+from graft.preprocessing import build_transforms  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--images", type=int, default=192)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=64)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    device = torch.device("cpu")
+    backbone = load_backbone()
+    model = backbone.model.eval().to(memory_format=torch.channels_last)
+    split = load_labelled_folder(task_folder(20) / "train")[0]
+    paths, digests = split.paths[: args.images], split.digests[: args.images]
+    count = len(paths)
+    transform = build_transforms(backbone.preprocessing)
+    in_memory = torch.stack([transform(ImageFiles(paths, lambda x: x)[i]) for i in range(count)])
+    in_memory = in_memory.contiguous(memory_format=torch.channels_last)
+    batches = list(in_memory.split(args.batch_size))
+    precisions = ["fp32", "bf16"] if cpu_supports_bf16() else ["fp32"]
+
+    def ceiling(precision: str) -> None:
+        forward_batches(model, batches, precision=precision, device=device)
+
+    def graft_files(precision: str, workers: int = 0) -> None:
+        pipeline.DECODED.clear()  # every repetition decodes every file
+        extract_features(backbone, paths, digests, cache=None, precision=precision, batch_size=args.batch_size, num_workers=workers)
+
+    def graft_second_pass(precision: str) -> None:
+        extract_features(backbone, paths, digests, cache=None, precision=precision, batch_size=args.batch_size)
+
+    def plain_fp32_nchw(precision: str) -> None:
+        loader = torch.utils.data.DataLoader(ImageFiles(paths, transform), batch_size=args.batch_size, num_workers=0)
+        plain = backbone.model.to(memory_format=torch.contiguous_format)
+        with torch.inference_mode():
+            for batch in loader:
+                plain(batch)
+        backbone.model.to(memory_format=torch.channels_last)
+
+    methods = {
+        "ceiling (tensors in memory)": ceiling,
+        "graft from files (decode thread)": graft_files,
+        "graft from files (1 worker process)": lambda p: graft_files(p, workers=1),
+        "graft, images already decoded": graft_second_pass,
+    }
+    rows = []
+    for precision in precisions:
+        for method in methods.values():  # warm-up: one-off allocations, oneDNN kernels
+            method(precision)
+        seconds: dict[str, list[float]] = {name: [] for name in methods}
+        seconds["plain DataLoader, fp32 NCHW"] = []
+        for _ in range(args.repeats):
+            for name, method in methods.items():
+                with Timer() as timer:
+                    method(precision)
+                seconds[name].append(timer.seconds)
+            if precision == "fp32":
+                with Timer() as timer:
+                    plain_fp32_nchw(precision)
+                seconds["plain DataLoader, fp32 NCHW"].append(timer.seconds)
+        base = seconds["ceiling (tensors in memory)"]
+        for name, times in seconds.items():
+            if not times:
+                continue
+            ratios = [b / t for b, t in zip(base, times)]
+            rows.append({
+                "precision": precision, "method": name,
+                "img_per_s": count / statistics.median(times),
+                "ratio_to_ceiling": statistics.median(ratios),
+                "ratio_min": min(ratios), "ratio_max": max(ratios),
+            })
+        print_table([r for r in rows if r["precision"] == precision], ["precision", "method", "img_per_s", "ratio_to_ceiling", "ratio_min", "ratio_max"])
+        print()
+    rss = max_rss_mb()
+    print(f"{count} images, batch {args.batch_size}, {args.repeats} repetitions, torch threads {torch.get_num_threads()}; max RSS {rss:.0f} MB")
+    print("written", write_results("extraction", rows, {"images": count, "repeats": args.repeats, "max_rss_mb": rss}))
+
+
+if __name__ == "__main__":
+    main()

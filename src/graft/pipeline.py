@@ -1,0 +1,303 @@
+"""The input pipeline that keeps the model fed: decode once, overlap decoding with the forward pass.
+
+An image becomes a model input in two steps. The PIL part of the backbone's transform (decode,
+resize, crop, and for training the random augmentations) runs per image and yields 8-bit pixels;
+the tensor part (scale to [0, 1], subtract the mean, divide by the std) runs once per batch, on
+the whole batch, already in channels_last layout. Keeping images as uint8 until the batch is
+assembled costs a quarter of the memory of float tensors, makes the per-image work a plain copy
+and lets one vectorised pass normalise 64 images at once.
+
+Decoding runs one batch ahead of the model in a background thread by default: Pillow releases the
+GIL while it decodes and resamples, so on a small CPU the decode hides behind the forward pass
+without a worker process (which would fight torch's own threads and copy every image between
+processes). `workers > 0` uses DataLoader worker processes instead (on a GPU machine with cores to
+spare, where the model is much faster than one decoding thread).
+
+Evaluation-view images (`augment="none"`) are also kept, decoded and resized, in an in-memory
+store keyed by file content and preprocessing, so validation every epoch, the linear probe of
+`lp-ft`, `compare` and `evaluate` in the same process decode each image once. The store is bounded
+(`GRAFT_DECODED_CACHE_MB`, default 1024 MB or an eighth of RAM; 0 turns it off) and simply stops adding when full.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from graft.images import load_image
+
+DEFAULT_DECODED_CACHE_MB = 1024
+
+
+@dataclass(frozen=True)
+class SplitTransform:
+    """A timm transform cut in two: `pil` per image → uint8 HWC, then `normalize` per batch."""
+
+    pil: Callable[[Image.Image], Image.Image]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def pixels(self, image: Image.Image) -> torch.Tensor:
+        """The image through the PIL part, as a uint8 (H, W, 3) tensor."""
+        array = np.asarray(self.pil(image), dtype=np.uint8)
+        if array.ndim == 2:  # a transform that returned a grayscale picture
+            array = np.repeat(array[:, :, None], 3, axis=2)
+        return torch.from_numpy(array.copy())
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, H, W, 3) → float32 (N, 3, H, W) in channels_last layout, normalised.
+
+        Permuting NHWC to NCHW *is* channels_last, so no copy changes the layout. The scale and
+        shift fold ToTensor's /255 and Normalize into one multiply-add (equal to within 1 ulp).
+        """
+        scale = torch.tensor([1.0 / (255.0 * s) for s in self.std]).view(1, 3, 1, 1)
+        shift = torch.tensor([-m / s for m, s in zip(self.mean, self.std)]).view(1, 3, 1, 1)
+        batch = pixels.permute(0, 3, 1, 2).to(torch.float32)
+        return batch.mul_(scale).add_(shift)
+
+
+def split_transform(transform: Any) -> SplitTransform | None:
+    """Cut a torchvision/timm `Compose` at its ToTensor; None if it has another shape.
+
+    Accepted: PIL-only steps, then ToTensor (or timm's MaybeToTensor), then at most a Normalize.
+    Anything else (a tensor-side augmentation such as RandomErasing) is not split, and callers
+    fall back to the whole transform per image.
+    """
+    steps = list(getattr(transform, "transforms", []))
+    names = [type(step).__name__ for step in steps]
+    for cut, name in enumerate(names):
+        if name in ("ToTensor", "MaybeToTensor"):
+            break
+    else:
+        return None
+    rest = steps[cut + 1 :]
+    if len(rest) > 1 or (rest and type(rest[0]).__name__ != "Normalize"):
+        return None
+    if rest:
+        mean = tuple(float(v) for v in torch.as_tensor(rest[0].mean).flatten())
+        std = tuple(float(v) for v in torch.as_tensor(rest[0].std).flatten())
+    else:
+        mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+    if len(mean) != 3 or len(std) != 3:
+        return None
+    pil_steps = steps[:cut]
+
+    def pil(image: Image.Image) -> Image.Image:
+        for step in pil_steps:
+            image = step(image)
+        return image
+
+    return SplitTransform(pil, mean, std)
+
+
+class DecodedImages:
+    """Decoded, resized uint8 images kept in memory, bounded by a byte budget.
+
+    Keys name both the file content and the preprocessing, so a changed transform never reuses a
+    stale picture. When the budget is spent, new images are simply not kept (no eviction churn:
+    the images already kept are the ones a run re-reads every epoch).
+    """
+
+    def __init__(self, budget_bytes: int) -> None:
+        self.budget_bytes = budget_bytes
+        self.used_bytes = 0
+        self._items: dict[str, torch.Tensor] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> torch.Tensor | None:
+        return self._items.get(key)
+
+    def put(self, key: str, pixels: torch.Tensor) -> None:
+        size = pixels.numel() * pixels.element_size()
+        with self._lock:
+            if key in self._items or self.used_bytes + size > self.budget_bytes:
+                return
+            self._items[key] = pixels
+            self.used_bytes += size
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self.used_bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+def _default_budget() -> int:
+    """`GRAFT_DECODED_CACHE_MB`, else 1024 MB or an eighth of the machine's memory if less."""
+    if "GRAFT_DECODED_CACHE_MB" in os.environ:
+        try:
+            return int(max(0.0, float(os.environ["GRAFT_DECODED_CACHE_MB"])) * 2**20)
+        except ValueError:
+            pass
+    budget = DEFAULT_DECODED_CACHE_MB * 2**20
+    try:
+        budget = min(budget, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 8)
+    except (ValueError, OSError, AttributeError):  # no sysconf (Windows): keep the fixed budget
+        pass
+    return int(budget)
+
+
+DECODED = DecodedImages(_default_budget())
+
+
+def default_batch_size(device: torch.device) -> int:
+    """Inference batch size: 64 on a CPU (larger gains nothing there), 256 on a GPU."""
+    return 256 if device.type == "cuda" else 64
+
+
+def image_batches(
+    paths: Sequence[Path],
+    transform: Any,
+    *,
+    batch_size: int,
+    keys: Sequence[str] | None = None,
+    store: DecodedImages | None = DECODED,
+    workers: int = 0,
+    prefetch: int = 2,
+    pin_memory: bool = False,
+) -> Iterator[torch.Tensor]:
+    """Normalised float batches (channels_last) of the images, in order.
+
+    `keys` (one per path, e.g. the file digest plus a preprocessing id) enable the in-memory
+    `store`; give them only for deterministic transforms (the evaluation view), never for random
+    augmentations. `workers=0` decodes in one background thread, `prefetch` batches ahead;
+    `workers>0` uses that many DataLoader processes. `pin_memory` (for a CUDA model) pins each
+    batch off the critical path, so the copy to the GPU can be non-blocking.
+    """
+    split = split_transform(transform)
+    if split is None:
+        # An unusual transform: the whole of it per image, still decoded ahead of the model.
+        chunks = [list(range(s, min(s + batch_size, len(paths)))) for s in range(0, len(paths), batch_size)]
+        yield from _ahead(chunks, lambda chunk: torch.stack([transform(load_image(paths[i])) for i in chunk])
+                          .contiguous(memory_format=torch.channels_last), prefetch)
+        return
+    if store is not None and (keys is None or store.budget_bytes == 0):
+        store = None
+    if workers > 0:
+        for batch in _process_batches(paths, split, batch_size, keys, store, workers):
+            yield batch.pin_memory() if pin_memory else batch
+        return
+
+    def decode(chunk: list[int]) -> torch.Tensor:
+        pixels = []
+        for i in chunk:
+            found = store.get(keys[i]) if store is not None else None
+            if found is None:
+                found = split.pixels(load_image(paths[i]))
+                if store is not None:
+                    store.put(keys[i], found)
+            pixels.append(found)
+        # Normalising here, in the decode thread, keeps that pass off the model's critical path too.
+        batch = split.normalize(torch.stack(pixels))
+        return batch.pin_memory() if pin_memory else batch
+
+    chunks = [list(range(s, min(s + batch_size, len(paths)))) for s in range(0, len(paths), batch_size)]
+    yield from _ahead(chunks, decode, prefetch)
+
+
+def _ahead(chunks: list[list[int]], work: Callable[[list[int]], torch.Tensor], prefetch: int) -> Iterator[torch.Tensor]:
+    """`work(chunk)` for every chunk, computed up to `prefetch` chunks ahead in one thread."""
+    if prefetch <= 0 or len(chunks) <= 1:
+        for chunk in chunks:
+            yield work(chunk)
+        return
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="graft-decode")
+    pending: deque[Future] = deque()
+    try:
+        upcoming = iter(chunks)
+        for chunk in upcoming:
+            pending.append(pool.submit(work, chunk))
+            if len(pending) >= prefetch:
+                break
+        for chunk in upcoming:
+            ready = pending.popleft().result()
+            pending.append(pool.submit(work, chunk))
+            yield ready
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        for future in pending:
+            future.cancel()
+        pool.shutdown(wait=True)
+
+
+class _PixelFiles(torch.utils.data.Dataset):
+    def __init__(self, paths: Sequence[Path], split: SplitTransform) -> None:
+        self.paths, self.split = list(paths), split
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.split.pixels(load_image(self.paths[index]))
+
+
+def _process_batches(paths, split, batch_size, keys, store, workers) -> Iterator[torch.Tensor]:
+    """Worker processes decode what the store lacks (uint8 crosses the process boundary)."""
+    from torch.utils.data import DataLoader
+
+    missing = [i for i in range(len(paths)) if store is None or store.get(keys[i]) is None]
+    decoded: dict[int, torch.Tensor] = {}
+    loader = iter(DataLoader(_PixelFiles([paths[i] for i in missing], split), batch_size=batch_size, num_workers=workers))
+    position = 0
+    for start in range(0, len(paths), batch_size):
+        chunk = range(start, min(start + batch_size, len(paths)))
+        while any(i not in decoded and (store is None or store.get(keys[i]) is None) for i in chunk):
+            for pixels in next(loader):
+                decoded[missing[position]] = pixels
+                position += 1
+        batch = []
+        for i in chunk:
+            pixels = decoded.pop(i, None)
+            if pixels is None:
+                pixels = store.get(keys[i])
+            elif store is not None:
+                store.put(keys[i], pixels)
+            batch.append(pixels)
+        yield split.normalize(torch.stack(batch))
+
+
+def preprocessing_id(preprocessing: Any, augment: str = "none") -> str:
+    """A short stable id of a preprocessing (+ augmentation), for in-memory store keys."""
+    import hashlib
+    import json
+
+    payload = json.dumps({"p": preprocessing.to_dict(), "a": augment}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+class EvalImages:
+    """The evaluation view of a fixed list of images, as batches, re-iterable (one pass per epoch).
+
+    The first pass decodes (one batch ahead, in a thread) and keeps each decoded image in the
+    in-memory store; later passes, validation every epoch, read them from memory.
+
+    >>> for batch in EvalImages(paths, digests, backbone.preprocessing, batch_size=64): ...
+    """
+
+    def __init__(self, paths: Sequence[Path], digests: Sequence[str], preprocessing: Any, *, batch_size: int, pin_memory: bool = False) -> None:
+        from graft.preprocessing import build_transforms
+
+        self.paths = list(paths)
+        view = preprocessing_id(preprocessing)
+        self.keys = [f"{digest}.{view}" for digest in digests]
+        self.transform = build_transforms(preprocessing)
+        self.batch_size = batch_size
+        self.pin_memory = pin_memory
+
+    def __len__(self) -> int:
+        return (len(self.paths) + self.batch_size - 1) // self.batch_size
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return image_batches(self.paths, self.transform, batch_size=self.batch_size, keys=self.keys, pin_memory=self.pin_memory)

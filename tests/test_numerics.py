@@ -1,0 +1,72 @@
+"""bf16 autocast against fp32 on real images, within the documented tolerance (`BF16_TOLERANCE`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from graft.features import extract_features
+from graft.numerics import BF16_TOLERANCE, cpu_supports_bf16, inference_precision, resolve_precision
+
+needs_bf16 = pytest.mark.skipif(not cpu_supports_bf16(), reason="this CPU has no native bf16")
+
+
+def _imagenet_jpegs() -> list[Path]:
+    foolbox = pytest.importorskip("foolbox")
+    paths = sorted(Path(foolbox.__file__).parent.joinpath("data").glob("imagenet_*.jpg"))
+    if not paths:
+        pytest.skip("foolbox's ImageNet sample JPEGs are not installed")
+    return paths
+
+
+def test_auto_resolves_to_a_concrete_precision() -> None:
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu) == ("bf16" if cpu_supports_bf16() else "fp32")
+    assert inference_precision("fp32", cpu) == "fp32"
+    assert inference_precision(None, cpu) == "fp32"
+    assert inference_precision("bf16", cpu) == resolve_precision("auto", cpu)
+
+
+@needs_bf16
+def test_bf16_imagenet_predictions_agree_with_fp32() -> None:
+    from graft.backbones import load_backbone
+
+    backbone = load_backbone("efficientnet_lite0", keep_classifier=True)
+    paths = _imagenet_jpegs()
+    names = [p.name for p in paths]
+    fp32 = extract_features(backbone, paths, names, cache=None, precision="fp32")
+    bf16 = extract_features(backbone, paths, names, cache=None, precision="bf16")
+    relative_error = float((fp32 - bf16).norm() / fp32.norm())
+    assert relative_error <= BF16_TOLERANCE["feature_relative_error"]
+    with torch.no_grad():
+        p32 = backbone.imagenet_classifier(fp32).softmax(1)
+        p16 = backbone.imagenet_classifier(bf16).softmax(1)
+    agreement = float((p32.argmax(1) == p16.argmax(1)).float().mean())
+    assert agreement >= BF16_TOLERANCE["imagenet_top1_agreement"]
+    assert float((p32 - p16).abs().max()) <= BF16_TOLERANCE["imagenet_max_prob_diff"]
+
+
+@needs_bf16
+def test_bf16_few_shot_head_agrees_with_fp32(lite0, fashion_folder: Path) -> None:
+    """A head fitted on fp32 features of real Fashion-MNIST images, fed bf16 features instead."""
+    from graft.data import load_labelled_folder
+
+    split = load_labelled_folder(fashion_folder)[0]
+    fp32 = extract_features(lite0, split.paths, split.digests, cache=None, precision="fp32")
+    bf16 = extract_features(lite0, split.paths, split.digests, cache=None, precision="bf16")
+    labels = torch.tensor(split.labels)
+    head = torch.nn.Linear(fp32.shape[1], int(labels.max()) + 1)
+    optimizer = torch.optim.Adam(head.parameters(), lr=1e-2)
+    torch.manual_seed(0)
+    for _ in range(100):  # a well-fitted linear probe on the fp32 features
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(head(fp32), labels).backward()
+        optimizer.step()
+    with torch.no_grad():
+        p32, p16 = head(fp32).argmax(1), head(bf16).argmax(1)
+    assert float((p32 == p16).float().mean()) >= BF16_TOLERANCE["fewshot_top1_agreement"]
+    accuracy32 = float((p32 == labels).float().mean())
+    accuracy16 = float((p16 == labels).float().mean())
+    assert abs(accuracy32 - accuracy16) <= max(BF16_TOLERANCE["fewshot_accuracy_diff"], 1 / len(labels))
