@@ -97,9 +97,11 @@ def explain_images(
     used: set[str] = set()
     with GradCAM(model=model, target_layers=[layer], reshape_transform=token_reshape(model)) as cam, torch.enable_grad():
         for number, path in enumerate(paths):
-            batch = bundle.transform(load_image(path)).unsqueeze(0).to(bundle.device)
-            with torch.no_grad():
-                probabilities = model(batch).softmax(dim=1)[0].cpu()
+            image = load_image(path)
+            batch = bundle.transform(image).unsqueeze(0).to(bundle.device)
+            # The score shown is the one predict gives (the bundle's own precision); the map
+            # itself is computed in fp32, where gradients are exact.
+            probabilities = bundle.logits([image]).softmax(dim=1)[0]
             index = bundle.class_names.index(labels[number]) if labels is not None else int(probabilities.argmax())
             mask = cam(input_tensor=batch, targets=[ClassifierOutputTarget(index)])[0]
             overlay = show_cam_on_image(displayable(batch, bundle.preprocessing).astype(np.float32), mask, use_rgb=True)
