@@ -31,6 +31,7 @@ from graft.stages import Stage
 from graft.strategies.base import AuditRow, TrainContext, TrainOutcome
 
 SMALL_PER_CLASS = 100  # fewer training images per class than this is "small data"
+FEW_PER_CLASS = 50  # below this, even a distant domain keeps the whole backbone frozen (measured)
 DISTANT_CONFIDENCE = 0.45  # ImageNet confidence below this is a "distant domain"
 DISTANT_PROBE_ACCURACY = 0.85  # fallback when there is no ImageNet classifier
 
@@ -71,8 +72,13 @@ def choose(measured: Measurements) -> Choice:
     if small and not distant:
         return Choice("feature-extract", {"augment_views": 2, **imbalance}, "small + similar -> feature-extract",
                       f"{size} and {distance}: the pretrained features already fit; training more would overfit")
+    if small and distant and measured.images_per_class < FEW_PER_CLASS:
+        return Choice("feature-extract", {"augment_views": 2, **imbalance}, "few + distant -> feature-extract",
+                      f"{measured.images_per_class:g} images per class < {FEW_PER_CLASS} and {distance}: too few "
+                      "images to re-train a stage for the new domain (measured: on 20-shot Fashion-MNIST a "
+                      "re-trained top stage did not beat the frozen features and cost 2-4x the time)")
     if small and distant:
-        stages = 1 if measured.images_per_class < 30 else 2
+        stages = 1 if measured.images_per_class < 75 else 2
         return Choice("partial", {"train_stages": stages, "augment_views": 4, "epochs": 15, "patience": 5, **imbalance},
                       "small + distant -> partial",
                       f"{size} and {distance}: the top stage(s) must adapt to the new domain, the rest is kept; "
