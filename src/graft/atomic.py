@@ -73,14 +73,6 @@ def atomic_dir(target: Path) -> Iterator[Path]:
             shutil.rmtree(temporary, ignore_errors=True)
 
 
-def append_line(target: Path, line: str) -> None:
-    """Append one whole line and flush it to disk (used for history.jsonl, one line per epoch)."""
-    with Path(target).open("a", encoding="utf-8") as handle:
-        handle.write(line.rstrip("\n") + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
 def _fsync_dir(folder: Path) -> None:
     with contextlib.suppress(OSError):
         fd = os.open(folder, os.O_RDONLY)

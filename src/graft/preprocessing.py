@@ -6,11 +6,9 @@ what it saw in training. Transforms are built by timm from it (`build_transforms
 
 from __future__ import annotations
 
-import warnings
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-import torch
 from torch import nn
 
 AugmentLevel = Literal["none", "light", "strong"]
@@ -45,21 +43,6 @@ class Preprocessing:
             crop_pct=float(data["crop_pct"]),
             crop_mode=str(data.get("crop_mode", "center")),
         )
-
-    def with_overrides(self, **overrides: Any) -> "Preprocessing":
-        """A copy with explicit overrides; warns, since the backbone was trained with the original."""
-        overrides = {k: v for k, v in overrides.items() if v is not None}
-        if not overrides:
-            return self
-        warnings.warn(
-            f"preprocessing overridden ({', '.join(f'{k}={v}' for k, v in overrides.items())}); "
-            "the backbone was pretrained with its own values, expect lower accuracy",
-            stacklevel=2,
-        )
-        if "input_size" in overrides and isinstance(overrides["input_size"], int):
-            size = int(overrides["input_size"])
-            overrides["input_size"] = (3, size, size)
-        return replace(self, **overrides)
 
 
 def resolve_preprocessing(model: nn.Module) -> Preprocessing:
@@ -108,10 +91,3 @@ def build_transforms(preprocessing: Preprocessing, *, augment: str = "none") -> 
     from graft.errors import ConfigError
 
     raise ConfigError(f"--augment: expected one of {', '.join(AUGMENT_LEVELS)}, got {augment!r}")
-
-
-def normalize_tensor(batch: torch.Tensor, preprocessing: Preprocessing) -> torch.Tensor:
-    """Normalise a float batch in [0, 1] (N, 3, H, W) with the backbone's mean and std."""
-    mean = torch.tensor(preprocessing.mean, dtype=batch.dtype, device=batch.device).view(1, 3, 1, 1)
-    std = torch.tensor(preprocessing.std, dtype=batch.dtype, device=batch.device).view(1, 3, 1, 1)
-    return (batch - mean) / std
