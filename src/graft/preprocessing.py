@@ -65,7 +65,7 @@ def build_transforms(preprocessing: Preprocessing, *, augment: str = "none") -> 
 
     Evaluation is timm's resize + center crop + normalise. `light` adds a random resized crop
     (scale 0.6–1) and horizontal flip; `strong` uses a wider crop range and timm's RandAugment
-    (`rand-m9-mstd0.5-inc1`, its standard ImageNet recipe) for tiny data. Augmentation is never applied at evaluation.
+    (`rand-m9-mstd0.5`; the "inc1" variant can ask Pillow for 0-bit posterize) for tiny data. Augmentation is never applied at evaluation.
     """
     from timm.data import create_transform
 
@@ -86,7 +86,7 @@ def build_transforms(preprocessing: Preprocessing, *, augment: str = "none") -> 
     if augment == "strong":
         return create_transform(
             is_training=True, scale=(0.35, 1.0), hflip=0.5, color_jitter=0.0,
-            auto_augment="rand-m9-mstd0.5-inc1", **common,
+            auto_augment="rand-m9-mstd0.5", **common,
         )
     from graft.errors import ConfigError
 
