@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, max_rss_mb, print_table, task_folder, write_results  # noqa: E402
+from common import max_rss_mb, print_table, task_folder, write_results  # noqa: E402
 
 
 def child(multiple: int) -> None:

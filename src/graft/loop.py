@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -56,6 +56,34 @@ def warmup_cosine(total_steps: int, warmup_steps: int, floor: float = 0.01) -> C
         return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return factor
+
+
+def warmup_cosine_schedule(
+    optimizer: torch.optim.Optimizer, *, epochs: int, steps_per_epoch: int, warmup_epochs: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """The per-step schedule every strategy uses; it scales each group's own rate alike."""
+    factor = warmup_cosine(epochs * steps_per_epoch, warmup_epochs * steps_per_epoch)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
+    """Backward, step, and advance the per-step schedule."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    scheduler.step()
+
+
+def view_batches(
+    views: torch.Tensor, labels: torch.Tensor, batch_size: int, generator: torch.Generator
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One epoch over cached inputs (views, N, ...): shuffled, each item from one random view."""
+    count = views.shape[1]
+    order = torch.randperm(count, generator=generator)
+    view_of = torch.randint(views.shape[0], (count,), generator=generator)
+    for start in range(0, count, batch_size):
+        index = order[start : start + batch_size]
+        yield views[view_of[index], index], labels[index]
 
 
 def fit(

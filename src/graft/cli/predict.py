@@ -27,7 +27,6 @@ def predict(
     ),
 ) -> None:
     """Predict the labels of images with a trained bundle."""
-    from graft.api import predict as predict_images
     from graft.bundle import load_bundle
     from graft.errors import ConfigError, ImageError
 

@@ -17,7 +17,7 @@ from graft.checkpoint import start_phase
 from graft.config import TrainConfig
 from graft.features import ExtractionStats, extract_features
 from graft.heads import make_head
-from graft.loop import evaluate_logits, fit, warmup_cosine
+from graft.loop import evaluate_logits, fit, optimizer_step, view_batches, warmup_cosine_schedule
 from graft.model import GraftModel
 from graft.numerics import intra_op_threads
 from graft.stages import Stage
@@ -39,7 +39,6 @@ class FeatureExtract:
         return rows
 
     def train(self, context: TrainContext) -> TrainOutcome:
-        config = context.config
         backbone = context.backbone
         freeze(backbone.model)
         stats = ExtractionStats()
@@ -113,13 +112,11 @@ def train_head(
     epochs = config.epochs or default_epochs
     lr = config.lr or default_lr
     patience = config.patience or default_patience
-    num_views, count, _ = train_views.shape
+    count = train_views.shape[1]
     batch_size = min(config.batch_size, count)
     steps_per_epoch = math.ceil(count / batch_size)
     optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(epochs * steps_per_epoch, config.warmup_epochs * steps_per_epoch)
-    )
+    scheduler = warmup_cosine_schedule(optimizer, epochs=epochs, steps_per_epoch=steps_per_epoch, warmup_epochs=config.warmup_epochs)
     weights = class_weights(train_labels, context.head_spec.num_classes, config.class_weighting)
     train_loss_fn = nn.CrossEntropyLoss(weight=weights, label_smoothing=config.label_smoothing)
     val_loss_fn = nn.CrossEntropyLoss()
@@ -127,20 +124,12 @@ def train_head(
 
     def train_epoch(epoch: int) -> tuple[float, float]:
         head.train()
-        order = torch.randperm(count, generator=generator)
-        view_of = torch.randint(num_views, (count,), generator=generator)
         total_loss, correct = 0.0, 0
-        for start in range(0, count, batch_size):
-            index = order[start : start + batch_size]
-            inputs = train_views[view_of[index], index]
-            targets = train_labels[index]
+        for inputs, targets in view_batches(train_views, train_labels, batch_size, generator):
             logits = head(inputs)
             loss = train_loss_fn(logits, targets)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            total_loss += loss.item() * len(index)
+            optimizer_step(loss, optimizer, scheduler)
+            total_loss += loss.item() * len(targets)
             correct += int((logits.argmax(1) == targets).sum())
         return total_loss / count, correct / count
 

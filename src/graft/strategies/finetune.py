@@ -30,7 +30,7 @@ from graft.config import TrainConfig
 from graft.errors import ConfigError
 from graft.heads import make_head
 from graft.images import load_image
-from graft.loop import evaluate_logits, fit, warmup_cosine
+from graft.loop import evaluate_logits, fit, optimizer_step, view_batches, warmup_cosine_schedule
 from graft.model import GraftModel
 from graft.numerics import autocast
 from graft.pipeline import EvalImages, default_batch_size
@@ -297,7 +297,7 @@ def train_on_cached_prefix(model: GraftModel, plan: StagePlan, context: TrainCon
     optimizer = torch.optim.AdamW(param_groups(model, context.stages, plan, config.weight_decay))
     count = len(train)
     steps_per_epoch = math.ceil(count / config.batch_size)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(epochs * steps_per_epoch, config.warmup_epochs * steps_per_epoch))
+    scheduler = warmup_cosine_schedule(optimizer, epochs=epochs, steps_per_epoch=steps_per_epoch, warmup_epochs=config.warmup_epochs)
     labels = torch.tensor(train.labels)
     weights = class_weights(labels, context.head_spec.num_classes, config.class_weighting)
     loss_fn = nn.CrossEntropyLoss(weight=weights, label_smoothing=config.label_smoothing)
@@ -306,21 +306,15 @@ def train_on_cached_prefix(model: GraftModel, plan: StagePlan, context: TrainCon
 
     def train_epoch(epoch: int) -> tuple[float, float]:
         apply_trainability(model, context.stages, plan.trainable_at(epoch), plan.train_bn)
-        order = torch.randperm(count, generator=generator)
-        view_of = torch.randint(len(train_views), (count,), generator=generator)
         total, correct = 0.0, 0
-        for start in range(0, count, config.batch_size):
-            index = order[start : start + config.batch_size]
-            inputs = stacked[view_of[index], index].to(device).contiguous(memory_format=torch.channels_last)
-            targets = labels[index].to(device)
+        for inputs, targets in view_batches(stacked, labels, config.batch_size, generator):
+            inputs = inputs.to(device).contiguous(memory_format=torch.channels_last)
+            targets = targets.to(device)
             with autocast(context.precision, device):
                 logits = trainable(inputs).float()
             loss = loss_fn(logits, targets)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            total += loss.item() * len(index)
+            optimizer_step(loss, optimizer, scheduler)
+            total += loss.item() * len(targets)
             correct += int((logits.argmax(1) == targets).sum())
         return total / count, correct / count
 
@@ -444,9 +438,7 @@ def train_on_images(
     model.to(device).to(memory_format=torch.channels_last)
     apply_trainability(model, stages, plan.trainable_at(0), plan.train_bn, plan.adapter_lr is not None)
     optimizer = torch.optim.AdamW(param_groups(model, stages, plan, config.weight_decay))
-    steps = epochs * len(train_loader)
-    warmup = config.warmup_epochs * len(train_loader)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps, warmup))
+    scheduler = warmup_cosine_schedule(optimizer, epochs=epochs, steps_per_epoch=len(train_loader), warmup_epochs=config.warmup_epochs)
     weights = class_weights(torch.tensor(train_set.labels), context.head_spec.num_classes, config.class_weighting)
     loss_fn = nn.CrossEntropyLoss(weight=weights.to(device) if weights is not None else None, label_smoothing=config.label_smoothing)
     val_loss_fn = nn.CrossEntropyLoss()
@@ -476,10 +468,7 @@ def train_on_images(
             with autocast(precision, device):
                 logits = network(images)
                 loss = loss_fn(logits.float(), labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
+            optimizer_step(loss, optimizer, scheduler)
             total += loss.item() * len(labels)
             correct += int((logits.argmax(1) == labels).sum())
             count += len(labels)
