@@ -51,11 +51,20 @@ def test_errors_are_one_clear_line(tmp_path):
     assert "nowhere" in result.stderr and "Traceback" not in result.stderr
     result = graft_cli("predict", tmp_path / "nobundle", tmp_path, check=False)
     assert result.returncode == 2 and "bundle" in result.stderr
+    # An unknown option is a usage error: one message naming it, no traceback.
+    result = graft_cli("train", tmp_path, "--bogus", "x", check=False)
+    assert result.returncode == 2
+    assert "No such option: --bogus" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_inspect_prints_stages(tmp_path):
     out = graft_cli("inspect", "efficientnet_lite0", "--strategy", "feature-extract").stdout
     assert "blocks.6+conv_head+bn2" in out and "mean (0.5, 0.5, 0.5)" in out and "eval" in out
+    # Strategy options reach the audit: the last two stages train, the third from last stays frozen.
+    out = graft_cli("inspect", "--strategy", "partial", "--train-stages", "2").stdout
+    rows = {line.split("│")[1].strip(): line for line in out.splitlines() if line.count("│") > 3}
+    assert "train" in rows["blocks.5"] and "train" in rows["blocks.6+conv_head+bn2"]
+    assert "eval" in rows["blocks.4"] and rows["blocks.4"].split("│")[2].strip() == "0"
     out = graft_cli("inspect", "resnet50", "--architecture-only").stdout
     assert "layer4" in out and "2048" in out
 

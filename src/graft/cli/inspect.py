@@ -17,6 +17,12 @@ def inspect(
     pretrained: bool = typer.Option(True, "--pretrained/--architecture-only", help="Load pretrained weights, or only build the architecture."),
     head: str = typer.Option("linear", help="Head used for the strategy audit."),
     num_classes: int = typer.Option(2, help="Number of classes for the strategy audit."),
+    lr: Optional[float] = typer.Option(None, help="Learning rate of the head (default: the strategy's)."),
+    train_stages: int = typer.Option(1, help="partial: how many of the last stages train."),
+    lr_decay: float = typer.Option(0.3, help="Discriminative rates: each earlier stage's lr is this times the next one's."),
+    thaw_every: int = typer.Option(1, help="gradual: epochs between two thaws."),
+    train_bn: bool = typer.Option(False, "--train-bn", help="Let BatchNorm affine parameters of frozen stages train."),
+    lora_rank: int = typer.Option(8, help="lora: rank of the adapters."),
 ) -> None:
     """Show a backbone's stages (name, parameters, output channels and stride) and preprocessing."""
     from rich.console import Console
@@ -25,7 +31,9 @@ def inspect(
     from graft.api import inspect as inspect_backbone
 
     found = inspect_backbone(name, pretrained=pretrained, weights=str(weights) if weights else None,
-                             strategy=strategy, num_classes=num_classes, head=head)
+                             strategy=strategy, num_classes=num_classes, head=head, lr=lr,
+                             train_stages=train_stages, lr_decay=lr_decay, thaw_every=thaw_every, train_bn=train_bn,
+                             lora_rank=lora_rank)
     console = Console(highlight=False)
     console.print(f"{found.architecture}: {found.total_params:,} parameters, {found.num_features} features; weights: {found.weights_source}")
     p = found.preprocessing

@@ -43,18 +43,28 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except SystemExit as exit_:
         return int(exit_.code or 0)
-    except Exception as error:  # click's usage errors
-        import click
-
-        if isinstance(error, click.exceptions.Exit):
-            return int(error.exit_code)
-        if isinstance(error, click.ClickException):
+    except Exception as error:  # usage errors of click, or of the click that newer typer vendors
+        if isinstance(error, (typer.Exit, _click_class("Exit"))):
+            return int(getattr(error, "exit_code", 0))
+        if isinstance(error, (typer.Abort, _click_class("Abort"))):
+            return 130
+        if isinstance(error, _usage_error_classes()):
             error.show()
             return 2
-        if isinstance(error, click.exceptions.Abort):
-            return 130
         raise
     return code if isinstance(code, int) else 0
+
+
+def _click_class(name: str) -> type:
+    import click
+
+    return getattr(click.exceptions, name)
+
+
+def _usage_error_classes() -> tuple[type, ...]:
+    """ClickException from click and, where typer vendors its own click (typer ≥ 0.2x), typer's."""
+    vendored = getattr(typer, "TyperException", None)
+    return (_click_class("ClickException"),) + ((vendored,) if vendored else ())
 
 
 if __name__ == "__main__":
