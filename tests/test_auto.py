@@ -36,12 +36,48 @@ def test_auto_measures_real_images_and_says_why(fashion_folder, tmp_path):
     assert 0.0 <= measured["probe_accuracy"] <= 1.0
     assert auto["chose"] == "feature-extract" and auto["rule"] == "few + distant -> feature-extract"
     assert auto["options"] == {"augment_views": 2}
-    # The measuring pass's training features are the ones feature-extract then reads from the cache.
-    assert run.metrics["strategy"] == "auto" and run.metrics["features_from_cache"] == 30
-    assert run.metrics["features_computed"] == 6 + 2 * 30
+    # Framing: a probe per view (the backbone's 0.875 crop, the whole frame), scored on validation.
+    framing = auto["framing"]
+    assert framing["center_crop"] == 0.875 and framing["images"] == [30, 6]
+    better = max(framing["center_accuracy"], framing["full_accuracy"])
+    expected_crop = 1.0 if framing["full_accuracy"] > framing["center_accuracy"] else 0.875
+    assert framing["crop_pct"] == expected_crop
+    assert {framing["center_accuracy"], framing["full_accuracy"]} >= {better}
+    # The bundle records the view the head was trained on, so predict sees what training saw.
+    assert graft.load_bundle(run.bundle_dir).preprocessing.crop_pct == expected_crop
+    # The measuring passes' features (training and validation) are the ones feature-extract reads
+    # from the cache; only the augmented views are new.
+    assert run.metrics["strategy"] == "auto" and run.metrics["features_from_cache"] == 30 + 6
+    assert run.metrics["features_computed"] == 2 * 30
+
+
+def test_an_explicit_crop_is_used_everywhere_and_not_measured(fashion_folder, holdout_folder, tmp_path):
+    import torch
+
+    from graft.backbones import load_backbone, with_crop
+    from graft.data import load_labelled_folder
+    from graft.features import extract_features
+
+    run = graft.train(fashion_folder, out=tmp_path / "crop", strategy="auto", epochs=2, crop_pct=1.0, verbose=False, cache_dir=str(tmp_path / "c"))
+    assert run.metrics["auto"]["framing"] == {}
+    bundle = graft.load_bundle(run.bundle_dir)
+    assert bundle.preprocessing.crop_pct == 1.0
+    # The bundle's predictions are its head on whole-frame features, not on center-cropped ones.
+    images = load_labelled_folder(holdout_folder)[0]
+    backbone = load_backbone()
+    logits = {}
+    for crop in (1.0, 0.875):
+        features = extract_features(with_crop(backbone, crop), images.paths, images.digests, cache=None, precision=bundle.precision)
+        with torch.no_grad():
+            logits[crop] = bundle.model.head(features)
+    scores = torch.tensor([p.score for p in bundle.predict(images.paths)])
+    whole, cropped = (logits[c].softmax(1).max(1).values for c in (1.0, 0.875))
+    assert (scores - whole).abs().max() < (scores - cropped).abs().max()
+    with pytest.raises(graft.ConfigError, match="--crop-pct"):
+        graft.train(fashion_folder, out=tmp_path / "bad", crop_pct=1.5, verbose=False)
 
 
 def test_auto_lets_explicit_options_win(fashion_folder, tmp_path):
     run = graft.train(fashion_folder, out=tmp_path / "auto2", strategy="auto", epochs=2, augment_views=1, verbose=False, cache_dir=str(tmp_path / "c"))
     assert run.metrics["auto"]["options"]["augment_views"] == 1  # the user's, not the rule's 2
-    assert run.metrics["features_computed"] == 6 + 30 and run.metrics["epochs_run"] <= 2
+    assert run.metrics["features_computed"] == 30 and run.metrics["epochs_run"] <= 2  # one augmented view

@@ -18,7 +18,7 @@ import torch
 
 from graft import distributed
 from graft.atomic import write_json, write_text
-from graft.backbones import DEFAULT_BACKBONE, load_backbone
+from graft.backbones import DEFAULT_BACKBONE, load_backbone, with_crop
 from graft.bundle import Bundle, Prediction, load_bundle, save_bundle
 from graft.config import TrainConfig
 from graft.console import QUIET, Reporter
@@ -87,6 +87,12 @@ def train_with_config(config: TrainConfig, *, reporter: Reporter = QUIET, resume
     )
     backbone = load_backbone(config.backbone, weights=config.weights, keep_classifier=config.strategy == "auto")
     reporter.say(f"backbone: {backbone.architecture}, weights from {backbone.weights_source}")
+    if config.crop_pct is not None and config.crop_pct != backbone.preprocessing.crop_pct:
+        reporter.warn(
+            f"--crop-pct {config.crop_pct:g} overrides the backbone's evaluation crop of {backbone.preprocessing.crop_pct:g} "
+            "(mean, std, size and interpolation stay the backbone's); the bundle records it"
+        )
+        backbone = with_crop(backbone, config.crop_pct)
     device = resolve_device(config.device)
     distributed.setup(device)  # joins torchrun's process group when there is one
     device = distributed.local_device(device)
@@ -142,7 +148,7 @@ def train_with_config(config: TrainConfig, *, reporter: Reporter = QUIET, resume
             "weights_id": backbone.weights_id,
         },
         "class_names": dataset.class_names,
-        "preprocessing": backbone.preprocessing.to_dict(),
+        "preprocessing": (outcome.preprocessing or backbone.preprocessing).to_dict(),
         "head": head_spec.to_dict(),
         "strategy": config.strategy,
         "precision": precision,

@@ -75,6 +75,17 @@ class Backbone:
     imagenet_classifier: nn.Module | None = field(default=None, repr=False)
 
 
+def with_crop(backbone: Backbone, crop_pct: float) -> Backbone:
+    """The same backbone seen through another evaluation crop (1.0: the whole frame).
+
+    Only the crop changes: mean, std, size and interpolation stay the pretrained config's. The
+    weights and the model object are shared, not copied.
+    """
+    import dataclasses
+
+    return dataclasses.replace(backbone, preprocessing=dataclasses.replace(backbone.preprocessing, crop_pct=crop_pct))
+
+
 def load_backbone(
     name: str = DEFAULT_BACKBONE,
     *,

@@ -46,6 +46,7 @@ class TrainConfig:
     thaw_every: int = 1  # gradual: epochs between two thaws
     train_bn: bool = False  # let BatchNorm affine parameters of frozen stages train (stats stay frozen)
     lora_rank: int = 8
+    crop_pct: float | None = None  # None: the backbone's own evaluation crop (auto may measure a full-frame view)
     precision: str = "auto"  # bf16 autocast where the hardware runs it natively, else fp32
     device: str = "auto"
     cache_dir: str | None = None  # None: graft's default cache folder
@@ -76,6 +77,8 @@ class TrainConfig:
             raise ConfigError(f"--label-smoothing: expected a number in [0, 1), got {self.label_smoothing}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"--dropout: expected a number in [0, 1), got {self.dropout}")
+        if self.crop_pct is not None and not 0.0 < self.crop_pct <= 1.0:
+            raise ConfigError(f"--crop-pct: expected a share of the image in (0, 1] (1 keeps the whole frame), got {self.crop_pct}")
         if self.augment_views is not None and self.augment_views < 0:
             raise ConfigError(f"--augment-views: expected 0 or more, got {self.augment_views}")
         if not 0.0 < self.lr_decay <= 1.0:

@@ -17,6 +17,7 @@ from graft.features import FeatureCache
 from graft.heads import HeadSpec
 from graft.loop import EpochRecord, FitResult
 from graft.model import GraftModel
+from graft.preprocessing import Preprocessing
 from graft.stages import Stage
 
 if TYPE_CHECKING:
@@ -50,6 +51,7 @@ class TrainOutcome:
     val_logits: torch.Tensor
     notes: dict[str, object] = field(default_factory=dict)
     adapters: dict[str, object] | None = None  # recorded in the bundle so that it reloads them
+    preprocessing: Preprocessing | None = None  # set when the strategy chose another view (auto's framing)
 
 
 @dataclass(frozen=True)
