@@ -37,7 +37,8 @@ def test_every_strategy_is_registered():
 
 def test_partial_trains_the_last_stages_only(fashion_folder, tmp_path, pretrained):
     state, stages = pretrained
-    run = graft.train(fashion_folder, out=tmp_path / "p", strategy="partial", train_stages=2, epochs=2, augment_views=1, verbose=False)
+    run = graft.train(fashion_folder, out=tmp_path / "p", strategy="partial", train_stages=2, epochs=2, augment_views=1,
+                      bn_stats="update", verbose=False)
     assert run.metrics["cached_prefix"] == "blocks.4"  # the frozen prefix ran once per image, cached
     moved = _moved(state, run.bundle_dir)
     for stage in stages[:-2]:
@@ -48,6 +49,20 @@ def test_partial_trains_the_last_stages_only(fashion_folder, tmp_path, pretraine
         assert any(moved[k] for k in weights), f"trainable stage {stage.name} did not move"
         running = [k for k in _stage_keys(stage, state) if "running_mean" in k]
         assert any(moved[k] for k in running), "BatchNorm of a trained stage keeps learning its statistics"
+
+
+def test_small_data_freezes_batchnorm_statistics_even_where_weights_train(fashion_folder, tmp_path, pretrained):
+    import json
+
+    state, stages = pretrained
+    # 10 images per class: --bn-stats auto resolves to frozen; the whole network trains.
+    run = graft.train(fashion_folder, out=tmp_path / "f", strategy="full", epochs=1, verbose=False)
+    assert json.loads((run.run_dir / "config.json").read_text())["resolved"]["bn_stats"] == "frozen"
+    moved = _moved(state, run.bundle_dir)
+    statistics = [k for k in state if "running_" in k or "num_batches" in k]
+    assert statistics and not any(moved[k] for k in statistics)
+    assert any(moved[k] for k in state if k.endswith("bn2.weight"))  # BN affine parameters still train
+    assert sum(moved[k] for k in state if k.endswith("conv_pw.weight")) > 10
 
 
 def test_train_bn_moves_only_affine_parameters_of_frozen_stages(fashion_folder, tmp_path, pretrained):

@@ -31,7 +31,7 @@ from graft.metrics import classification_metrics
 from graft.numerics import resolve_device, resolve_precision
 from graft.stages import Stage, discover_stages
 from graft.strategies import AuditRow, TrainContext, get_strategy
-from graft.strategies.base import count_params
+from graft.strategies.base import count_params, resolve_bn_stats
 
 
 @dataclass
@@ -100,6 +100,8 @@ def train_with_config(config: TrainConfig, *, reporter: Reporter = QUIET, resume
     if not main_rank:
         reporter = QUIET  # one voice, one set of files: rank 0's
     precision = resolve_precision(config.precision, device)
+    config_as_given = config
+    config = config.replace(bn_stats=resolve_bn_stats(config.bn_stats, dataset.train.images_per_class()))
     stages = discover_stages(backbone.model)
     head_spec = HeadSpec(config.head, backbone.num_features, len(dataset.class_names), config.hidden, config.dropout)
     audit = strategy.audit(backbone.model, stages, make_head(head_spec), config)
@@ -108,7 +110,8 @@ def train_with_config(config: TrainConfig, *, reporter: Reporter = QUIET, resume
     cache_root = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
     cache = FeatureCache(cache_root, backbone_key(backbone, backbone.preprocessing, precision))
     if main_rank:
-        write_json(run_dir / "config.json", {**config.to_dict(), "resolved": {"device": str(device), "precision": precision}})
+        resolved = {"device": str(device), "precision": precision, "bn_stats": config.bn_stats}
+        write_json(run_dir / "config.json", {**config_as_given.to_dict(), "resolved": resolved})
         write_json(run_dir / "split.json", dataset.split_record())
     history_path = run_dir / "history.jsonl"
 

@@ -14,6 +14,7 @@ from graft.numerics import PRECISIONS
 from graft.preprocessing import AUGMENT_LEVELS
 
 CLASS_WEIGHTINGS = ("none", "balanced")
+BN_STATS = ("auto", "frozen", "update")
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class TrainConfig:
     lr_decay: float = 0.3  # discriminative rates: each earlier stage's lr is this times the next one's
     thaw_every: int = 1  # gradual: epochs between two thaws
     train_bn: bool = False  # let BatchNorm affine parameters of frozen stages train (stats stay frozen)
+    bn_stats: str = "auto"  # BatchNorm statistics of trainable stages: frozen, update, or auto (by data size)
     lora_rank: int = 8
     crop_pct: float | None = None  # None: the backbone's own evaluation crop (auto may measure a full-frame view)
     precision: str = "auto"  # bf16 autocast where the hardware runs it natively, else fp32
@@ -60,6 +62,7 @@ class TrainConfig:
             ("--augment", self.augment, AUGMENT_LEVELS),
             ("--precision", self.precision, PRECISIONS),
             ("--class-weighting", self.class_weighting, CLASS_WEIGHTINGS),
+            ("--bn-stats", self.bn_stats, BN_STATS),
             ("--on-bad-image", self.on_bad_image, ("error", "skip")),
         ]
         for option, value, choices in checks:

@@ -48,6 +48,13 @@ class LabelledImages:
         counter = Counter(self.labels)
         return {name: counter.get(i, 0) for i, name in enumerate(self.class_names)}
 
+    def images_per_class(self) -> float:
+        """The median number of images over the classes that have any (0 when there are none)."""
+        import statistics
+
+        present = [n for n in self.counts().values() if n]
+        return float(statistics.median(present)) if present else 0.0
+
 
 @dataclass
 class Dataset:

@@ -23,6 +23,7 @@ def inspect(
     thaw_every: int = typer.Option(1, help="gradual: epochs between two thaws."),
     train_bn: bool = typer.Option(False, "--train-bn", help="Let BatchNorm affine parameters of frozen stages train."),
     lora_rank: int = typer.Option(8, help="lora: rank of the adapters."),
+    bn_stats: str = typer.Option("auto", help="BatchNorm statistics in the stages that train: frozen, update, or auto (frozen below 100 images per class)."),
 ) -> None:
     """Show a backbone's stages (name, parameters, output channels and stride) and preprocessing."""
     from rich.console import Console
@@ -33,7 +34,7 @@ def inspect(
     found = inspect_backbone(name, pretrained=pretrained, weights=str(weights) if weights else None,
                              strategy=strategy, num_classes=num_classes, head=head, lr=lr,
                              train_stages=train_stages, lr_decay=lr_decay, thaw_every=thaw_every, train_bn=train_bn,
-                             lora_rank=lora_rank)
+                             lora_rank=lora_rank, bn_stats=bn_stats)
     console = Console(highlight=False)
     console.print(f"{found.architecture}: {found.total_params:,} parameters, {found.num_features} features; weights: {found.weights_source}")
     p = found.preprocessing

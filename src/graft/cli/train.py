@@ -36,6 +36,7 @@ def train(
     thaw_every: int = typer.Option(1, help="gradual: epochs between two thaws."),
     train_bn: bool = typer.Option(False, "--train-bn", help="Let BatchNorm affine parameters of frozen stages train (statistics stay frozen)."),
     lora_rank: int = typer.Option(8, help="lora: rank of the adapters."),
+    bn_stats: str = typer.Option("auto", help="BatchNorm statistics in the stages that train: frozen, update, or auto (frozen below 100 images per class)."),
     crop_pct: Optional[float] = typer.Option(None, help="Evaluation crop as a share of the image (1 = whole frame); default: the backbone's own (auto measures both)."),
     class_weighting: str = typer.Option("none", help="none or balanced (inverse class frequency)."),
     precision: str = typer.Option("auto", help="auto (bf16 where the hardware runs it natively, else fp32), fp32 or bf16."),
@@ -55,7 +56,7 @@ def train(
         batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
         label_smoothing=label_smoothing, patience=patience, seed=seed, val_fraction=val_fraction,
         on_bad_image=on_bad_image, augment=augment, augment_views=augment_views,
-        train_stages=train_stages, lr_decay=lr_decay, thaw_every=thaw_every, train_bn=train_bn, lora_rank=lora_rank,
+        train_stages=train_stages, lr_decay=lr_decay, thaw_every=thaw_every, train_bn=train_bn, lora_rank=lora_rank, bn_stats=bn_stats,
         class_weighting=class_weighting, crop_pct=crop_pct, precision=precision, device=device,
         cache_dir=str(cache_dir) if cache_dir else None,
     )

@@ -25,7 +25,6 @@ in `choose`; `docs/strategies.md` has the measurements it was checked against.
 
 from __future__ import annotations
 
-import statistics
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -215,7 +214,7 @@ def measure(context: TrainContext) -> Measurements:
             confidence = float(classifier(features).softmax(dim=1).max(dim=1).values.mean())
     return Measurements(
         num_classes=len(counts),
-        images_per_class=float(statistics.median(counts)),
+        images_per_class=train.images_per_class(),
         imbalance=max(counts) / min(counts),
         imagenet_confidence=confidence,
         probe_accuracy=_probe_accuracy(features, train.labels, context.config.seed),

@@ -78,6 +78,20 @@ class Strategy(Protocol):
         ...
 
 
+# Below this many training images per class (median), BatchNorm statistics stay frozen even in the
+# stages that train. Measured on 20-shot Fashion-MNIST (lp-ft, whole network trainable): batch
+# statistics of 32 augmented crops, and running averages that drift toward them, cost 10 points
+# of validation accuracy (0.70 with statistics updated, 0.80 with them frozen).
+BN_STATS_FROZEN_BELOW = 100
+
+
+def resolve_bn_stats(bn_stats: str, images_per_class: float) -> str:
+    """`--bn-stats auto` → "frozen" for small data, "update" (timm's usual fine-tuning) otherwise."""
+    if bn_stats != "auto":
+        return bn_stats
+    return "frozen" if images_per_class < BN_STATS_FROZEN_BELOW else "update"
+
+
 def has_batchnorm(backbone: nn.Module, stage: Stage) -> bool:
     modules = dict(backbone.named_modules())
     for name in stage.module_names:

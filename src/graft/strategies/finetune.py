@@ -54,6 +54,7 @@ class StagePlan:
     head_lr: float
     train_bn: bool = False
     adapter_lr: float | None = None  # LoRA: adapters train at this rate, their base layers frozen
+    bn_stats: str = "update"  # BatchNorm of trainable stages: "update" (train mode) or "frozen" (eval mode)
     notes: dict[str, object] = field(default_factory=dict)
 
     def trainable_at(self, epoch: int) -> list[bool]:
@@ -71,14 +72,21 @@ class FineTune:
     def plan(self, stages: list[Stage], config: TrainConfig) -> StagePlan:
         raise NotImplementedError
 
-    def audit(self, backbone: nn.Module, stages: list[Stage], head: nn.Module, config: TrainConfig) -> list[AuditRow]:
+    def full_plan(self, stages: list[Stage], config: TrainConfig) -> StagePlan:
+        """The strategy's plan with the run's BatchNorm statistics policy (`--bn-stats`)."""
         plan = self.plan(stages, config)
+        plan.bn_stats = config.bn_stats
+        return plan
+
+    def audit(self, backbone: nn.Module, stages: list[Stage], head: nn.Module, config: TrainConfig) -> list[AuditRow]:
+        plan = self.full_plan(stages, config)
         final = plan.trainable_at(10**9)
         rows = []
         for stage, trains, lr, thaw in zip(stages, final, plan.stage_lrs, plan.thaw_epoch):
             bn = "-"
             if has_batchnorm(backbone, stage):
-                bn = "train" if trains else "eval"
+                # "auto" is only left unresolved where no data was seen (graft inspect).
+                bn = {"update": "train", "frozen": "eval", "auto": "auto"}[plan.bn_stats] if trains else "eval"
             trainable = stage.num_params if trains else (_bn_affine_count(backbone, stage) if plan.train_bn else 0)
             label = stage.name if not thaw else f"{stage.name} (from epoch {thaw + 1})"
             rows.append(AuditRow(label, trainable, stage.num_params, lr if trains or plan.train_bn else None, bn))
@@ -88,7 +96,7 @@ class FineTune:
 
     def train(self, context: TrainContext) -> TrainOutcome:
         config = context.config
-        plan = self.plan(context.stages, config)
+        plan = self.full_plan(context.stages, config)
         head = self.initial_head(context)
         model = GraftModel(context.backbone.model, head)
         epochs = config.epochs or self.default_epochs
@@ -224,7 +232,7 @@ class Lora(FineTune):
         model = GraftModel(context.backbone.model, self.initial_head(context))
         spec = apply_lora(model, rank=config.lora_rank, alpha=float(config.lora_rank), target_modules=lora_targets(model.backbone))
         stages = discover_stages(model.backbone)  # parameter names changed: base_layer, lora_A, lora_B
-        plan = self.plan(stages, config)
+        plan = self.full_plan(stages, config)
         outcome = train_on_images(model, plan, context, epochs=config.epochs or self.default_epochs,
                                   patience=config.patience or self.default_patience, notes=plan.notes, stages=stages)
         outcome.adapters = spec
@@ -293,7 +301,7 @@ def train_on_cached_prefix(model: GraftModel, plan: StagePlan, context: TrainCon
         f"(up to {prefix.names[-1]}; {stats.computed} computed, {stats.from_cache} from the cache, {views} augmented views)"
     )
     trainable = nn.Sequential(suffix, model.head).to(device)
-    apply_trainability(model, context.stages, plan.trainable_at(0), plan.train_bn)
+    apply_trainability(model, context.stages, plan.trainable_at(0), plan)
     optimizer = torch.optim.AdamW(param_groups(model, context.stages, plan, config.weight_decay))
     count = len(train)
     steps_per_epoch = math.ceil(count / config.batch_size)
@@ -305,7 +313,7 @@ def train_on_cached_prefix(model: GraftModel, plan: StagePlan, context: TrainCon
     generator = torch.Generator().manual_seed(config.seed)
 
     def train_epoch(epoch: int) -> tuple[float, float]:
-        apply_trainability(model, context.stages, plan.trainable_at(epoch), plan.train_bn)
+        apply_trainability(model, context.stages, plan.trainable_at(epoch), plan)
         total, correct = 0.0, 0
         for inputs, targets in view_batches(stacked, labels, config.batch_size, generator):
             inputs = inputs.to(device).contiguous(memory_format=torch.channels_last)
@@ -367,23 +375,25 @@ class LabelledImageFiles(Dataset):
         return self.transform(load_image(self.paths[index])), self.labels[index]
 
 
-def apply_trainability(model: GraftModel, stages: list[Stage], trainable: list[bool], train_bn: bool, adapters: bool = False) -> None:
-    """Set requires_grad per stage and put the BatchNorm layers of frozen stages in eval mode."""
+def apply_trainability(model: GraftModel, stages: list[Stage], trainable: list[bool], plan: StagePlan) -> None:
+    """Set requires_grad per stage; BatchNorm of frozen stages (and of every stage when the plan
+    freezes BN statistics) runs in eval mode, so its running statistics never move."""
     from graft.lora import is_adapter_parameter
 
+    adapters = plan.adapter_lr is not None
     modules = dict(model.backbone.named_modules())
     params = dict(model.backbone.named_parameters())
     model.train()
     for stage, trains in zip(stages, trainable):
         for name in stage.param_names:
             params[name].requires_grad_(trains or (adapters and is_adapter_parameter(name)))
-        if trains:
+        if trains and plan.bn_stats != "frozen":
             continue
         for module_name in stage.module_names:
             for sub in modules[module_name].modules():
                 if isinstance(sub, nn.modules.batchnorm._BatchNorm):
                     sub.eval()  # statistics frozen, whatever model.train() said
-                    if train_bn and sub.affine:
+                    if not trains and plan.train_bn and sub.affine:
                         sub.weight.requires_grad_(True)
                         sub.bias.requires_grad_(True)
     for parameter in model.head.parameters():
@@ -436,7 +446,7 @@ def train_on_images(
     val_loader = EvalImages([val_set.paths[i] for i in val_local], [val_set.digests[i] for i in val_local], context.backbone.preprocessing,
                             batch_size=max(default_batch_size(device), config.batch_size), pin_memory=device.type == "cuda")
     model.to(device).to(memory_format=torch.channels_last)
-    apply_trainability(model, stages, plan.trainable_at(0), plan.train_bn, plan.adapter_lr is not None)
+    apply_trainability(model, stages, plan.trainable_at(0), plan)
     optimizer = torch.optim.AdamW(param_groups(model, stages, plan, config.weight_decay))
     scheduler = warmup_cosine_schedule(optimizer, epochs=epochs, steps_per_epoch=len(train_loader), warmup_epochs=config.warmup_epochs)
     weights = class_weights(torch.tensor(train_set.labels), context.head_spec.num_classes, config.class_weighting)
@@ -451,7 +461,7 @@ def train_on_images(
         wanted = plan.trainable_at(epoch)
         thawed = [stages[i].name for i, (now, was) in enumerate(zip(wanted, current)) if now and not was]
         current = wanted
-        apply_trainability(model, stages, wanted, plan.train_bn, plan.adapter_lr is not None)
+        apply_trainability(model, stages, wanted, plan)
         if sampler is not None:
             sampler.set_epoch(epoch)
         if thawed:
@@ -488,7 +498,7 @@ def train_on_images(
             with autocast(precision, device):
                 outputs.append(model(images).float().cpu())
         if was_training:
-            apply_trainability(model, stages, current, plan.train_bn, plan.adapter_lr is not None)
+            apply_trainability(model, stages, current, plan)
         local = torch.cat(outputs) if outputs else torch.empty(0, context.head_spec.num_classes)
         if not distributed.active():
             return local
@@ -498,7 +508,7 @@ def train_on_images(
     checkpoint = start_phase(context, "finetune", model=model, optimizer=optimizer, scheduler=scheduler, generators={"batches": generator})
     if "trainable_stages" in checkpoint.extra:
         current = [bool(t) for t in checkpoint.extra["trainable_stages"]]  # the thaw stage reached
-        apply_trainability(model, stages, current, plan.train_bn, plan.adapter_lr is not None)
+        apply_trainability(model, stages, current, plan)
     with context.reporter.progress(f"{config.strategy} epochs", epochs) as advance:
         advance(checkpoint.start_epoch)
 
