@@ -23,13 +23,14 @@ from common import RESULTS, max_rss_mb, print_table, task_folder, write_results 
 import graft  # noqa: E402
 
 ALL_STRATEGIES = ["feature-extract", "partial", "lp-ft", "gradual", "discriminative", "full", "lora", "auto"]
-ALL_PEERS = ["probe", "textbook-frozen", "textbook-full", "fastai"]
+ALL_PEERS = ["probe", "probe-whole-frame", "textbook-frozen", "textbook-full", "fastai"]
 COLUMNS = ["method", "test_accuracy", "val_accuracy", "seconds", "trainable_params", "note"]
 
 
 def run_graft(root: Path, strategy: str, epochs: int | None, cache: Path, options: dict) -> dict:
     started = time.perf_counter()
-    run = graft.train(root, out=RESULTS / "runs" / f"{root.name}-{strategy}", strategy=strategy, epochs=epochs,
+    options = {"epochs": epochs, **options}  # an --set epochs=N wins over --epochs
+    run = graft.train(root, out=RESULTS / "runs" / f"{root.name}-{strategy}", strategy=strategy,
                       cache_dir=str(cache), verbose=False, **options)
     seconds = time.perf_counter() - started
     test = graft.evaluate(run.bundle_dir, root / "test")
@@ -39,20 +40,28 @@ def run_graft(root: Path, strategy: str, epochs: int | None, cache: Path, option
             "epochs_run": run.metrics["epochs_run"]}
 
 
-def run_probe(root: Path, cache: Path) -> dict:
+def run_probe(root: Path, cache: Path, crop_pct: float | None = None) -> dict:
+    """The reference of benchmarks.md: LogisticRegression on the frozen pooled features (fp32).
+
+    `crop_pct=None` uses the backbone's own evaluation crop (the reference); 1.0 the whole frame,
+    the view auto measures as well, so that graft's gain can be split into view and training.
+    """
     from sklearn.linear_model import LogisticRegression
 
-    from graft.backbones import load_backbone
+    from graft.backbones import load_backbone, with_crop
     from graft.data import load_labelled_folder
     from graft.features import FeatureCache, backbone_key, extract_features
 
     backbone = load_backbone()
+    if crop_pct is not None:
+        backbone = with_crop(backbone, crop_pct)
     store = FeatureCache(cache, backbone_key(backbone, backbone.preprocessing, "fp32"))
     started = time.perf_counter()
     sets = {name: load_labelled_folder(root / name)[0] for name in ("train", "valid", "test")}
     features = {name: extract_features(backbone, s.paths, s.digests, cache=store).numpy() for name, s in sets.items()}
     probe = LogisticRegression(max_iter=1000).fit(features["train"], sets["train"].labels)
-    return {"method": "sklearn probe (LogisticRegression)", "test_accuracy": probe.score(features["test"], sets["test"].labels),
+    view = "backbone's crop" if crop_pct is None else f"crop {crop_pct:g}"
+    return {"method": f"sklearn probe (LogisticRegression, {view})", "test_accuracy": probe.score(features["test"], sets["test"].labels),
             "val_accuracy": probe.score(features["valid"], sets["valid"].labels), "seconds": time.perf_counter() - started,
             "trainable_params": probe.coef_.size + probe.intercept_.size, "note": "extraction of train+valid+test included"}
 
@@ -64,7 +73,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None, help="epochs for every graft strategy (default: each one's own)")
     parser.add_argument("--strategies", nargs="*", default=ALL_STRATEGIES)
     parser.add_argument("--peers", nargs="*", default=ALL_PEERS)
-    parser.add_argument("--set", nargs="*", default=[], metavar="OPTION=VALUE", help="extra graft options, e.g. train_stages=3")
+    parser.add_argument("--set", nargs="*", default=[], metavar="OPTION=VALUE", help="extra graft options for every strategy, e.g. crop_pct=1.0")
+    parser.add_argument("--set-for", nargs="*", default=[], metavar="STRATEGY:OPTION=VALUE", help="an option for one strategy, e.g. lp-ft:augment=strong")
     args = parser.parse_args()
     torch.set_num_threads(2)
     import peers
@@ -83,13 +93,19 @@ def main() -> None:
 
     for strategy in args.strategies:
         # A fresh cache per strategy: every row pays for its own backbone passes.
-        options = {"seed": args.seed, **{k: _value(v) for k, v in (item.split("=", 1) for item in args.set)}}
+        own = [item.split(":", 1)[1] for item in args.set_for if item.split(":", 1)[0] == strategy]
+        options = {"seed": args.seed, **{k: _value(v) for k, v in (item.split("=", 1) for item in args.set + own)}}
+        if strategy == "auto":  # auto measures the framing itself; a given crop would skip that
+            options.pop("crop_pct", None)
         row = run_graft(root, strategy, args.epochs, Path(tempfile.mkdtemp(prefix="graft-bench-")), options)
-        if args.set:
-            row["method"] += " (" + ", ".join(args.set) + ")"
+        shown = args.set + own if strategy != "auto" else [o for o in args.set if not o.startswith("crop_pct=")]
+        if shown:
+            row["method"] += " (" + ", ".join(shown) + ")"
         record(row, strategy)
     if "probe" in args.peers:
         record(run_probe(root, Path(tempfile.mkdtemp(prefix="graft-bench-"))), "probe")
+    if "probe-whole-frame" in args.peers:
+        record(run_probe(root, Path(tempfile.mkdtemp(prefix="graft-bench-")), crop_pct=1.0), "probe")
     if "textbook-frozen" in args.peers:
         record({"method": "textbook frozen loop, 5 epochs (BN in train mode)", **peers.textbook(root, full=False)}, "")
     if "textbook-full" in args.peers:

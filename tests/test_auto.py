@@ -31,6 +31,7 @@ def test_auto_measures_real_images_and_says_why(fashion_folder, tmp_path):
     auto = run.metrics["auto"]
     measured = auto["measured"]
     assert measured["images_per_class"] == 10 and measured["num_classes"] == 3
+    assert measured["image_side"] == 28  # Fashion-MNIST's 28x28 thumbnails
     # Grayscale product thumbnails are far from ImageNet's photos: the pretrained head is unsure.
     assert measured["imagenet_confidence"] < DISTANT_CONFIDENCE
     assert 0.0 <= measured["probe_accuracy"] <= 1.0

@@ -70,3 +70,36 @@ def test_bf16_few_shot_head_agrees_with_fp32(lite0, fashion_folder: Path) -> Non
     accuracy32 = float((p32 == labels).float().mean())
     accuracy16 = float((p16 == labels).float().mean())
     assert abs(accuracy32 - accuracy16) <= max(BF16_TOLERANCE["fewshot_accuracy_diff"], 1 / len(labels))
+
+
+def test_compile_is_chosen_from_the_measured_break_even() -> None:
+    from graft.errors import ConfigError
+    from graft.numerics import COMPILE_BREAK_EVEN_IMAGES, should_compile
+
+    cpu = torch.device("cpu")
+    assert not should_compile("auto", COMPILE_BREAK_EVEN_IMAGES - 1, cpu)
+    assert should_compile("auto", COMPILE_BREAK_EVEN_IMAGES, cpu)
+    assert not should_compile("auto", 10**6, torch.device("cuda"))  # not measured there: stays eager
+    assert should_compile("on", 1, cpu) and not should_compile("off", 10**6, cpu)
+    with pytest.raises(ConfigError, match="--compile"):
+        should_compile("always", 1, cpu)
+
+
+def test_a_compiled_backbone_gives_the_eager_features(fashion_folder: Path, tmp_path: Path) -> None:
+    """`--compile on` really runs compiled code, and its cached features match eager ones."""
+    import graft
+    from graft.backbones import load_backbone
+    from graft.data import load_labelled_folder
+    from graft.features import FeatureCache, backbone_key
+
+    run = graft.train(fashion_folder, out=tmp_path / "run", compile="on", epochs=2, verbose=False, cache_dir=str(tmp_path / "cache"))
+    assert run.metrics["backbone_compiled"] is True
+    precision = run.metrics.get("precision") or __import__("json").loads((run.run_dir / "config.json").read_text())["resolved"]["precision"]
+    train = load_labelled_folder(fashion_folder)[0]
+    backbone = load_backbone()
+    stored = FeatureCache(tmp_path / "cache", backbone_key(backbone, backbone.preprocessing, precision)).get(train.digests)
+    assert len(stored) == len(train)  # what the compiled run computed and cached
+    compiled = torch.stack([stored[d] for d in train.digests])
+    eager = extract_features(backbone, train.paths, train.digests, cache=None, precision=precision)
+    error = ((compiled - eager).norm(dim=1) / eager.norm(dim=1)).max().item()
+    assert error < BF16_TOLERANCE["feature_relative_error"]

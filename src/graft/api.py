@@ -28,7 +28,7 @@ from graft.features import FeatureCache, backbone_key, default_cache_dir
 from graft.heads import HeadSpec, make_head
 from graft.loop import EpochRecord, seed_everything
 from graft.metrics import classification_metrics
-from graft.numerics import resolve_device, resolve_precision
+from graft.numerics import resolve_device, resolve_precision, should_compile
 from graft.stages import Stage, discover_stages
 from graft.strategies import AuditRow, TrainContext, get_strategy
 from graft.strategies.base import count_params, resolve_bn_stats
@@ -100,6 +100,9 @@ def train_with_config(config: TrainConfig, *, reporter: Reporter = QUIET, resume
     if not main_rank:
         reporter = QUIET  # one voice, one set of files: rank 0's
     precision = resolve_precision(config.precision, device)
+    compile_backbone = should_compile(config.compile, len(dataset.train) + len(dataset.val), device)
+    if compile_backbone:
+        reporter.say(f"compiling the frozen backbone's forward (--compile {config.compile}; {len(dataset.train) + len(dataset.val)} images)")
     config_as_given = config
     config = config.replace(bn_stats=resolve_bn_stats(config.bn_stats, dataset.train.images_per_class()))
     stages = discover_stages(backbone.model)
@@ -110,7 +113,7 @@ def train_with_config(config: TrainConfig, *, reporter: Reporter = QUIET, resume
     cache_root = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
     cache = FeatureCache(cache_root, backbone_key(backbone, backbone.preprocessing, precision))
     if main_rank:
-        resolved = {"device": str(device), "precision": precision, "bn_stats": config.bn_stats}
+        resolved = {"device": str(device), "precision": precision, "bn_stats": config.bn_stats, "compile": compile_backbone}
         write_json(run_dir / "config.json", {**config_as_given.to_dict(), "resolved": resolved})
         write_json(run_dir / "split.json", dataset.split_record())
     history_path = run_dir / "history.jsonl"
@@ -122,7 +125,7 @@ def train_with_config(config: TrainConfig, *, reporter: Reporter = QUIET, resume
     context = TrainContext(
         config=config, dataset=dataset, backbone=backbone, stages=stages, head_spec=head_spec,
         device=device, precision=precision, cache=cache, reporter=reporter, on_epoch=record_history,
-        checkpoint=checkpoints,
+        checkpoint=checkpoints, compile_backbone=compile_backbone,
     )
     outcome = strategy.train(context)
     train_seconds = time.perf_counter() - started

@@ -319,7 +319,7 @@ def _numpy_state() -> list[Any]:
 # --- resuming a run -------------------------------------------------------------------------------
 
 # Settings that do not change what a run computes: they may differ between a run and its resume.
-RESULT_NEUTRAL_OPTIONS = frozenset({"out", "cache_dir"})
+RESULT_NEUTRAL_OPTIONS = frozenset({"out", "cache_dir", "compile"})
 _TEMPORARY_NAME = re.compile(r"^\.[^/]+\.[0-9a-f]{8}\.(tmp|old)$")
 
 

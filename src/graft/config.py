@@ -10,7 +10,7 @@ from typing import Any
 from graft.backbones import DEFAULT_BACKBONE
 from graft.errors import ConfigError
 from graft.heads import HEAD_KINDS
-from graft.numerics import PRECISIONS
+from graft.numerics import COMPILE_SETTINGS, PRECISIONS
 from graft.preprocessing import AUGMENT_LEVELS
 
 CLASS_WEIGHTINGS = ("none", "balanced")
@@ -51,6 +51,7 @@ class TrainConfig:
     crop_pct: float | None = None  # None: the backbone's own evaluation crop (auto may measure a full-frame view)
     precision: str = "auto"  # bf16 autocast where the hardware runs it natively, else fp32
     device: str = "auto"
+    compile: str = "auto"  # torch.compile the frozen backbone: on, off, or auto (from the measured break-even)
     cache_dir: str | None = None  # None: graft's default cache folder
 
     def __post_init__(self) -> None:
@@ -61,6 +62,7 @@ class TrainConfig:
             ("--head", self.head, HEAD_KINDS),
             ("--augment", self.augment, AUGMENT_LEVELS),
             ("--precision", self.precision, PRECISIONS),
+            ("--compile", self.compile, COMPILE_SETTINGS),
             ("--class-weighting", self.class_weighting, CLASS_WEIGHTINGS),
             ("--bn-stats", self.bn_stats, BN_STATS),
             ("--on-bad-image", self.on_bad_image, ("error", "skip")),

@@ -16,6 +16,7 @@ import json
 import os
 import random
 import uuid
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -136,6 +137,7 @@ class ImageFiles(Dataset):
 class ExtractionStats:
     computed: int = 0
     from_cache: int = 0
+    compiled: bool = False  # the batches ran through torch.compile'd code
 
 
 def extract_features(
@@ -154,6 +156,7 @@ def extract_features(
     progress: Callable[[int], None] | None = None,
     stats: ExtractionStats | None = None,
     model: nn.Module | None = None,
+    compile: bool = False,
 ) -> torch.Tensor:
     """Pooled features (N, D) of the images, from the cache where present, else computed.
 
@@ -161,6 +164,7 @@ def extract_features(
     view). `progress(n)` is called with the number of images done after each batch.
     Images are decoded one batch ahead in a background thread (`num_workers=None` or 0) or in that
     many worker processes; `batch_size=None` picks one for the device (`default_batch_size`).
+    `compile=True` runs the batches through `torch.compile` (see `numerics.should_compile`).
     """
     device = device or torch.device("cpu")
     keys = [item_key(d, augment, view, seed) for d in digests]
@@ -191,7 +195,11 @@ def extract_features(
             workers=num_workers or 0,
             pin_memory=device.type == "cuda",
         )
-        outputs = forward_batches(model if model is not None else backbone.model, loader, precision=precision, device=device, progress=progress)
+        outputs = forward_batches(model if model is not None else backbone.model, loader, precision=precision, device=device,
+                                  progress=progress, compile=compile)
+        if stats is not None and compile:
+            used = _COMPILED.get(model if model is not None else backbone.model)
+            stats.compiled = stats.compiled or (used is not None and used.batch_size is not None)
         for position, index in enumerate(mine):
             computed[keys[index]] = outputs[position]
         computed = distributed.gather_shards(computed)
@@ -209,22 +217,58 @@ def forward_batches(
     precision: str,
     device: torch.device,
     progress: Callable[[int], None] | None = None,
+    compile: bool = False,
 ) -> torch.Tensor:
-    """Run `model` in eval mode over the batches; float32 outputs stacked on the CPU."""
+    """Run `model` in eval mode over the batches; float32 outputs stacked on the CPU.
+
+    With `compile=True` batches go through `torch.compile(model)`, compiled once per model for the
+    first batch size seen and kept; a batch of another size (a last, partial one) runs eagerly
+    rather than paying for a second compilation. If compiling fails (no C++ compiler, an
+    unsupported op) a warning says so and the run goes on eagerly.
+    """
     # Moving the weights must happen outside inference mode, or they become inference tensors
     # that can never train again (the same backbone may be fine-tuned after extraction).
     model.eval().to(device)
     model.to(memory_format=torch.channels_last)
+    compiled = _compiled(model) if compile else None
     outputs = []
     with torch.inference_mode():
         for batch in batches:
             batch = batch.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             with autocast(precision, device):
-                out = model(batch)
+                if compiled is not None and compiled.batch_size in (None, len(batch)):
+                    try:
+                        out = compiled.module(batch)
+                        compiled.batch_size = len(batch)
+                    except Exception as error:  # compiling is an optimisation: never fail the run for it
+                        import warnings
+
+                        warnings.warn(f"torch.compile failed ({type(error).__name__}: {error}); running eagerly instead", stacklevel=2)
+                        _COMPILED[model] = compiled = None
+                        out = model(batch)
+                else:
+                    out = model(batch)
             outputs.append(out.float().cpu())
             if progress:
                 progress(len(batch))
     return torch.cat(outputs) if outputs else torch.empty(0)
+
+
+@dataclass
+class _Compiled:
+    module: nn.Module
+    batch_size: int | None = None  # the batch size it was compiled for, once it ran
+
+
+# One compiled wrapper per model, so a run's several extraction passes compile only once
+# (None: compiling failed for this model, stay eager).
+_COMPILED: "weakref.WeakKeyDictionary[nn.Module, _Compiled | None]" = weakref.WeakKeyDictionary()
+
+
+def _compiled(model: nn.Module) -> _Compiled | None:
+    if model not in _COMPILED:
+        _COMPILED[model] = _Compiled(torch.compile(model))
+    return _COMPILED[model]
 
 
 def item_key(digest: str, augment: str, view: int, seed: int) -> str:

@@ -2,7 +2,8 @@
 
 What it measures (cheap: one pass of the frozen backbone over the training images, whose pooled
 features land in the feature cache that `feature-extract` reuses):
-- images per class (median), number of classes, imbalance (largest / smallest class);
+- images per class (median), number of classes, imbalance (largest / smallest class), image size
+  (median shorter side, from the file headers);
 - **ImageNet confidence**: the mean top-1 probability the backbone's own pretrained ImageNet
   classifier gives the training images. Photos of ImageNet-like things score high (foolbox's
   ImageNet validation images: 0.73 with EfficientNet-Lite0); grayscale product thumbnails score
@@ -50,6 +51,7 @@ class Measurements:
     imbalance: float
     imagenet_confidence: float | None
     probe_accuracy: float | None
+    image_side: float | None = None  # median shorter side of the training images, in pixels
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(self).items()}
@@ -171,7 +173,7 @@ def choose_framing(context: TrainContext) -> tuple[TrainContext, dict[str, Any]]
             with context.reporter.progress(f"auto: framing, crop {crop:g} ({name})", len(rows)) as advance:
                 features[name] = extract_features(
                     backbone, [images.paths[i] for i in rows], [images.digests[i] for i in rows], cache=cache,
-                    precision=context.precision, device=context.device, progress=advance,
+                    precision=context.precision, device=context.device, progress=advance, compile=context.compile_backbone,
                 ).numpy()
         scores[crop] = _holdout_probe_accuracy(
             features["training"], [train.labels[i] for i in train_rows], features["validation"], [val.labels[i] for i in val_rows]
@@ -205,7 +207,7 @@ def measure(context: TrainContext) -> Measurements:
     with context.reporter.progress("auto: measuring (features)", len(train)) as advance:
         features = extract_features(
             context.backbone, train.paths, train.digests, cache=context.cache, precision=context.precision,
-            device=context.device, progress=advance, stats=ExtractionStats(),
+            device=context.device, progress=advance, stats=ExtractionStats(), compile=context.compile_backbone,
         )
     confidence = None
     classifier = context.backbone.imagenet_classifier
@@ -218,7 +220,24 @@ def measure(context: TrainContext) -> Measurements:
         imbalance=max(counts) / min(counts),
         imagenet_confidence=confidence,
         probe_accuracy=_probe_accuracy(features, train.labels, context.config.seed),
+        image_side=_median_image_side([train.paths[i] for i in _spread(len(train), FRAMING_SAMPLE)]),
     )
+
+
+def _median_image_side(paths) -> float | None:
+    """Median shorter side, read from the file headers (nothing is decoded)."""
+    import statistics
+
+    from PIL import Image
+
+    sides = []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                sides.append(min(image.size))
+        except OSError:  # checked images open; a file changed since is simply not counted
+            continue
+    return float(statistics.median(sides)) if sides else None
 
 
 def _probe_accuracy(features: torch.Tensor, labels: list[int], seed: int) -> float | None:

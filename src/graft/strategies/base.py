@@ -40,6 +40,7 @@ class TrainContext:
     on_epoch: Callable[[list[EpochRecord]], None]
     # Per-epoch checkpoints of the run (and what to resume from); None: no checkpoints.
     checkpoint: "Checkpointer | None" = None
+    compile_backbone: bool = False  # torch.compile the frozen backbone's forward for extraction
 
 
 @dataclass

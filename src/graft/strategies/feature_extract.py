@@ -46,7 +46,7 @@ class FeatureExtract:
         val_features = self._features(context, context.dataset.val.paths, context.dataset.val.digests, "none", 0, "validation", stats)
         context.reporter.say(
             f"features: {stats.computed} computed, {stats.from_cache} from the cache "
-            f"({context.cache.folder if context.cache else 'no cache'})"
+            f"({context.cache.folder if context.cache else 'no cache'}){'; backbone compiled' if stats.compiled else ''}"
         )
         head, result, val_logits = train_head(
             train_views,
@@ -59,7 +59,8 @@ class FeatureExtract:
             default_patience=self.default_patience,
         )
         model = GraftModel(backbone.model, head).eval()
-        return TrainOutcome(model=model, fit=result, val_logits=val_logits, notes={"features_computed": stats.computed, "features_from_cache": stats.from_cache})
+        return TrainOutcome(model=model, fit=result, val_logits=val_logits, notes={"features_computed": stats.computed, "features_from_cache": stats.from_cache,
+                                                                                          "backbone_compiled": stats.compiled})
 
     def cached_features(self, context: TrainContext, stats: ExtractionStats) -> torch.Tensor:
         """Training features (views, N, D): view 0 plain, views 1..K augmented."""
@@ -76,7 +77,7 @@ class FeatureExtract:
             return extract_features(
                 context.backbone, paths, digests, cache=context.cache, precision=context.precision,
                 device=context.device, augment=augment, view=view, seed=context.config.seed,
-                progress=advance, stats=stats,
+                progress=advance, stats=stats, compile=context.compile_backbone,
             )
 
 
