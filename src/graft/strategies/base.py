@@ -80,9 +80,10 @@ class Strategy(Protocol):
 
 
 # Below this many training images per class (median), BatchNorm statistics stay frozen even in the
-# stages that train. Measured on 20-shot Fashion-MNIST (lp-ft, whole network trainable): batch
-# statistics of 32 augmented crops, and running averages that drift toward them, cost 10 points
-# of validation accuracy (0.70 with statistics updated, 0.80 with them frozen).
+# stages that train. Measured on 20-shot Fashion-MNIST with the lp-ft recipe (probe head, whole
+# network trainable, discriminative rates, strong augmentation, whole frame), validation accuracy
+# after 6 of 12 epochs: 0.67 with statistics updated from batches of 32 augmented crops, 0.80 with
+# them frozen; graft's lp-ft with them frozen then scored 0.811 on the test split.
 BN_STATS_FROZEN_BELOW = 100
 
 
