@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs graft and everything it needs on a fresh Debian machine (run as root, or with sudo).
 #   scripts/setup.sh         graft + the demo's data (Fashion-MNIST from Debian)
-#   scripts/setup.sh --dev   also the test tools, every extra, and Chromium for the browser tests
+#   scripts/setup.sh --dev   also the test tools, every extra, Chromium for the browser tests, and g++
+#                            (torch.compile's CPU backend compiles C++; the --compile test needs it)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -9,7 +10,7 @@ dev=0
 [ "${1:-}" = "--dev" ] && dev=1
 
 packages=(dataset-fashion-mnist)
-[ "$dev" = 1 ] && packages+=(chromium)
+[ "$dev" = 1 ] && packages+=(chromium g++)
 missing=()
 for package in "${packages[@]}"; do
   dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
