@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from graft.backbones import DEFAULT_BACKBONE
+from graft.cli import options
 
 
 def inspect(
@@ -17,13 +18,13 @@ def inspect(
     pretrained: bool = typer.Option(True, "--pretrained/--architecture-only", help="Load pretrained weights, or only build the architecture."),
     head: str = typer.Option("linear", help="Head used for the strategy audit."),
     num_classes: int = typer.Option(2, help="Number of classes for the strategy audit."),
-    lr: Optional[float] = typer.Option(None, help="Learning rate of the head (default: the strategy's)."),
-    train_stages: int = typer.Option(1, help="partial: how many of the last stages train."),
-    lr_decay: float = typer.Option(0.3, help="Discriminative rates: each earlier stage's lr is this times the next one's."),
-    thaw_every: int = typer.Option(1, help="gradual: epochs between two thaws."),
-    train_bn: bool = typer.Option(False, "--train-bn", help="Let BatchNorm affine parameters of frozen stages train."),
-    lora_rank: int = typer.Option(8, help="lora: rank of the adapters."),
-    bn_stats: str = typer.Option("auto", help="BatchNorm statistics in the stages that train: frozen, update, or auto (frozen below 100 images per class)."),
+    lr: Optional[float] = options.LR,
+    train_stages: int = options.TRAIN_STAGES,
+    lr_decay: float = options.LR_DECAY,
+    thaw_every: int = options.THAW_EVERY,
+    train_bn: bool = options.TRAIN_BN,
+    lora_rank: int = options.LORA_RANK,
+    bn_stats: str = options.BN_STATS,
 ) -> None:
     """Show a backbone's stages (name, parameters, output channels and stride) and preprocessing."""
     from rich.console import Console

@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from graft.backbones import DEFAULT_BACKBONE
+from graft.cli import options
 
 
 def train(
@@ -21,7 +22,7 @@ def train(
     dropout: float = typer.Option(0.0, help="Dropout before the head's last layer."),
     epochs: Optional[int] = typer.Option(None, help="Epochs (default: the strategy's)."),
     batch_size: int = typer.Option(32, help="Training batch size."),
-    lr: Optional[float] = typer.Option(None, help="Learning rate of the head (default: the strategy's)."),
+    lr: Optional[float] = options.LR,
     weight_decay: float = typer.Option(1e-4, help="AdamW weight decay."),
     warmup_epochs: int = typer.Option(1, help="Linear warmup before the cosine decay."),
     label_smoothing: float = typer.Option(0.1, help="Label smoothing of the training loss."),
@@ -31,12 +32,12 @@ def train(
     on_bad_image: str = typer.Option("error", help="error: stop and list unreadable images; skip: train without them."),
     augment: str = typer.Option("light", help="Training augmentation: none, light or strong."),
     augment_views: Optional[int] = typer.Option(None, help="Augmented views per training image to cache (default: 0 for feature-extract, 4 when a frozen prefix is cached)."),
-    train_stages: int = typer.Option(1, help="partial: how many of the last stages train."),
-    lr_decay: float = typer.Option(0.3, help="Discriminative rates: each earlier stage's lr is this times the next one's."),
-    thaw_every: int = typer.Option(1, help="gradual: epochs between two thaws."),
-    train_bn: bool = typer.Option(False, "--train-bn", help="Let BatchNorm affine parameters of frozen stages train (statistics stay frozen)."),
-    lora_rank: int = typer.Option(8, help="lora: rank of the adapters."),
-    bn_stats: str = typer.Option("auto", help="BatchNorm statistics in the stages that train: frozen, update, or auto (frozen below 100 images per class)."),
+    train_stages: int = options.TRAIN_STAGES,
+    lr_decay: float = options.LR_DECAY,
+    thaw_every: int = options.THAW_EVERY,
+    train_bn: bool = options.TRAIN_BN,
+    lora_rank: int = options.LORA_RANK,
+    bn_stats: str = options.BN_STATS,
     crop_pct: Optional[float] = typer.Option(None, help="Evaluation crop as a share of the image (1 = whole frame); default: the backbone's own (auto measures both)."),
     class_weighting: str = typer.Option("none", help="none or balanced (inverse class frequency)."),
     precision: str = typer.Option("auto", help="auto (bf16 where the hardware runs it natively, else fp32), fp32 or bf16."),

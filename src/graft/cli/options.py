@@ -1,0 +1,13 @@
+"""Options that more than one command takes, defined once (`graft train` and `graft inspect`)."""
+
+from __future__ import annotations
+
+import typer
+
+LR = typer.Option(None, help="Learning rate of the head (default: the strategy's).")
+TRAIN_STAGES = typer.Option(1, help="partial: how many of the last stages train.")
+LR_DECAY = typer.Option(0.3, help="Discriminative rates: each earlier stage's lr is this times the next one's.")
+THAW_EVERY = typer.Option(1, help="gradual: epochs between two thaws.")
+TRAIN_BN = typer.Option(False, "--train-bn", help="Let BatchNorm affine parameters of frozen stages train (statistics stay frozen).")
+LORA_RANK = typer.Option(8, help="lora: rank of the adapters.")
+BN_STATS = typer.Option("auto", help="BatchNorm statistics in the stages that train: frozen, update, or auto (frozen below 100 images per class).")
