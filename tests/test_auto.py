@@ -40,10 +40,9 @@ def test_auto_measures_real_images_and_says_why(fashion_folder, tmp_path):
     # Framing: a probe per view (the backbone's 0.875 crop, the whole frame), scored on validation.
     framing = auto["framing"]
     assert framing["center_crop"] == 0.875 and framing["images"] == [30, 6]
-    better = max(framing["center_accuracy"], framing["full_accuracy"])
-    expected_crop = 1.0 if framing["full_accuracy"] > framing["center_accuracy"] else 0.875
+    assert all(0.0 <= framing[k] <= 1.0 for k in ("center_accuracy", "full_accuracy"))
+    expected_crop = 1.0 if framing["full_accuracy"] > framing["center_accuracy"] else 0.875  # a tie keeps the crop
     assert framing["crop_pct"] == expected_crop
-    assert {framing["center_accuracy"], framing["full_accuracy"]} >= {better}
     # The bundle records the view the head was trained on, so predict sees what training saw.
     assert graft.load_bundle(run.bundle_dir).preprocessing.crop_pct == expected_crop
     # The measuring passes' features (training and validation) are the ones feature-extract reads
