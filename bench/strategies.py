@@ -4,7 +4,8 @@ Accuracy is on the held-out test split (never used for a choice); graft may use 
 early stopping and for `auto`. Each row is one run: wall time from the call to graft.train (or the
 peer's training loop) to its end, trainable parameters, and validation/test accuracy.
 
-    python bench/strategies.py --shots 20 [--strategies auto feature-extract partial ...] [--peers probe textbook-frozen textbook-full fastai]
+    python bench/strategies.py --shots 20 [--strategies auto feature-extract partial ...] [--peers probe probe-whole-frame textbook-frozen textbook-full fastai]
+    [--set crop_pct=1.0] [--set-for lp-ft:augment=strong]
 """
 
 from __future__ import annotations

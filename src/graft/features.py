@@ -195,10 +195,10 @@ def extract_features(
             workers=num_workers or 0,
             pin_memory=device.type == "cuda",
         )
-        outputs = forward_batches(model if model is not None else backbone.model, loader, precision=precision, device=device,
-                                  progress=progress, compile=compile)
+        network = model if model is not None else backbone.model
+        outputs = forward_batches(network, loader, precision=precision, device=device, progress=progress, compile=compile)
         if stats is not None and compile:
-            used = _COMPILED.get(model if model is not None else backbone.model)
+            used = _COMPILED.get(network)
             stats.compiled = stats.compiled or (used is not None and used.batch_size is not None)
         for position, index in enumerate(mine):
             computed[keys[index]] = outputs[position]
