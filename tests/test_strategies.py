@@ -111,6 +111,20 @@ def test_full_moves_every_stage_and_lp_ft_starts_from_a_probe(fashion_folder, tm
     assert lpft.metrics["strategy"] == "lp-ft" and lpft.metrics["accuracy"] >= 0.5
 
 
+def test_lp_ft_can_fine_tune_only_the_top_stages(fashion_folder, tmp_path, pretrained):
+    state, stages = pretrained
+    run = graft.train(fashion_folder, out=tmp_path / "lpft2", strategy="lp-ft", train_stages=2, epochs=1, augment_views=1,
+                      verbose=False)
+    assert run.metrics["cached_prefix"] == "blocks.4"  # the frozen prefix is computed once and cached
+    moved = _moved(state, run.bundle_dir)
+    for stage in stages[:-2]:
+        assert not any(moved[k] for k in _stage_keys(stage, state)), f"frozen stage {stage.name} changed"
+    for stage in stages[-2:]:
+        assert any(moved[k] for k in _stage_keys(stage, state) if k.endswith("weight")), stage.name
+    audit = {row.stage: row for row in graft.inspect("efficientnet_lite0", strategy="lp-ft", train_stages=2).audit}
+    assert [audit[s.name].trainable_params > 0 for s in stages] == [False] * (len(stages) - 2) + [True, True]
+
+
 def test_lora_trains_adapters_and_reloads_identically(fashion_folder, holdout_folder, tmp_path, pretrained):
     state, _ = pretrained
     run = graft.train(fashion_folder, out=tmp_path / "lora", strategy="lora", lora_rank=4, epochs=1, verbose=False)

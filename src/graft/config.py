@@ -42,7 +42,7 @@ class TrainConfig:
     augment: str = "light"  # augmentation for augmented views / fine-tuning
     augment_views: int | None = None  # augmented views cached per training image; None: strategy's default
     class_weighting: str = "none"
-    train_stages: int = 1  # partial: how many of the last stages train
+    train_stages: int | None = None  # partial, lp-ft: how many of the last stages train; None: the strategy's default
     lr_decay: float = 0.3  # discriminative rates: each earlier stage's lr is this times the next one's
     thaw_every: int = 1  # gradual: epochs between two thaws
     train_bn: bool = False  # let BatchNorm affine parameters of frozen stages train (stats stay frozen)
@@ -89,7 +89,7 @@ class TrainConfig:
         if not 0.0 < self.lr_decay <= 1.0:
             raise ConfigError(f"--lr-decay: expected a number in (0, 1], got {self.lr_decay}")
         for option, value in (("--train-stages", self.train_stages), ("--thaw-every", self.thaw_every), ("--lora-rank", self.lora_rank)):
-            if value < 1:
+            if value is not None and value < 1:
                 raise ConfigError(f"{option}: expected a positive whole number, got {value}")
         if self.patience is not None and self.patience < 1:
             raise ConfigError(f"--patience: expected a positive number of epochs, got {self.patience}")

@@ -24,7 +24,7 @@ def check_options(config: TrainConfig) -> None:
     check_backbone_name(config.backbone)
     if config.weights is not None and not Path(config.weights).is_file():
         raise BackboneError(f"--weights: {config.weights} does not exist; give the path of a state-dict file")
-    if config.strategy == "partial" and config.train_stages > 1:
+    if config.strategy in ("partial", "lp-ft") and config.train_stages is not None and config.train_stages > 1:
         import timm
         import torch
 

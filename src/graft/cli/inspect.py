@@ -19,7 +19,7 @@ def inspect(
     head: str = typer.Option("linear", help="Head used for the strategy audit."),
     num_classes: int = typer.Option(2, help="Number of classes for the strategy audit."),
     lr: Optional[float] = options.LR,
-    train_stages: int = options.TRAIN_STAGES,
+    train_stages: Optional[int] = options.TRAIN_STAGES,
     lr_decay: float = options.LR_DECAY,
     thaw_every: int = options.THAW_EVERY,
     train_bn: bool = options.TRAIN_BN,

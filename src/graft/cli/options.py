@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 LR = typer.Option(None, help="Learning rate of the head (default: the strategy's).")
-TRAIN_STAGES = typer.Option(1, help="partial: how many of the last stages train.")
+TRAIN_STAGES = typer.Option(None, help="partial, lp-ft: how many of the last stages train (default: 1 for partial, all for lp-ft).")
 LR_DECAY = typer.Option(0.3, help="Discriminative rates: each earlier stage's lr is this times the next one's.")
 THAW_EVERY = typer.Option(1, help="gradual: epochs between two thaws.")
 TRAIN_BN = typer.Option(False, "--train-bn", help="Let BatchNorm affine parameters of frozen stages train (statistics stay frozen).")

@@ -32,7 +32,7 @@ def train(
     on_bad_image: str = typer.Option("error", help="error: stop and list unreadable images; skip: train without them."),
     augment: str = typer.Option("light", help="Training augmentation: none, light or strong."),
     augment_views: Optional[int] = typer.Option(None, help="Augmented views per training image to cache (default: 0 for feature-extract, 4 when a frozen prefix is cached)."),
-    train_stages: int = options.TRAIN_STAGES,
+    train_stages: Optional[int] = options.TRAIN_STAGES,
     lr_decay: float = options.LR_DECAY,
     thaw_every: int = options.THAW_EVERY,
     train_bn: bool = options.TRAIN_BN,

@@ -117,15 +117,21 @@ class Partial(FineTune):
 
     def plan(self, stages: list[Stage], config: TrainConfig) -> StagePlan:
         n = len(stages)
-        k = config.train_stages
-        if not 1 <= k <= n:
-            raise ConfigError(f"--train-stages: expected 1 to {n} (the backbone has {n} stages), got {k}")
+        k = trained_stage_count(config, n, default=1)
         lr = config.lr or self.default_lr
         return StagePlan(
             stage_lrs=[lr * config.lr_decay ** (n - i) for i in range(n)],
             thaw_epoch=[0 if i >= n - k else None for i in range(n)],
             head_lr=lr, train_bn=config.train_bn,
         )
+
+
+def trained_stage_count(config: TrainConfig, n: int, *, default: int) -> int:
+    """`--train-stages K` checked against the backbone's `n` stages; the strategy's default if unset."""
+    k = default if config.train_stages is None else config.train_stages
+    if not 1 <= k <= n:
+        raise ConfigError(f"--train-stages: expected 1 to {n} (the backbone has {n} stages), got {k}")
+    return k
 
 
 class Full(FineTune):
@@ -182,10 +188,11 @@ class LinearProbeThenFineTune(FineTune):
 
     def plan(self, stages: list[Stage], config: TrainConfig) -> StagePlan:
         n = len(stages)
+        k = trained_stage_count(config, n, default=n)
         lr = (config.lr or self.default_lr) * 0.1
         return StagePlan(
             stage_lrs=[lr * config.lr_decay ** (n - 1 - i) for i in range(n)],
-            thaw_epoch=[0] * n, head_lr=lr,
+            thaw_epoch=[0 if i >= n - k else None for i in range(n)], head_lr=lr,
         )
 
     def initial_head(self, context: TrainContext) -> nn.Module:
