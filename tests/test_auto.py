@@ -12,7 +12,8 @@ def _measured(per_class: float, confidence: float | None, probe: float | None = 
 
 @pytest.mark.parametrize(
     "per_class, confidence, expected",
-    [(20, 0.8, "feature-extract"), (20, 0.2, "feature-extract"), (60, 0.2, "partial"), (500, 0.8, "discriminative"), (500, 0.2, "full")],
+    [(20, 0.8, "feature-extract"), (20, 0.2, "feature-extract"), (60, 0.2, "partial"), (500, 0.8, "discriminative"),
+     (500, 0.2, "partial"), (2000, 0.2, "full")],
 )
 def test_rule_follows_the_size_and_distance_table(per_class, confidence, expected):
     choice = choose(_measured(per_class, confidence))
@@ -41,7 +42,10 @@ def test_auto_measures_real_images_and_says_why(fashion_folder, tmp_path):
     framing = auto["framing"]
     assert framing["center_crop"] == 0.875 and framing["images"] == [30, 6]
     assert all(0.0 <= framing[k] <= 1.0 for k in ("center_accuracy", "full_accuracy"))
-    expected_crop = 1.0 if framing["full_accuracy"] > framing["center_accuracy"] else 0.875  # a tie keeps the crop
+    assert all(framing[k] > 0.0 for k in ("center_loss", "full_loss"))
+    # Accuracy first, then the lower log-loss; only an exact tie keeps the crop.
+    full, center = (framing["full_accuracy"], -framing["full_loss"]), (framing["center_accuracy"], -framing["center_loss"])
+    expected_crop = 1.0 if full > center else 0.875
     assert framing["crop_pct"] == expected_crop
     # The bundle records the view the head was trained on, so predict sees what training saw.
     assert graft.load_bundle(run.bundle_dir).preprocessing.crop_pct == expected_crop
