@@ -13,7 +13,7 @@ def _measured(per_class: float, confidence: float | None, probe: float | None = 
 @pytest.mark.parametrize(
     "per_class, confidence, expected",
     [(20, 0.8, "feature-extract"), (20, 0.2, "feature-extract"), (60, 0.2, "partial"), (500, 0.8, "discriminative"),
-     (500, 0.2, "partial"), (2000, 0.2, "full")],
+     (1000, 0.2, "partial"), (2000, 0.2, "full")],
 )
 def test_rule_follows_the_size_and_distance_table(per_class, confidence, expected):
     choice = choose(_measured(per_class, confidence))
