@@ -3,7 +3,7 @@
 import pytest
 
 import graft
-from graft.strategies.auto import DISTANT_CONFIDENCE, Measurements, choose
+from graft.strategies.auto import DISTANT_CONFIDENCE, Measurements, choose, whole_frame_wins
 
 
 def _measured(per_class: float, confidence: float | None, probe: float | None = 0.9, imbalance: float = 1.0) -> Measurements:
@@ -19,6 +19,14 @@ def test_rule_follows_the_size_and_distance_table(per_class, confidence, expecte
     choice = choose(_measured(per_class, confidence))
     assert choice.strategy == expected
     assert str(per_class) in choice.reason and "ImageNet confidence" in choice.reason
+
+
+def test_framing_ties_go_to_the_lower_validation_loss():
+    # Seed 1 of 20-shot Fashion-MNIST: both views' probes scored 0.779; the whole frame's loss was lower.
+    assert whole_frame_wins((0.779, 0.6393), (0.779, 0.6814))
+    assert not whole_frame_wins((0.779, 0.6814), (0.779, 0.6393))
+    assert not whole_frame_wins((0.779, 0.6393), (0.780, 0.9))  # accuracy comes first
+    assert not whole_frame_wins((0.779, 0.64), (0.779, 0.64))  # an exact tie keeps the crop
 
 
 def test_rule_falls_back_to_the_probe_and_weights_imbalanced_classes():
@@ -43,9 +51,8 @@ def test_auto_measures_real_images_and_says_why(fashion_folder, tmp_path):
     assert framing["center_crop"] == 0.875 and framing["images"] == [30, 6]
     assert all(0.0 <= framing[k] <= 1.0 for k in ("center_accuracy", "full_accuracy"))
     assert all(framing[k] > 0.0 for k in ("center_loss", "full_loss"))
-    # Accuracy first, then the lower log-loss; only an exact tie keeps the crop.
-    full, center = (framing["full_accuracy"], -framing["full_loss"]), (framing["center_accuracy"], -framing["center_loss"])
-    expected_crop = 1.0 if full > center else 0.875
+    full, center = (framing["full_accuracy"], framing["full_loss"]), (framing["center_accuracy"], framing["center_loss"])
+    expected_crop = 1.0 if whole_frame_wins(full, center) else 0.875
     assert framing["crop_pct"] == expected_crop
     # The bundle records the view the head was trained on, so predict sees what training saw.
     assert graft.load_bundle(run.bundle_dir).preprocessing.crop_pct == expected_crop

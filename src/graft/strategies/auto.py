@@ -191,16 +191,21 @@ def choose_framing(context: TrainContext) -> tuple[TrainContext, dict[str, Any]]
         scores[crop] = _holdout_probe_scores(
             features["training"], [train.labels[i] for i in train_rows], features["validation"], [val.labels[i] for i in val_rows]
         )
-    # Higher accuracy wins; equal accuracy (common on a few hundred images) goes to the lower
-    # log-loss, as the training loop picks its best epoch; only an exact tie keeps the crop.
     (full_acc, full_loss), (center_acc, center_loss) = scores[1.0], scores[center]
-    chosen = 1.0 if (full_acc, -full_loss) > (center_acc, -center_loss) else center
+    chosen = 1.0 if whole_frame_wins(scores[1.0], scores[center]) else center
     return contexts[chosen], {
         "center_crop": center, "center_accuracy": round(center_acc, 4), "full_accuracy": round(full_acc, 4),
         "center_loss": round(center_loss, 4), "full_loss": round(full_loss, 4),
         "chose": "the whole frame (crop 1)" if chosen == 1.0 else f"the backbone's center crop ({center:g})",
         "crop_pct": chosen, "images": [len(train_rows), len(val_rows)],
     }
+
+
+def whole_frame_wins(whole: tuple[float, float], center: tuple[float, float]) -> bool:
+    """Compare two views' (validation accuracy, validation log-loss): higher accuracy wins; equal
+    accuracy (common on a few hundred images) goes to the lower log-loss, as the training loop picks
+    its best epoch; only an exact tie keeps the backbone's crop."""
+    return (whole[0], -whole[1]) > (center[0], -center[1])
 
 
 def _spread(count: int, limit: int) -> list[int]:

@@ -176,8 +176,9 @@ class Gradual(FineTune):
 
 
 class LinearProbeThenFineTune(FineTune):
-    """`lp-ft`: a linear probe on cached features first, then everything fine-tunes from that head
-    at a tenth of the rate (discriminative), so the new head does not wreck the features early."""
+    """`lp-ft`: a linear probe on cached features first, then everything (or the last
+    `--train-stages K`) fine-tunes from that head at a tenth of the rate (discriminative), so the
+    new head does not wreck the features early."""
 
     name = "lp-ft"
     # Fine-tuning at 3e-4 (a tenth of this) for the top stage and the head, decaying toward the
