@@ -11,7 +11,7 @@ one run and repeated (median of the per-repetition ratios, with min–max):
 - plain: the textbook `DataLoader(num_workers=0)` over the timm transform, fp32 NCHW (the
   24 img/s of shared/benchmarks.md was this).
 
-    python bench/extraction.py [--images 192] [--repeats 5]   (up to 1 200 images)
+    python bench/extraction.py [--images 960] [--repeats 5]   (up to 1 200 images)
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from graft.preprocessing import build_transforms  # noqa: E402
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--images", type=int, default=192)
+    parser.add_argument("--images", type=int, default=960)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=64)
     args = parser.parse_args()
