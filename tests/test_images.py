@@ -100,3 +100,13 @@ def test_decompression_bomb_is_refused_before_decoding():
     assert len(data) < 5_000_000
     with pytest.raises(ImageError, match="decompression bomb"):
         load_image(data, name="bomb.png")
+
+
+def test_keep_gray_returns_one_channel_only_for_grayscale(photo):
+    gray = load_image(_png(photo.convert("L")), keep_gray=True)
+    assert gray.mode == "L"
+    assert np.array_equal(np.asarray(gray), np.asarray(load_image(_png(photo.convert("L"))))[..., 0])
+    deep = load_image(_png(Image.fromarray(np.asarray(photo.convert("L"), dtype=np.uint16) * 257)), keep_gray=True)
+    assert deep.mode == "L"
+    assert load_image(_png(photo), keep_gray=True).mode == "RGB"
+    assert load_image(_png(photo.convert("LA")), keep_gray=True).mode == "RGB"  # alpha is composited

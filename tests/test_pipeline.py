@@ -62,3 +62,48 @@ def test_eval_images_is_reiterable(lite0, fashion_folder: Path) -> None:
     first, second = torch.cat(list(batches)), torch.cat(list(batches))
     assert first.shape == (5, 3, 224, 224)
     torch.testing.assert_close(first, second)
+
+
+def test_grayscale_images_go_through_as_one_channel_with_the_same_pixels(lite0, fashion_folder: Path, tmp_path: Path) -> None:
+    """The evaluation view resizes a grayscale file as one channel (a third of the work); the batch
+    must equal, bit for bit, the timm transform applied to its RGB conversion."""
+    import numpy as np
+    from PIL import Image
+    from skimage import data
+
+    from graft.backbones import with_crop
+
+    photo = tmp_path / "chelsea-gray.png"  # a real photo, not square, as 8-bit grayscale
+    Image.fromarray(data.chelsea()).convert("L").save(photo)
+    deep = tmp_path / "camera-16bit.png"  # and as 16-bit grayscale
+    Image.fromarray(data.camera().astype(np.uint16) * 257).save(deep)
+    color = tmp_path / "coffee.png"  # a colour photo in the same batch stays RGB
+    Image.fromarray(data.coffee()).save(color)
+    paths = _images(fashion_folder)[:4] + [photo, deep, color]
+    assert load_image(paths[0], keep_gray=True).mode == "L"
+    for crop in (lite0.preprocessing.crop_pct, 1.0):
+        backbone = with_crop(lite0, crop)
+        transform = build_transforms(backbone.preprocessing)
+        split = split_transform(transform)
+        assert split.channel_blind
+        assert not split_transform(build_transforms(backbone.preprocessing, augment="light")).channel_blind
+        from_rgb = split.normalize(torch.stack([split.pixels(load_image(p)) for p in paths]))
+        got = torch.cat(list(image_batches(paths, transform, batch_size=3, store=None)))
+        assert torch.equal(got, from_rgb), f"crop {crop}: {(got - from_rgb).abs().max()}"
+        expected = torch.stack([transform(load_image(p)) for p in paths])  # timm's, to 1 ulp
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+
+
+def test_normalize_matches_torch_arithmetic() -> None:
+    """The NumPy multiply-add gives the same float32 values as the torch ops it replaced."""
+    from graft.pipeline import SplitTransform
+
+    pixels = torch.randint(0, 256, (2, 16, 16, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    split = SplitTransform(lambda image: image, mean, std)
+    scale = torch.tensor([1.0 / (255.0 * s) for s in std]).view(1, 3, 1, 1)
+    shift = torch.tensor([-m / s for m, s in zip(mean, std)]).view(1, 3, 1, 1)
+    expected = pixels.permute(0, 3, 1, 2).to(torch.float32).mul_(scale).add_(shift)
+    got = split.normalize(pixels)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(got, expected)

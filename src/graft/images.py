@@ -32,12 +32,16 @@ def is_image_name(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS
 
 
-def load_image(source: str | Path | bytes, *, name: str | None = None) -> Image.Image:
+def load_image(source: str | Path | bytes, *, name: str | None = None, keep_gray: bool = False) -> Image.Image:
     """Decode an image file (a path or its bytes) into an upright 8-bit RGB image.
 
     Grayscale, palette, alpha (composited on white), CMYK and 16-bit images are converted to RGB;
     EXIF orientation is applied. Raises `ImageError` naming the file and the reason for an empty,
     truncated, corrupt, non-image or oversized file.
+
+    `keep_gray=True` returns a grayscale picture as 8-bit "L" instead (its RGB would be three
+    equal channels): a caller whose transform treats the channels alike (resize, crop) does a
+    third of the work and copies the channel afterwards, with the same pixels to the bit.
     """
     label = name or (str(source) if not isinstance(source, bytes) else "<upload>")
     data = _read_bytes(source, label)
@@ -69,7 +73,22 @@ def load_image(source: str | Path | bytes, *, name: str | None = None) -> Image.
         image = ImageOps.exif_transpose(image)
     except Exception:  # a broken EXIF block must not cost the picture itself
         pass
+    if keep_gray and image.mode in GRAY_MODES:
+        return to_gray(image)
     return to_rgb(image)
+
+
+# Single-channel modes without alpha: their RGB conversion copies one channel three times.
+GRAY_MODES = ("L", "1", "I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+
+
+def to_gray(image: Image.Image) -> Image.Image:
+    """A single-channel image as 8-bit "L" (16-bit and float rescaled as `to_rgb` does)."""
+    if image.mode == "L":
+        return image
+    if image.mode == "1":
+        return image.convert("L")
+    return _high_depth_to_gray(image)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -78,15 +97,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if mode == "RGB":
         return image
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        array = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if mode.startswith("I;16") or array.max(initial=0) > 255 else 255.0
-        if mode == "F":
-            lo, hi = float(array.min(initial=0)), float(array.max(initial=1))
-            array = (array - lo) / max(hi - lo, 1e-12) * 255.0
-        else:
-            array = array / top * 255.0
-        gray = Image.fromarray(np.clip(array + 0.5, 0, 255).astype(np.uint8), mode="L")
-        return gray.convert("RGB")
+        return _high_depth_to_gray(image).convert("RGB")
     if mode == "P":
         image = image.convert("RGBA") if "transparency" in image.info else image.convert("RGB")
         mode = image.mode
@@ -95,6 +106,18 @@ def to_rgb(image: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return image.convert("RGB")
+
+
+def _high_depth_to_gray(image: Image.Image) -> Image.Image:
+    """16-bit, 32-bit integer or float pixels rescaled to 8-bit "L"."""
+    array = np.asarray(image, dtype=np.float64)
+    top = 65535.0 if image.mode.startswith("I;16") or array.max(initial=0) > 255 else 255.0
+    if image.mode == "F":
+        lo, hi = float(array.min(initial=0)), float(array.max(initial=1))
+        array = (array - lo) / max(hi - lo, 1e-12) * 255.0
+    else:
+        array = array / top * 255.0
+    return Image.fromarray(np.clip(array + 0.5, 0, 255).astype(np.uint8), mode="L")
 
 
 def _read_bytes(source: str | Path | bytes, label: str) -> bytes:

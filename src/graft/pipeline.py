@@ -45,24 +45,32 @@ class SplitTransform:
     pil: Callable[[Image.Image], Image.Image]
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    # Every PIL step treats the channels alike (resize, crop): a grayscale picture may go through
+    # as one channel, copied to three afterwards, with the same pixels as its RGB conversion.
+    channel_blind: bool = False
 
     def pixels(self, image: Image.Image) -> torch.Tensor:
         """The image through the PIL part, as a uint8 (H, W, 3) tensor."""
         array = np.asarray(self.pil(image), dtype=np.uint8)
-        if array.ndim == 2:  # a transform that returned a grayscale picture
-            array = np.repeat(array[:, :, None], 3, axis=2)
-        return torch.from_numpy(array.copy())
+        if array.ndim == 2:  # a grayscale picture (`channel_blind`): its one channel, three times
+            return torch.from_numpy(np.repeat(array[:, :, None], 3, axis=2))
+        return torch.from_numpy(array.copy())  # Pillow's array is read-only
 
-    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+    def normalize(self, pixels: torch.Tensor | np.ndarray) -> torch.Tensor:
         """uint8 (N, H, W, 3) → float32 (N, 3, H, W) in channels_last layout, normalised.
 
         Permuting NHWC to NCHW *is* channels_last, so no copy changes the layout. The scale and
         shift fold ToTensor's /255 and Normalize into one multiply-add (equal to within 1 ulp).
+        NumPy does the arithmetic: it runs in the calling thread only, where a torch op called
+        from the decode thread would start a second OpenMP team beside the model's and crowd
+        its cores (measured: the model lost more to that than the arithmetic costs).
         """
-        scale = torch.tensor([1.0 / (255.0 * s) for s in self.std]).view(1, 3, 1, 1)
-        shift = torch.tensor([-m / s for m, s in zip(self.mean, self.std)]).view(1, 3, 1, 1)
-        batch = pixels.permute(0, 3, 1, 2).to(torch.float32)
-        return batch.mul_(scale).add_(shift)
+        scale = np.array([1.0 / (255.0 * s) for s in self.std], dtype=np.float32)
+        shift = np.array([-m / s for m, s in zip(self.mean, self.std)], dtype=np.float32)
+        array = pixels.numpy() if isinstance(pixels, torch.Tensor) else pixels
+        batch = np.multiply(array, scale, dtype=np.float32)
+        batch += shift
+        return torch.from_numpy(batch).permute(0, 3, 1, 2)
 
 
 def split_transform(transform: Any) -> SplitTransform | None:
@@ -96,7 +104,13 @@ def split_transform(transform: Any) -> SplitTransform | None:
             image = step(image)
         return image
 
-    return SplitTransform(pil, mean, std)
+    channel_blind = all(type(step).__name__ in CHANNEL_BLIND_STEPS for step in pil_steps)
+    return SplitTransform(pil, mean, std, channel_blind)
+
+
+# Deterministic PIL steps that resample or cut every channel the same way (checked bit for bit on
+# grayscale images against their RGB conversion in tests/test_pipeline.py).
+CHANNEL_BLIND_STEPS = frozenset({"Resize", "CenterCrop", "ResizeKeepRatio"})
 
 
 class DecodedImages:
@@ -194,12 +208,12 @@ def image_batches(
         for i in chunk:
             found = store.get(keys[i]) if store is not None else None
             if found is None:
-                found = split.pixels(load_image(paths[i]))
+                found = split.pixels(load_image(paths[i], keep_gray=split.channel_blind))
                 if store is not None:
                     store.put(keys[i], found)
             pixels.append(found)
         # Normalising here, in the decode thread, keeps that pass off the model's critical path too.
-        batch = split.normalize(torch.stack(pixels))
+        batch = split.normalize(np.stack([p.numpy() for p in pixels]))
         return batch.pin_memory() if pin_memory else batch
 
     chunks = [list(range(s, min(s + batch_size, len(paths)))) for s in range(0, len(paths), batch_size)]
@@ -240,7 +254,7 @@ class _PixelFiles(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        return self.split.pixels(load_image(self.paths[index]))
+        return self.split.pixels(load_image(self.paths[index], keep_gray=self.split.channel_blind))
 
 
 def _process_batches(paths, split, batch_size, keys, store, workers) -> Iterator[torch.Tensor]:
@@ -265,7 +279,7 @@ def _process_batches(paths, split, batch_size, keys, store, workers) -> Iterator
             elif store is not None:
                 store.put(keys[i], pixels)
             batch.append(pixels)
-        yield split.normalize(torch.stack(batch))
+        yield split.normalize(np.stack([p.numpy() for p in batch]))
 
 
 def preprocessing_id(preprocessing: Any, augment: str = "none") -> str:
