@@ -20,8 +20,9 @@ features land in the feature cache that `feature-extract` reuses):
   the higher accuracy wins when the difference is larger than its standard error (paired, from the
   images one probe gets right and the other wrong); a smaller difference is noise (on 1 000
   images one standard error is about a point), so the lower validation log-loss decides, and only
-  an exact tie keeps the backbone's crop (the one-standard-error rule). Only the crop can change; mean, std, size and interpolation stay the
-  pretrained config's, and the bundle records the view it was trained on.
+  an exact tie keeps the backbone's crop (the one-standard-error rule). Only the crop can change;
+  mean, std, size and interpolation stay the pretrained config's, and the bundle records the view
+  it was trained on.
 
 The rule starts from the classic table (small/large × similar/distant) and is written out below
 in `choose`; `docs/strategies.md` has the measurements it was checked against.
@@ -231,7 +232,7 @@ def whole_frame_wins(whole: ViewScore, center: ViewScore) -> tuple[bool, str]:
 
     Accuracy decides when the two views differ by more than one standard error of the difference;
     within it the difference is noise (seed 2 of 20-shot Fashion-MNIST: 0.793 vs 0.795 on 1 000
-    images, 2 images apart with a standard error of 11), and the lower validation log-loss decides,
+    images, 2 images apart with a standard error of 11 images), and the lower validation log-loss decides,
     a proper score that uses every image's confidence. Only an exact tie keeps the backbone's crop.
     """
     difference = whole.accuracy - center.accuracy
