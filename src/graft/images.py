@@ -40,8 +40,8 @@ def load_image(source: str | Path | bytes, *, name: str | None = None, keep_gray
     truncated, corrupt, non-image or oversized file.
 
     `keep_gray=True` returns a grayscale picture as 8-bit "L" instead (its RGB would be three
-    equal channels): a caller whose transform treats the channels alike (resize, crop) does a
-    third of the work and copies the channel afterwards, with the same pixels to the bit.
+    equal channels): a caller whose transform treats the channels alike (resize, crop) resizes
+    one channel instead of three and copies it afterwards, with the same pixels to the bit.
     """
     label = name or (str(source) if not isinstance(source, bytes) else "<upload>")
     data = _read_bytes(source, label)
