@@ -3,7 +3,14 @@
 import pytest
 
 import graft
-from graft.strategies.auto import DISTANT_CONFIDENCE, Measurements, ViewScore, accuracy_difference_se, choose, whole_frame_wins
+from graft.strategies.auto import (
+    DISTANT_CONFIDENCE,
+    Measurements,
+    ViewScore,
+    accuracy_difference_se,
+    choose,
+    whole_frame_wins,
+)
 
 
 def _measured(per_class: float, confidence: float | None, probe: float | None = 0.9, imbalance: float = 1.0) -> Measurements:

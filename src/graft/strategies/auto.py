@@ -33,6 +33,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -220,10 +221,10 @@ def accuracy_difference_se(a: ViewScore, b: ViewScore) -> float:
     """Standard error of the difference of two accuracies measured on the same images (paired:
     only the images one view gets right and the other wrong carry the difference)."""
     n = len(a.correct)
-    only_a = sum(x and not y for x, y in zip(a.correct, b.correct))
-    only_b = sum(y and not x for x, y in zip(a.correct, b.correct))
     if n == 0:
         return 0.0
+    only_a = sum(x and not y for x, y in zip(a.correct, b.correct))
+    only_b = sum(y and not x for x, y in zip(a.correct, b.correct))
     return max(0.0, only_a + only_b - (only_a - only_b) ** 2 / n) ** 0.5 / n
 
 
@@ -232,8 +233,9 @@ def whole_frame_wins(whole: ViewScore, center: ViewScore) -> tuple[bool, str]:
 
     Accuracy decides when the two views differ by more than one standard error of the difference;
     within it the difference is noise (seed 2 of 20-shot Fashion-MNIST: 0.793 vs 0.795 on 1 000
-    images, 2 images apart with a standard error of 11 images), and the lower validation log-loss decides,
-    a proper score that uses every image's confidence. Only an exact tie keeps the backbone's crop.
+    images, 2 images apart with a standard error of 11 images), and the lower validation log-loss
+    decides, a proper score that uses every image's confidence. Only an exact tie keeps the
+    backbone's crop.
     """
     difference = whole.accuracy - center.accuracy
     if abs(difference) > accuracy_difference_se(whole, center):
@@ -250,7 +252,6 @@ def _spread(count: int, limit: int) -> list[int]:
 
 def _holdout_probe_scores(train_features, train_labels, val_features, val_labels) -> ViewScore:
     """The validation score of a probe fitted on the training features."""
-    import numpy as np
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import log_loss
 
