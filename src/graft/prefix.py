@@ -31,7 +31,10 @@ def sequential_chain(backbone: nn.Module, input_size: tuple[int, int, int]) -> l
     backbone.eval()
     try:
         generator = torch.Generator().manual_seed(0)
-        probe = torch.randn((2, *input_size), generator=generator)
+        # On the backbone's own device: a CPU probe through a model on the GPU would fail, and
+        # the failure would read as "not a chain" (no cached prefix, silently).
+        device = next(backbone.parameters(), torch.empty(0)).device
+        probe = torch.randn((2, *input_size), generator=generator).to(device)
         with torch.no_grad():
             expected = backbone(probe)
             value = probe
