@@ -107,3 +107,29 @@ def test_normalize_matches_torch_arithmetic() -> None:
     got = split.normalize(pixels)
     assert got.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(got, expected)
+
+
+def test_training_batches_normalised_on_the_device_equal_the_workers_float_batches(lite0, fashion_folder) -> None:
+    """graft's GPU input path (uint8 from the workers, `normalize_on_device`) gives the pixels the
+    whole augmenting transform gives, draw for draw (run here on the CPU tensors it takes)."""
+    import random
+
+    import numpy as np
+
+    from graft.data import load_labelled_folder
+    from graft.images import load_image
+    from graft.pipeline import split_transform
+
+    paths = load_labelled_folder(fashion_folder)[0].paths[:4]
+    for level in ("light", "strong"):
+        transform = build_transforms(lite0.preprocessing, augment=level)
+        split = split_transform(transform)
+        assert split is not None, f"the {level} augmentation can no longer be cut at ToTensor"
+        for index, path in enumerate(paths):
+            image = load_image(path)
+            torch.manual_seed(index), random.seed(index), np.random.seed(index)
+            whole = transform(image)
+            torch.manual_seed(index), random.seed(index), np.random.seed(index)
+            on_device = split.normalize_on_device(split.pixels(image)[None])[0]
+            assert on_device.shape == whole.shape
+            assert torch.allclose(on_device, whole, rtol=0, atol=1e-6), (level, path)

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import Dataset
@@ -29,7 +30,7 @@ from graft import distributed
 from graft.backbones import Backbone
 from graft.images import load_image
 from graft.numerics import autocast
-from graft.pipeline import default_batch_size, image_batches, preprocessing_id
+from graft.pipeline import default_batch_size, extraction_workers, image_batches, preprocessing_id
 from graft.preprocessing import Preprocessing, build_transforms
 
 FEATURE_FORMAT = 1
@@ -162,8 +163,11 @@ def extract_features(
 
     `augment`/`view`/`seed` select one augmented view (`augment="none"` is the plain evaluation
     view). `progress(n)` is called with the number of images done after each batch.
-    Images are decoded one batch ahead in a background thread (`num_workers=None` or 0) or in that
-    many worker processes; `batch_size=None` picks one for the device (`default_batch_size`).
+    Images are decoded one batch ahead in a background thread (`num_workers=0`) or in that many
+    worker processes; `num_workers=None` picks for the device (`extraction_workers`: the thread on
+    a CPU, whose cores the model needs; processes on all but one core on a GPU, which would
+    otherwise wait for one thread's decoding). `batch_size=None` picks one for the device
+    (`default_batch_size`).
     `compile=True` runs the batches through `torch.compile` (see `numerics.should_compile`).
     """
     device = device or torch.device("cpu")
@@ -179,10 +183,14 @@ def extract_features(
     if todo:
         transform = build_transforms(backbone.preprocessing, augment=augment)
         if augment != "none":
-            # Augmented views are drawn in one decoding thread, in order, so seeding both random
-            # sources timm's transforms use makes every view reproducible.
+            # Seeding the three random sources timm's transforms use (torch: crops and flips;
+            # random: RandAugment's magnitudes; NumPy: RandAugment's choice of operations) makes
+            # every view reproducible: in the one decoding thread, drawn in order; in worker
+            # processes (GPU), DataLoader seeds each worker's three from torch's generator, so the
+            # same number of processes draws the same.
             torch.manual_seed(seed * 7919 + view)
             random.seed(seed * 7919 + view)
+            np.random.seed(seed * 7919 + view)
         # Only the deterministic evaluation view may be kept decoded in memory and reused.
         view_id = preprocessing_id(backbone.preprocessing) if augment == "none" else None
         # Under torchrun each rank computes a strided share; the shares are gathered below.
@@ -192,7 +200,7 @@ def extract_features(
             transform,
             batch_size=batch_size or default_batch_size(device),
             keys=[f"{digests[i]}.{view_id}" for i in mine] if view_id else None,
-            workers=num_workers or 0,
+            workers=extraction_workers(len(mine), device) if num_workers is None else num_workers,
             pin_memory=device.type == "cuda",
         )
         network = model if model is not None else backbone.model

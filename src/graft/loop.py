@@ -74,6 +74,61 @@ def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, schedul
     scheduler.step()
 
 
+def make_optimizer(groups: list[dict], device: torch.device) -> torch.optim.Optimizer:
+    """AdamW over `groups`; on CUDA the fused kernel (one launch for every parameter's update)."""
+    return torch.optim.AdamW(groups, fused=device.type == "cuda")
+
+
+class TrainSteps:
+    """The training step every image-training loop runs, and the epoch's running loss and accuracy.
+
+    Batches move to the device without blocking (from pinned memory on CUDA) in channels_last;
+    the forward runs under the run's autocast, the loss in float32. The sums stay on the device:
+    reading a value back (`loss.item()`) after every step would make the host wait for the GPU
+    each step instead of queueing the next one. `epoch_result()` reads them once.
+    """
+
+    def __init__(self, network: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                 *, precision: str, device: torch.device, prepare: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        from graft.numerics import autocast
+
+        self.network, self.loss_fn, self.optimizer, self.scheduler = network, loss_fn, optimizer, scheduler
+        self.device = device
+        self.prepare = prepare  # run on the device before the forward (uint8 batches: the normalisation)
+        self._autocast = lambda: autocast(precision, device)
+        self._reset()
+
+    def _reset(self) -> None:
+        self.loss_sum = torch.zeros((), device=self.device)
+        self.correct = torch.zeros((), dtype=torch.long, device=self.device)
+        self.count = 0
+
+    def __call__(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """One step on a batch; returns the batch's loss (a device tensor: reading it waits)."""
+        inputs = inputs.to(self.device, non_blocking=True)
+        if self.prepare is not None:
+            inputs = self.prepare(inputs)
+        inputs = inputs.contiguous(memory_format=torch.channels_last)
+        labels = labels.to(self.device, non_blocking=True)
+        with self._autocast():
+            logits = self.network(inputs)
+        loss = self.loss_fn(logits.float(), labels)
+        optimizer_step(loss, self.optimizer, self.scheduler)
+        with torch.no_grad():
+            self.loss_sum += loss.detach() * len(labels)
+            self.correct += (logits.argmax(1) == labels).sum()
+        self.count += len(labels)
+        return loss.detach()
+
+    def epoch_result(self) -> tuple[float, float]:
+        """(mean training loss, training accuracy) since the last call; starts a new epoch."""
+        if self.count == 0:
+            return float("nan"), float("nan")
+        result = float(self.loss_sum) / self.count, int(self.correct) / self.count
+        self._reset()
+        return result
+
+
 def view_batches(
     views: torch.Tensor, labels: torch.Tensor, batch_size: int, generator: torch.Generator
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

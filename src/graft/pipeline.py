@@ -73,6 +73,13 @@ class SplitTransform:
         batch += shift
         return torch.from_numpy(batch).permute(0, 3, 1, 2)
 
+    def normalize_on_device(self, pixels: torch.Tensor) -> torch.Tensor:
+        """`normalize` for a uint8 (N, H, W, 3) batch already on its device (a GPU): the same
+        float32 multiply-add, run there, so a quarter of the bytes cross from the host."""
+        scale = torch.tensor([1.0 / (255.0 * s) for s in self.std], dtype=torch.float32, device=pixels.device)
+        shift = torch.tensor([-m / s for m, s in zip(self.mean, self.std)], dtype=torch.float32, device=pixels.device)
+        return (pixels.float() * scale + shift).permute(0, 3, 1, 2)
+
 
 def split_transform(transform: Any) -> SplitTransform | None:
     """Cut a torchvision/timm `Compose` at its ToTensor; None if it has another shape.
@@ -169,6 +176,19 @@ DECODED = DecodedImages(_default_budget())
 def default_batch_size(device: torch.device) -> int:
     """Inference batch size: 64 on a CPU (larger gains nothing there), 256 on a GPU."""
     return 256 if device.type == "cuda" else 64
+
+
+def extraction_workers(count: int, device: torch.device) -> int:
+    """Decoding processes for inference over `count` images on `device`.
+
+    0 (one decoding thread beside the model) on a CPU: there the model's forward needs the cores,
+    and the thread keeps up with it (docs/performance.md). On a GPU the forward is far faster than
+    one thread can decode, so all cores but one decode, up to 16, once there are enough images to
+    be worth starting processes for.
+    """
+    if device.type != "cuda" or count < 512:
+        return 0
+    return max(1, min(16, (os.cpu_count() or 2) - 1))
 
 
 def image_batches(

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import nn
@@ -30,10 +31,10 @@ from graft.config import TrainConfig
 from graft.errors import ConfigError
 from graft.heads import make_head
 from graft.images import load_image
-from graft.loop import evaluate_logits, fit, optimizer_step, view_batches, warmup_cosine_schedule
+from graft.loop import TrainSteps, evaluate_logits, fit, make_optimizer, view_batches, warmup_cosine_schedule
 from graft.model import GraftModel
 from graft.numerics import autocast
-from graft.pipeline import EvalImages, default_batch_size
+from graft.pipeline import EvalImages, SplitTransform, default_batch_size, split_transform
 from graft.preprocessing import build_transforms
 from graft.prefix import Chain
 from graft.stages import Stage
@@ -316,7 +317,7 @@ def train_on_cached_prefix(model: GraftModel, plan: StagePlan, context: TrainCon
     )
     trainable = nn.Sequential(suffix, model.head).to(device)
     apply_trainability(model, context.stages, plan.trainable_at(0), plan)
-    optimizer = torch.optim.AdamW(param_groups(model, context.stages, plan, config.weight_decay))
+    optimizer = make_optimizer(param_groups(model, context.stages, plan, config.weight_decay), device)
     count = len(train)
     steps_per_epoch = math.ceil(count / config.batch_size)
     scheduler = warmup_cosine_schedule(optimizer, epochs=epochs, steps_per_epoch=steps_per_epoch, warmup_epochs=config.warmup_epochs)
@@ -325,20 +326,15 @@ def train_on_cached_prefix(model: GraftModel, plan: StagePlan, context: TrainCon
     loss_fn = nn.CrossEntropyLoss(weight=weights, label_smoothing=config.label_smoothing)
     val_labels = torch.tensor(val.labels)
     generator = torch.Generator().manual_seed(config.seed)
+    if device.type == "cuda":
+        stacked = stacked.pin_memory()
+    step = TrainSteps(trainable, loss_fn.to(device), optimizer, scheduler, precision=context.precision, device=device)
 
     def train_epoch(epoch: int) -> tuple[float, float]:
         apply_trainability(model, context.stages, plan.trainable_at(epoch), plan)
-        total, correct = 0.0, 0
         for inputs, targets in view_batches(stacked, labels, config.batch_size, generator):
-            inputs = inputs.to(device).contiguous(memory_format=torch.channels_last)
-            targets = targets.to(device)
-            with autocast(context.precision, device):
-                logits = trainable(inputs).float()
-            loss = loss_fn(logits, targets)
-            optimizer_step(loss, optimizer, scheduler)
-            total += loss.item() * len(targets)
-            correct += int((logits.argmax(1) == targets).sum())
-        return total / count, correct / count
+            step(inputs, targets)
+        return step.epoch_result()
 
     @torch.inference_mode()
     def predict_logits() -> torch.Tensor:
@@ -365,10 +361,11 @@ def train_on_cached_prefix(model: GraftModel, plan: StagePlan, context: TrainCon
         result = fit(model=model, optimizer=optimizer, train_epoch=train_epoch, validate=validate,
                      epochs=epochs, patience=patience, on_epoch=on_epoch, **checkpoint.fit_kwargs)
     model.load_state_dict(result.best_state)
-    model.eval().cpu()
+    model.eval()
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    val_logits = predict_logits()
+    val_logits = predict_logits()  # on the device the suffix trained on, then the model leaves it
+    model.cpu()
     return TrainOutcome(model=model, fit=result, val_logits=val_logits, notes={
         **notes, "cached_prefix": prefix.names[-1], "augment_views": views,
         "features_computed": stats.computed, "features_from_cache": stats.from_cache,
@@ -379,14 +376,41 @@ def train_on_cached_prefix(model: GraftModel, plan: StagePlan, context: TrainCon
 
 
 class LabelledImageFiles(Dataset):
-    def __init__(self, paths, labels, transform) -> None:
-        self.paths, self.labels, self.transform = list(paths), list(labels), transform
+    """(image, label) pairs from files through `transform`; with `split`, the image comes as the
+    uint8 (H, W, 3) pixels of the transform's PIL part, to be normalised on the device."""
+
+    def __init__(self, paths, labels, transform, split: SplitTransform | None = None) -> None:
+        self.paths, self.labels, self.transform, self.split = list(paths), list(labels), transform, split
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int):
-        return self.transform(load_image(self.paths[index])), self.labels[index]
+        image = load_image(self.paths[index])
+        return (self.split.pixels(image) if self.split else self.transform(image)), self.labels[index]
+
+
+def training_loader(
+    paths, labels, preprocessing, *, augment: str, batch_size: int, device: torch.device,
+    generator: torch.Generator, sampler=None, drop_last: bool = False,
+) -> tuple[DataLoader, Callable[[torch.Tensor], torch.Tensor] | None]:
+    """The training images' DataLoader, and what the step must run on each batch on the device.
+
+    On a GPU, worker processes (`training_workers`) send uint8 pixels into pinned memory and the
+    GPU normalises them (`SplitTransform.normalize_on_device`): a quarter of the bytes through
+    the processes' shared memory and the host-to-device copy, and no float pass on the CPU. On a
+    CPU the workers send normalised float batches, which keeps that pass off the model's cores.
+    """
+    transform = build_transforms(preprocessing, augment=augment)
+    split = split_transform(transform) if device.type == "cuda" else None
+    workers = training_workers(len(paths), device)
+    loader = DataLoader(
+        LabelledImageFiles(paths, labels, transform, split), sampler=sampler,
+        batch_size=batch_size, shuffle=sampler is None, generator=generator, num_workers=workers,
+        persistent_workers=workers > 0, pin_memory=device.type == "cuda",
+        worker_init_fn=_seed_worker, drop_last=drop_last,
+    )
+    return loader, (split.normalize_on_device if split else None)
 
 
 def apply_trainability(model: GraftModel, stages: list[Stage], trainable: list[bool], plan: StagePlan) -> None:
@@ -444,15 +468,11 @@ def train_on_images(
     train_set = context.dataset.train
     val_set = context.dataset.val
     generator = torch.Generator().manual_seed(config.seed)
-    workers = _workers(len(train_set))
-    train_images = LabelledImageFiles(train_set.paths, train_set.labels, build_transforms(context.backbone.preprocessing, augment=config.augment))
     # Under torchrun each rank trains on its share of every epoch (gradients averaged by DDP).
-    sampler = DistributedSampler(train_images, num_replicas=distributed.world_size(), rank=distributed.rank(), shuffle=True, seed=config.seed) if distributed.active() else None
-    train_loader = DataLoader(
-        train_images, sampler=sampler,
-        batch_size=config.batch_size, shuffle=sampler is None, generator=generator, num_workers=workers,
-        persistent_workers=workers > 0, pin_memory=device.type == "cuda",
-        worker_init_fn=_seed_worker,
+    sampler = DistributedSampler(range(len(train_set)), num_replicas=distributed.world_size(), rank=distributed.rank(), shuffle=True, seed=config.seed) if distributed.active() else None
+    train_loader, prepare = training_loader(
+        train_set.paths, train_set.labels, context.backbone.preprocessing, augment=config.augment,
+        batch_size=config.batch_size, device=device, generator=generator, sampler=sampler,
     )
     # Each rank validates its strided share; the logits are gathered back into file order.
     val_local = distributed.shard(range(len(val_set)))
@@ -461,7 +481,7 @@ def train_on_images(
                             batch_size=max(default_batch_size(device), config.batch_size), pin_memory=device.type == "cuda")
     model.to(device).to(memory_format=torch.channels_last)
     apply_trainability(model, stages, plan.trainable_at(0), plan)
-    optimizer = torch.optim.AdamW(param_groups(model, stages, plan, config.weight_decay))
+    optimizer = make_optimizer(param_groups(model, stages, plan, config.weight_decay), device)
     scheduler = warmup_cosine_schedule(optimizer, epochs=epochs, steps_per_epoch=len(train_loader), warmup_epochs=config.warmup_epochs)
     weights = class_weights(torch.tensor(train_set.labels), context.head_spec.num_classes, config.class_weighting)
     loss_fn = nn.CrossEntropyLoss(weight=weights.to(device) if weights is not None else None, label_smoothing=config.label_smoothing)
@@ -485,19 +505,12 @@ def train_on_images(
         return None
 
     def train_epoch(epoch: int) -> tuple[float, float]:
-        total, correct, count = 0.0, 0, 0
+        step = TrainSteps(network, loss_fn, optimizer, scheduler, precision=precision, device=device, prepare=prepare)
         for images, labels in train_loader:
-            images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-            labels = labels.to(device, non_blocking=True)
-            with autocast(precision, device):
-                logits = network(images)
-                loss = loss_fn(logits.float(), labels)
-            optimizer_step(loss, optimizer, scheduler)
-            total += loss.item() * len(labels)
-            correct += int((logits.argmax(1) == labels).sum())
-            count += len(labels)
-            advance(0, status=f"batch loss {loss.item():.3f}")
-        return total / count, correct / count
+            loss = step(images, labels)
+            # Reading the loss back is free on a CPU; on a GPU it would stall the queue every step.
+            advance(0, status=f"batch loss {loss.item():.3f}" if device.type == "cpu" else None)
+        return step.epoch_result()
 
     def validate() -> tuple[float, float]:
         return evaluate_logits(predict_logits(), val_labels, val_loss_fn)
@@ -545,12 +558,19 @@ def train_on_images(
     return TrainOutcome(model=model, fit=result, val_logits=val_logits, notes=notes)
 
 
-def _workers(count: int) -> int:
+def training_workers(count: int, device: torch.device) -> int:
+    """DataLoader processes that decode and augment training images.
+
+    None for fewer than 64 images (starting processes costs more). On a CPU the model needs the
+    cores, so at most 4 (1 on 2 cores). On a GPU the cores have nothing else to do and the GPU
+    waits on them, so all but one, up to 16.
+    """
     import os
 
     if count < 64:
         return 0
-    return max(1, min(4, (os.cpu_count() or 2) - 1))
+    cores = os.cpu_count() or 2
+    return max(1, min(16 if device.type == "cuda" else 4, cores - 1))
 
 
 def _seed_worker(worker_id: int) -> None:
