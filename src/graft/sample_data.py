@@ -7,6 +7,7 @@ Fashion-MNIST comes from Debian's `dataset-fashion-mnist`, MNIST-5k from PyPI's 
 from __future__ import annotations
 
 import gzip
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,9 @@ from PIL import Image
 
 from graft.errors import DataError
 
-FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+# Where Debian's dataset-fashion-mnist puts the files; GRAFT_FASHION_MNIST_DIR names another folder
+# holding the same four .gz files (a machine without the Debian package).
+FASHION_MNIST_DIR = Path(os.environ.get("GRAFT_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 FASHION_MNIST_CLASSES = [
     "tshirt_top", "trouser", "pullover", "dress", "coat",
     "sandal", "shirt", "sneaker", "bag", "ankle_boot",
@@ -46,7 +49,8 @@ def load_fashion_mnist(split: str = "train") -> ImageSet:
     if not images_path.is_file():
         raise DataError(
             f"{images_path} not found: Fashion-MNIST comes from the Debian package "
-            "dataset-fashion-mnist (`apt-get install dataset-fashion-mnist`, or scripts/setup.sh)"
+            "dataset-fashion-mnist (`apt-get install dataset-fashion-mnist`, or scripts/setup.sh), "
+            "or set GRAFT_FASHION_MNIST_DIR to a folder holding its .gz files"
         )
     with gzip.open(images_path, "rb") as handle:
         _, count, rows, cols = struct.unpack(">IIII", handle.read(16))
