@@ -44,7 +44,7 @@ def test_batches_keep_order_and_reuse_decoded_images(lite0, fashion_folder: Path
 def test_store_budget_and_worker_processes(lite0, fashion_folder: Path) -> None:
     transform = build_transforms(lite0.preprocessing)
     paths = _images(fashion_folder)[:4]
-    one_image = 3 * 224 * 224
+    one_image = 224 * 224  # Fashion-MNIST pictures are grayscale: kept as one channel
     store = DecodedImages(budget_bytes=2 * one_image)
     keys = [p.name for p in paths]
     threaded = torch.cat(list(image_batches(paths, transform, batch_size=3, keys=keys, store=store)))
@@ -90,6 +90,13 @@ def test_grayscale_images_go_through_as_one_channel_with_the_same_pixels(lite0, 
         from_rgb = split.normalize(torch.stack([split.pixels(load_image(p)) for p in paths]))
         got = torch.cat(list(image_batches(paths, transform, batch_size=3, store=None)))
         assert torch.equal(got, from_rgb), f"crop {crop}: {(got - from_rgb).abs().max()}"
+        # Worker processes, and the in-memory store (which keeps grayscale pictures as one channel).
+        store = DecodedImages(10**9)
+        keys = [f"{p.name}.{crop}" for p in paths]
+        for workers in (1, 0):  # a process decodes and fills the store; the thread's pass reads it back
+            batches = image_batches(paths, transform, batch_size=3, keys=keys, store=store, workers=workers)
+            assert torch.equal(torch.cat(list(batches)), from_rgb), f"crop {crop}, {workers} workers"
+        assert store.get(keys[0]).shape[-1] == 1 and store.get(keys[-1]).shape[-1] == 3
         expected = torch.stack([transform(load_image(p)) for p in paths])  # timm's, to 1 ulp
         torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
 

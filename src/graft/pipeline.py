@@ -50,14 +50,18 @@ class SplitTransform:
     channel_blind: bool = False
 
     def pixels(self, image: Image.Image) -> torch.Tensor:
-        """The image through the PIL part, as a uint8 (H, W, 3) tensor."""
+        """The image through the PIL part, as a uint8 (H, W, C) tensor: C is 3, or 1 for a
+        grayscale picture kept as one channel (`channel_blind`). `stack_pixels` and `normalize`
+        widen that one channel to three in the pass that writes the float batch anyway, and the
+        in-memory store keeps a third of the bytes for it."""
         array = np.asarray(self.pil(image), dtype=np.uint8)
-        if array.ndim == 2:  # a grayscale picture (`channel_blind`): its one channel, three times
-            return torch.from_numpy(np.repeat(array[:, :, None], 3, axis=2))
+        if array.ndim == 2:
+            array = array[:, :, None]
         return torch.from_numpy(array.copy())  # Pillow's array is read-only
 
     def normalize(self, pixels: torch.Tensor | np.ndarray) -> torch.Tensor:
-        """uint8 (N, H, W, 3) → float32 (N, 3, H, W) in channels_last layout, normalised.
+        """uint8 (N, H, W, 3), or (N, H, W, 1) for grayscale pictures, → float32 (N, 3, H, W) in
+        channels_last layout, normalised (one channel is broadcast to the three it stands for).
 
         Permuting NHWC to NCHW *is* channels_last, so no copy changes the layout. The scale and
         shift fold ToTensor's /255 and Normalize into one multiply-add (equal to within 1 ulp).
@@ -74,11 +78,20 @@ class SplitTransform:
         return torch.from_numpy(batch).permute(0, 3, 1, 2)
 
     def normalize_on_device(self, pixels: torch.Tensor) -> torch.Tensor:
-        """`normalize` for a uint8 (N, H, W, 3) batch already on its device (a GPU): the same
+        """`normalize` for a uint8 (N, H, W, 3 or 1) batch already on its device (a GPU): the same
         float32 multiply-add, run there, so a quarter of the bytes cross from the host."""
         scale = torch.tensor([1.0 / (255.0 * s) for s in self.std], dtype=torch.float32, device=pixels.device)
         shift = torch.tensor([-m / s for m, s in zip(self.mean, self.std)], dtype=torch.float32, device=pixels.device)
         return (pixels.float() * scale + shift).permute(0, 3, 1, 2)
+
+
+def stack_pixels(pixels: Sequence[torch.Tensor]) -> np.ndarray:
+    """uint8 (N, H, W, C) of `SplitTransform.pixels` outputs. One-channel pictures stay one
+    channel when the whole batch is; in a mixed batch they are broadcast to three while stacking."""
+    arrays = [p.numpy() for p in pixels]
+    if len({a.shape[-1] for a in arrays}) > 1:
+        arrays = [np.broadcast_to(a, a.shape[:-1] + (3,)) for a in arrays]
+    return np.stack(arrays)
 
 
 def split_transform(transform: Any) -> SplitTransform | None:
@@ -234,7 +247,7 @@ def image_batches(
                     store.put(keys[i], found)
             pixels.append(found)
         # Normalising here, in the decode thread, keeps that pass off the model's critical path too.
-        batch = split.normalize(np.stack([p.numpy() for p in pixels]))
+        batch = split.normalize(stack_pixels(pixels))
         return batch.pin_memory() if pin_memory else batch
 
     chunks = [list(range(s, min(s + batch_size, len(paths)))) for s in range(0, len(paths), batch_size)]
@@ -284,7 +297,9 @@ def _process_batches(paths, split, batch_size, keys, store, workers) -> Iterator
 
     missing = [i for i in range(len(paths)) if store is None or store.get(keys[i]) is None]
     decoded: dict[int, torch.Tensor] = {}
-    loader = iter(DataLoader(_PixelFiles([paths[i] for i in missing], split), batch_size=batch_size, num_workers=workers))
+    # collate_fn=list: a batch may mix one-channel and three-channel pictures (no stacking there).
+    loader = iter(DataLoader(_PixelFiles([paths[i] for i in missing], split), batch_size=batch_size, num_workers=workers,
+                             collate_fn=list))
     position = 0
     for start in range(0, len(paths), batch_size):
         chunk = range(start, min(start + batch_size, len(paths)))
@@ -300,7 +315,7 @@ def _process_batches(paths, split, batch_size, keys, store, workers) -> Iterator
             elif store is not None:
                 store.put(keys[i], pixels)
             batch.append(pixels)
-        yield split.normalize(np.stack([p.numpy() for p in batch]))
+        yield split.normalize(stack_pixels(batch))
 
 
 def preprocessing_id(preprocessing: Any, augment: str = "none") -> str:
