@@ -326,8 +326,6 @@ def train_on_cached_prefix(model: GraftModel, plan: StagePlan, context: TrainCon
     loss_fn = nn.CrossEntropyLoss(weight=weights, label_smoothing=config.label_smoothing)
     val_labels = torch.tensor(val.labels)
     generator = torch.Generator().manual_seed(config.seed)
-    if device.type == "cuda":
-        stacked = stacked.pin_memory()
     step = TrainSteps(trainable, loss_fn.to(device), optimizer, scheduler, precision=context.precision, device=device)
 
     def train_epoch(epoch: int) -> tuple[float, float]:
