@@ -11,7 +11,7 @@ one run and repeated (median of the per-repetition ratios, with min–max):
 - plain: the textbook `DataLoader(num_workers=0)` over the timm transform, fp32 NCHW (the
   24 img/s of shared/benchmarks.md was this).
 
-    python bench/extraction.py [--images 960] [--repeats 5]   (up to 1 200 images)
+    python bench/extraction.py [--images 960] [--repeats 5] [--precisions fp32 bf16]   (up to 1 200 images)
 """
 
 from __future__ import annotations
@@ -39,6 +39,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=960)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"],
+                        help="which to measure (bf16 only where this CPU runs it natively)")
     args = parser.parse_args()
     torch.set_num_threads(2)
     device = torch.device("cpu")
@@ -53,7 +55,7 @@ def main() -> None:
     in_memory = torch.stack([transform(ImageFiles(paths, lambda x: x)[i]) for i in range(count)])
     in_memory = in_memory.contiguous(memory_format=torch.channels_last)
     batches = list(in_memory.split(args.batch_size))
-    precisions = ["fp32", "bf16"] if cpu_supports_bf16() else ["fp32"]
+    precisions = [p for p in args.precisions if p == "fp32" or cpu_supports_bf16()]
 
     def ceiling(precision: str) -> None:
         forward_batches(model, batches, precision=precision, device=device)

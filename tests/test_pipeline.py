@@ -102,18 +102,24 @@ def test_grayscale_images_go_through_as_one_channel_with_the_same_pixels(lite0, 
 
 
 def test_normalize_matches_torch_arithmetic() -> None:
-    """The NumPy multiply-add gives the same float32 values as the torch ops it replaced."""
+    """The table lookup gives the same float32 bits as the torch multiply-add it replaced: colour
+    with per-channel statistics, colour with equal ones, and grayscale widened to three channels."""
     from graft.pipeline import SplitTransform
 
-    pixels = torch.randint(0, 256, (2, 16, 16, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-    split = SplitTransform(lambda image: image, mean, std)
-    scale = torch.tensor([1.0 / (255.0 * s) for s in std]).view(1, 3, 1, 1)
-    shift = torch.tensor([-m / s for m, s in zip(mean, std)]).view(1, 3, 1, 1)
-    expected = pixels.permute(0, 3, 1, 2).to(torch.float32).mul_(scale).add_(shift)
-    got = split.normalize(pixels)
-    assert got.is_contiguous(memory_format=torch.channels_last)
-    assert torch.equal(got, expected)
+    generator = torch.Generator().manual_seed(0)
+    for mean, std in (((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)), ((0.5,) * 3, (0.5,) * 3)):
+        split = SplitTransform(lambda image: image, mean, std)
+        scale = torch.tensor([1.0 / (255.0 * s) for s in std]).view(1, 3, 1, 1)
+        shift = torch.tensor([-m / s for m, s in zip(mean, std)]).view(1, 3, 1, 1)
+        colour = torch.randint(0, 256, (2, 16, 16, 3), dtype=torch.uint8, generator=generator)
+        colour[0, :, :, 0] = torch.arange(256, dtype=torch.uint8).view(16, 16)  # every level once
+        gray = torch.randint(0, 256, (2, 16, 16, 1), dtype=torch.uint8, generator=generator)
+        for pixels in (colour, gray):
+            expected = pixels.expand(-1, -1, -1, 3).permute(0, 3, 1, 2).to(torch.float32).mul_(scale).add_(shift)
+            got = split.normalize(pixels)
+            assert got.shape == (2, 3, 16, 16)
+            assert got.is_contiguous(memory_format=torch.channels_last)
+            assert torch.equal(got, expected), (mean, pixels.shape)
 
 
 def test_training_batches_normalised_on_the_device_equal_the_workers_float_batches(lite0, fashion_folder) -> None:
