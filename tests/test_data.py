@@ -85,3 +85,25 @@ def test_missing_folder_and_bad_options():
         load_dataset("/nonexistent/photos")
     with pytest.raises(ConfigError, match="--on-bad-image"):
         load_dataset(".", on_bad_image="ignore")  # type: ignore[arg-type]
+
+
+def test_fashion_mnist_can_come_from_another_folder(tmp_path):
+    """GRAFT_FASHION_MNIST_DIR: the same .gz files elsewhere (no Debian package); a folder without
+    them gives an error that names the file and both ways to fix it."""
+    import os
+    import subprocess
+    import sys
+
+    from graft.sample_data import FASHION_MNIST_DIR
+
+    for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        (tmp_path / name).symlink_to(FASHION_MNIST_DIR / name)
+    code = "from graft.sample_data import load_fashion_mnist as f; s = f('test'); print(len(s.labels), s.images.shape)"
+    env = {**os.environ, "GRAFT_FASHION_MNIST_DIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert done.stdout.split()[0] == "10000"
+    code = "from graft.sample_data import load_fashion_mnist as f; f('train')"
+    failed = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert failed.returncode != 0
+    assert str(tmp_path / "train-images-idx3-ubyte.gz") in failed.stderr
+    assert "dataset-fashion-mnist" in failed.stderr and "GRAFT_FASHION_MNIST_DIR" in failed.stderr

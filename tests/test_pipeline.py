@@ -146,3 +146,41 @@ def test_training_batches_normalised_on_the_device_equal_the_workers_float_batch
             on_device = split.normalize_on_device(split.pixels(image)[None])[0]
             assert on_device.shape == whole.shape
             assert torch.allclose(on_device, whole, rtol=0, atol=1e-6), (level, path)
+
+
+def test_decoding_processes_are_sized_to_the_device() -> None:
+    """A CPU keeps its decode thread (the model needs the cores); a GPU gets all cores but one."""
+    import os
+
+    from graft.pipeline import extraction_workers
+    from graft.strategies.finetune import training_workers
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")  # only named: no GPU is needed
+    spare = max(1, min(16, (os.cpu_count() or 2) - 1))
+    assert extraction_workers(100_000, cpu) == 0
+    assert extraction_workers(100, cuda) == 0  # too few images to be worth starting processes
+    assert extraction_workers(1_000, cuda) == spare
+    assert training_workers(32, cuda) == training_workers(32, cpu) == 0
+    assert training_workers(1_000, cuda) == spare
+    assert training_workers(1_000, cpu) == max(1, min(4, (os.cpu_count() or 2) - 1))
+
+
+def test_strong_augmented_views_are_reproducible(lite0, fashion_folder) -> None:
+    """RandAugment picks its operations with NumPy's generator: a view must not depend on what
+    NumPy drew before it."""
+    import numpy as np
+
+    from graft.data import load_labelled_folder
+    from graft.features import extract_features
+
+    split = load_labelled_folder(fashion_folder)[0]
+    paths, digests = split.paths[:6], split.digests[:6]
+
+    def view(noise: int) -> torch.Tensor:
+        np.random.seed(noise)  # whatever came before
+        return extract_features(lite0, paths, digests, cache=None, augment="strong", view=1, seed=0, batch_size=3)
+
+    first, again = view(1), view(2)
+    assert torch.equal(first, again)
+    other = extract_features(lite0, paths, digests, cache=None, augment="strong", view=2, seed=0, batch_size=3)
+    assert not torch.equal(first, other)
