@@ -11,7 +11,9 @@ Decoding runs one batch ahead of the model in a background thread by default: Pi
 GIL while it decodes and resamples, so on a small CPU the decode hides behind the forward pass
 without a worker process (which would fight torch's own threads and copy every image between
 processes). `workers > 0` uses DataLoader worker processes instead (on a GPU machine with cores to
-spare, where the model is much faster than one decoding thread).
+spare, where the model is much faster than one decoding thread; `extraction_workers` picks). On a
+GPU, training batches even cross to the device as uint8 and are normalised there
+(`SplitTransform.normalize_on_device`).
 
 Evaluation-view images (`augment="none"`) are also kept, decoded and resized, in an in-memory
 store keyed by file content and preprocessing, so validation every epoch, the linear probe of
