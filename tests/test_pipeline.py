@@ -123,7 +123,7 @@ def test_normalize_matches_torch_arithmetic() -> None:
 
 
 def test_training_batches_normalised_on_the_device_equal_the_workers_float_batches(lite0, fashion_folder) -> None:
-    """graft's GPU input path (uint8 from the workers, `normalize_on_device`) gives the pixels the
+    """graft's GPU input path (uint8 from the workers, `normalizer_on`) gives the pixels the
     whole augmenting transform gives, draw for draw (run here on the CPU tensors it takes)."""
     import random
 
@@ -143,7 +143,7 @@ def test_training_batches_normalised_on_the_device_equal_the_workers_float_batch
             torch.manual_seed(index), random.seed(index), np.random.seed(index)
             whole = transform(image)
             torch.manual_seed(index), random.seed(index), np.random.seed(index)
-            on_device = split.normalize_on_device(split.pixels(image)[None])[0]
+            on_device = split.normalizer_on(torch.device("cpu"))(split.pixels(image)[None])[0]
             assert on_device.shape == whole.shape
             assert torch.allclose(on_device, whole, rtol=0, atol=1e-6), (level, path)
 

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from graft.numerics import autocast
+
 
 @dataclass
 class EpochRecord:
@@ -90,12 +92,9 @@ class TrainSteps:
 
     def __init__(self, network: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
                  *, precision: str, device: torch.device, prepare: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
-        from graft.numerics import autocast
-
         self.network, self.loss_fn, self.optimizer, self.scheduler = network, loss_fn, optimizer, scheduler
-        self.device = device
+        self.precision, self.device = precision, device
         self.prepare = prepare  # run on the device before the forward (uint8 batches: the normalisation)
-        self._autocast = lambda: autocast(precision, device)
         self._reset()
 
     def _reset(self) -> None:
@@ -110,7 +109,7 @@ class TrainSteps:
             inputs = self.prepare(inputs)
         inputs = inputs.contiguous(memory_format=torch.channels_last)
         labels = labels.to(self.device, non_blocking=True)
-        with self._autocast():
+        with autocast(self.precision, self.device):
             logits = self.network(inputs)
         loss = self.loss_fn(logits.float(), labels)
         optimizer_step(loss, self.optimizer, self.scheduler)

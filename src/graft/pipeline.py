@@ -13,7 +13,7 @@ without a worker process (which would fight torch's own threads and copy every i
 processes). `workers > 0` uses DataLoader worker processes instead (on a GPU machine with cores to
 spare, where the model is much faster than one decoding thread; `extraction_workers` picks). On a
 GPU, training batches even cross to the device as uint8 and are normalised there
-(`SplitTransform.normalize_on_device`).
+(`SplitTransform.normalizer_on`).
 
 Evaluation-view images (`augment="none"`) are also kept, decoded and resized, in an in-memory
 store keyed by file content and preprocessing, so validation every epoch, the linear probe of
@@ -99,12 +99,18 @@ class SplitTransform:
         table += shift
         return np.ascontiguousarray(table)
 
-    def normalize_on_device(self, pixels: torch.Tensor) -> torch.Tensor:
-        """`normalize` for a uint8 (N, H, W, 3 or 1) batch already on its device (a GPU): the same
-        float32 multiply-add, run there, so a quarter of the bytes cross from the host."""
-        scale = torch.tensor([1.0 / (255.0 * s) for s in self.std], dtype=torch.float32, device=pixels.device)
-        shift = torch.tensor([-m / s for m, s in zip(self.mean, self.std)], dtype=torch.float32, device=pixels.device)
-        return (pixels.float() * scale + shift).permute(0, 3, 1, 2)
+    def normalizer_on(self, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+        """`normalize` for uint8 (N, H, W, 3 or 1) batches already on `device` (a GPU): the same
+        float32 multiply-add, run there, so a quarter of the bytes cross from the host. The
+        constants go to the device once, here: making them per batch would copy from the host,
+        and wait for the GPU, every training step."""
+        scale = torch.tensor([1.0 / (255.0 * s) for s in self.std], dtype=torch.float32, device=device)
+        shift = torch.tensor([-m / s for m, s in zip(self.mean, self.std)], dtype=torch.float32, device=device)
+
+        def normalize(pixels: torch.Tensor) -> torch.Tensor:
+            return (pixels.float() * scale + shift).permute(0, 3, 1, 2)
+
+        return normalize
 
 
 def stack_pixels(pixels: Sequence[torch.Tensor]) -> np.ndarray:
@@ -219,7 +225,8 @@ def extraction_workers(count: int, device: torch.device) -> int:
     0 (one decoding thread beside the model) on a CPU: there the model's forward needs the cores,
     and the thread keeps up with it (docs/performance.md). On a GPU the forward is far faster than
     one thread can decode, so all cores but one decode, up to 16, once there are enough images to
-    be worth starting processes for.
+    be worth starting processes for (512: a round guess, not measured; below it one thread is
+    done in well under a second of decoding).
     """
     if device.type != "cuda" or count < 512:
         return 0

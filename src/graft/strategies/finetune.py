@@ -395,7 +395,7 @@ def training_loader(
     """The training images' DataLoader, and what the step must run on each batch on the device.
 
     On a GPU, worker processes (`training_workers`) send uint8 pixels into pinned memory and the
-    GPU normalises them (`SplitTransform.normalize_on_device`): a quarter of the bytes through
+    GPU normalises them (`SplitTransform.normalizer_on`): a quarter of the bytes through
     the processes' shared memory and the host-to-device copy, and no float pass on the CPU. On a
     CPU the workers send normalised float batches, which keeps that pass off the model's cores.
     """
@@ -408,7 +408,7 @@ def training_loader(
         persistent_workers=workers > 0, pin_memory=device.type == "cuda",
         worker_init_fn=_seed_worker, drop_last=drop_last,
     )
-    return loader, (split.normalize_on_device if split else None)
+    return loader, (split.normalizer_on(device) if split else None)
 
 
 def apply_trainability(model: GraftModel, stages: list[Stage], trainable: list[bool], plan: StagePlan) -> None:
@@ -559,7 +559,7 @@ def train_on_images(
 def training_workers(count: int, device: torch.device) -> int:
     """DataLoader processes that decode and augment training images.
 
-    None for fewer than 64 images (starting processes costs more). On a CPU the model needs the
+    0 (no processes) for fewer than 64 images (starting processes costs more). On a CPU the model needs the
     cores, so at most 4 (1 on 2 cores). On a GPU the cores have nothing else to do and the GPU
     waits on them, so all but one, up to 16.
     """
