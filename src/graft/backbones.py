@@ -104,6 +104,9 @@ def load_backbone(
     """
     import timm
 
+    from graft.allocator import reuse_freed_memory
+
+    reuse_freed_memory()  # the model is about to run: large tensors reuse freed memory (graft.allocator)
     bundled = BUNDLED.get(name)
     architecture = bundled.architecture if bundled else name
     _check_known_architecture(architecture, name)

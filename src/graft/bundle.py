@@ -159,8 +159,10 @@ def load_bundle(path: str | Path) -> Bundle:
     """Load a bundle folder (or a run folder that holds one) without unpickling anything."""
     from safetensors.torch import load_file
 
+    from graft.allocator import reuse_freed_memory
     from graft.backbones import create_architecture
 
+    reuse_freed_memory()  # see graft.allocator
     path = Path(path)
     if (path / "bundle" / META_FILE).is_file() and not (path / META_FILE).is_file():
         path = path / "bundle"
