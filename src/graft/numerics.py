@@ -20,10 +20,12 @@ PRECISIONS = ("auto", "fp32", "bf16")
 COMPILE_SETTINGS = ("auto", "on", "off")
 
 # `torch.compile` of the frozen backbone's forward (bench/compile_cpu.py, EfficientNet-Lite0, 2 CPU
-# cores, bf16, channels_last): 69 s to compile once, then 0.81x the eager time per batch, so it
-# pays off after about 7 900 images. auto compiles on CPU from this many images through the frozen
-# backbone; on CUDA the break-even has not been measured (no GPU was lent), so auto leaves it eager.
-COMPILE_BREAK_EVEN_IMAGES = 8000
+# cores, bf16, channels_last, malloc thresholds raised as `load_backbone` does): 34 s to compile
+# with inductor's caches off, then 0.92x the eager time per batch (0.96 in a second run), so it
+# pays off after about 53 000 images. (Before the malloc fix eager paid for page faults: 69 s,
+# 0.81x, 7 900 images.) auto compiles on CPU from this many images through the frozen backbone;
+# on CUDA the break-even has not been measured, so auto leaves it eager.
+COMPILE_BREAK_EVEN_IMAGES = 50_000
 
 # How far bf16 autocast may move results from fp32, measured on real images (docs/performance.md):
 # - pooled features: relative L2 error (measured 0.035 on foolbox's ImageNet JPEGs);
