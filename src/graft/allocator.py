@@ -3,14 +3,15 @@
 Above glibc's mmap threshold (128 KB, adapting up to 32 MB) every allocation gets fresh pages from
 the kernel and gives them back when freed. A CNN's activations at batch 64 are tens of MB each, so
 every op of every batch faults in and zeroes new pages. Measured on the 2-core AVX-512 machine
-(EfficientNet-Lite0, 224 px, batch 64, 960 images, docs/performance.md): 5.1 million page faults
-per pass in bf16 and as much time in the kernel as in the model. With both thresholds at 1 GB the
-heap keeps freed memory and the next batch reuses it: no page faults, and the bare forward goes
-from 77 to 175 img/s in bf16 and from 32 to 110 img/s in fp32; a training step gains less
-(fp32 23 → 26.5 img/s), since its allocations mostly stay under 32 MB already.
+(EfficientNet-Lite0, 224 px, batch 64, 960 images): 5.1 million page faults per pass in bf16 and
+as much time in the kernel as in the model. With both thresholds at 1 GB the heap keeps freed
+memory and the next batch reuses it: no page faults, and the bare forward goes from 83 to 181
+img/s in bf16 and from 33 to 103 img/s in fp32 (`bench/allocator.py`, docs/performance.md); a
+training step gains 1.2x, since its allocations mostly stay under 32 MB already.
 
 The price: up to 1 GB of freed memory stays with the process rather than going back to the OS,
-and the heap may hold more than its live tensors (a `full` training step's max RSS: 3.5 → 4.4 GB).
+and the heap may hold more than its live tensors (max RSS of a `full` fp32 training step at
+batch 32: 4.0 → 4.6 GB).
 `GRAFT_TUNE_MALLOC=0` leaves malloc as it is. Nothing changes on other C libraries or systems.
 PyTorch's own advice for CPU inference is the same cure from outside (preloading jemalloc or
 tcmalloc); a library cannot preload, but it can set glibc's thresholds for its own process.
