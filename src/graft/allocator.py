@@ -24,7 +24,8 @@ import os
 import sys
 
 THRESHOLD_BYTES = 2**30
-# glibc 2.26–2.34 refuse an mmap threshold above half the largest heap (32 MB on 64-bit).
+# mallopt(3) documents 32 MB (on 64-bit) as the largest mmap threshold; glibc 2.36 here accepts
+# 1 GB and uses it. Where 1 GB is refused, 32 MB at least keeps every smaller tensor on the heap.
 FALLBACK_THRESHOLD_BYTES = 32 * 2**20
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
