@@ -73,7 +73,7 @@ def main() -> None:
 
         def step(name: str) -> None:
             plan = full_plan if name == "full" else partial_plan
-            apply_trainability(model, stages, plan.trainable_at(0), plan.train_bn)
+            apply_trainability(model, stages, plan.trainable_at(0), plan)
             with autocast(precision, device):
                 if name == "partial on cached prefix":
                     logits = suffix_and_head(prefix_out)
