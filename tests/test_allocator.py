@@ -61,3 +61,15 @@ def test_loading_a_backbone_stops_the_forward_pass_faulting_in_fresh_pages():
 def test_the_thresholds_are_left_alone_when_asked(monkeypatch):
     monkeypatch.setenv("GRAFT_TUNE_MALLOC", "0")
     assert allocator._set_thresholds() is False
+
+
+@pytest.mark.skipif(not _glibc(), reason="needs Linux with glibc (the thresholds are glibc's mallopt)")
+def test_loading_a_bundle_sets_the_thresholds_too(trained_run):
+    """predict, serve and export load a bundle, not a backbone: they get the thresholds as well."""
+    script = (
+        "import json, sys\nfrom graft import allocator\nfrom graft.bundle import load_bundle\n"
+        "assert allocator._applied is None\nload_bundle(sys.argv[1])\nprint(json.dumps(allocator._applied))"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(trained_run.bundle_dir)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1]) is True
