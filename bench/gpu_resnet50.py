@@ -1,7 +1,9 @@
 """ResNet-50 fine-tuning throughput on one CUDA GPU: the bar is >= 2 500 images/s at 224 px, bf16.
 
 Architecture only (timm `resnet50`, random weights: no download), 1 000 classes, batch 256, every
-parameter trained (graft's `full` plan), bf16 autocast, channels_last. Rows, timed side by side:
+parameter trained (graft's `full` plan), bf16 autocast, channels_last. `--model` times another
+timm architecture the same way (the compiled-step figures of `graft.compiling` for the default
+backbone: `--model tf_efficientnet_lite0 --batch-size 32 --compile`). Rows, timed side by side:
 
 - `bare step`: the textbook step written out (autocast forward, loss, AdamW fused): the ceiling;
 - `graft step`: graft's own training step (`graft.loop.TrainSteps` over `GraftModel`, the `full`
@@ -17,7 +19,7 @@ parameter trained (graft's `full` plan), bf16 autocast, channels_last. Rows, tim
 
 Runs only where CUDA exists; elsewhere it says so and exits 0.
 
-    python bench/gpu_resnet50.py [--batch-size 256] [--steps 30] [--windows 5] [--compile] [--files 2560]
+    python bench/gpu_resnet50.py [--model resnet50] [--batch-size 256] [--steps 30] [--windows 5] [--compile] [--files 2560]
 """
 
 from __future__ import annotations
@@ -36,8 +38,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import max_rss_mb, print_table, write_results  # noqa: E402
 
 
-def graft_parts(batch_size: int, device: torch.device):
-    """GraftModel(resnet50 backbone, linear head) with graft's full plan, optimizer and schedule."""
+def graft_parts(name: str, batch_size: int, device: torch.device):
+    """GraftModel(`name` backbone, linear head) with graft's full plan, optimizer and schedule."""
     from graft.backbones import load_backbone
     from graft.config import TrainConfig
     from graft.heads import HeadSpec, make_head
@@ -46,7 +48,7 @@ def graft_parts(batch_size: int, device: torch.device):
     from graft.stages import discover_stages
     from graft.strategies.finetune import Full, apply_trainability, param_groups
 
-    backbone = load_backbone("resnet50", pretrained=False)
+    backbone = load_backbone(name, pretrained=False)
     stages = discover_stages(backbone.model)
     config = TrainConfig(data=".", out=".", strategy="full", batch_size=batch_size, bn_stats="update")
     plan = Full().full_plan(stages, config)
@@ -58,10 +60,10 @@ def graft_parts(batch_size: int, device: torch.device):
     return model, optimizer, scheduler, backbone.preprocessing
 
 
-def bare_parts(device: torch.device):
+def bare_parts(name: str, device: torch.device):
     import timm
 
-    model = timm.create_model("resnet50", pretrained=False, num_classes=1000).to(device).to(memory_format=torch.channels_last).train()
+    model = timm.create_model(name, pretrained=False, num_classes=1000).to(device).to(memory_format=torch.channels_last).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     loss_fn = nn.CrossEntropyLoss()
 
@@ -110,10 +112,12 @@ def photo_files(folder: Path, count: int) -> tuple[list[Path], list[int]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default="resnet50", help="any timm architecture (random weights); the bar is for resnet50")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--steps", type=int, default=30, help="timed steps per window")
     parser.add_argument("--windows", type=int, default=5)
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--compile-mode", default="default", help="torch.compile mode: default, reduce-overhead (CUDA graphs), max-autotune-no-cudagraphs")
     parser.add_argument("--files", type=int, default=0, help="also train from this many JPEG files")
     parser.add_argument("--file-passes", type=int, default=6, help="times each file is read per epoch")
     args = parser.parse_args()
@@ -130,8 +134,8 @@ def main() -> None:
     batches = [(torch.randn(batch, 3, 224, 224, device=device, generator=generator).contiguous(memory_format=torch.channels_last),
                 torch.randint(0, 1000, (batch,), device=device, generator=generator)) for _ in range(4)]
 
-    bare = bare_parts(device)
-    model, optimizer, scheduler, preprocessing = graft_parts(batch, device)
+    bare = bare_parts(args.model, device)
+    model, optimizer, scheduler, preprocessing = graft_parts(args.model, batch, device)
     step = TrainSteps(model, nn.CrossEntropyLoss(), optimizer, scheduler, precision="bf16", device=device)
     warm = {}
     for name, fn in (("bare step", bare), ("graft step", step)):
@@ -150,13 +154,13 @@ def main() -> None:
     rows[1]["vs_bare"] = statistics.median(ratios)
 
     if args.compile:
-        compiled = TrainSteps(torch.compile(model), nn.CrossEntropyLoss(), optimizer, scheduler, precision="bf16", device=device)
+        compiled = TrainSteps(torch.compile(model, mode=args.compile_mode), nn.CrossEntropyLoss(), optimizer, scheduler, precision="bf16", device=device)
         torch.cuda.synchronize()
         started = time.perf_counter()
         timed(compiled, batches, 5, batch)
         compile_seconds = time.perf_counter() - started
         values = [timed(compiled, batches, args.steps, batch) for _ in range(args.windows)]
-        rows.append({"variant": "graft step, compiled", "img_per_s": statistics.median(values), "min": min(values), "max": max(values),
+        rows.append({"variant": f"graft step, compiled ({args.compile_mode})", "img_per_s": statistics.median(values), "min": min(values), "max": max(values),
                      "warmup_seconds": compile_seconds, "vs_bare": statistics.median(values) / rows[0]["img_per_s"]})
 
     if args.files:
@@ -207,9 +211,10 @@ def main() -> None:
     for row in rows:
         row["meets_2500"] = row["img_per_s"] >= 2500
     print_table(rows, ["variant", "img_per_s", "min", "max", "vs_bare", "warmup_seconds", "meets_2500"])
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, batch {batch}, bf16 autocast, channels_last; "
+    print(f"{args.model}, {torch.cuda.get_device_name()}, torch {torch.__version__}, batch {batch}, bf16 autocast, channels_last; "
           f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB; max RSS {max_rss_mb():.0f} MB")
-    print("written", write_results("gpu_resnet50", rows, {"device": torch.cuda.get_device_name(), "batch_size": batch}))
+    name = "gpu_resnet50" if args.model == "resnet50" else f"gpu_train_step_{args.model}"
+    print("written", write_results(name, rows, {"device": torch.cuda.get_device_name(), "model": args.model, "batch_size": batch}))
 
 
 if __name__ == "__main__":

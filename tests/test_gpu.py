@@ -129,3 +129,46 @@ def test_partial_on_cuda_keeps_frozen_stages_bitwise(fashion_folder: Path, tmp_p
             assert torch.equal(state[key], trained[key]), f"{key} of frozen stage {stage.name} changed on the GPU"
     last = [k for k in state if k.startswith(tuple(m + "." for m in stages[-1].module_names)) and k.endswith("weight")]
     assert any(not torch.equal(state[k], trained[k]) for k in last), "the trainable stage did not move on the GPU"
+
+
+def test_a_compiled_training_step_on_cuda_moves_the_weights_as_the_eager_one(lite0) -> None:
+    """`--compile on`: the real backbone's step through torch.compile updates like the eager step."""
+    import copy
+
+    from torch import nn
+
+    from graft.compiling import TrainingCompiler
+    from graft.heads import HeadSpec, make_head
+    from graft.loop import TrainSteps, make_optimizer, warmup_cosine_schedule
+    from graft.model import GraftModel
+
+    torch.manual_seed(0)
+    base = GraftModel(copy.deepcopy(lite0.model), make_head(HeadSpec("linear", lite0.num_features, 3))).to(CUDA)
+    base.to(memory_format=torch.channels_last).train()
+    initial = {k: v.detach().clone() for k, v in base.state_dict().items()}
+    batches = [(torch.randn(8, 3, 224, 224, device=CUDA), torch.randint(0, 3, (8,), device=CUDA)) for _ in range(3)]
+    trained = {}
+    for name in ("eager", "compiled"):
+        model = copy.deepcopy(base)
+        optimizer = make_optimizer([{"params": list(model.parameters()), "lr": 1e-4}], CUDA)
+        scheduler = warmup_cosine_schedule(optimizer, epochs=1, steps_per_epoch=3, warmup_epochs=0)
+        compiler = TrainingCompiler("on", CUDA, 3, say=lambda _: None) if name == "compiled" else None
+        steps = TrainSteps(model, nn.CrossEntropyLoss(), optimizer, scheduler, precision="fp32", device=CUDA, compiler=compiler)
+        for images, labels in batches:
+            steps(images, labels)
+        if compiler is not None:
+            assert compiler.decision.compiled and compiler.decision.compile_seconds is not None
+        trained[name] = {k: v.detach().float() for k, v in model.state_dict().items()}
+    update = sum(float((trained["eager"][k] - initial[k].float()).norm() ** 2) for k in initial) ** 0.5
+    apart = sum(float((trained["compiled"][k] - trained["eager"][k]).norm() ** 2) for k in initial) ** 0.5
+    assert update > 0
+    assert apart <= 0.05 * update, f"compiled and eager steps differ by {apart / update:.3f} of the update"
+
+
+def test_compile_auto_on_cuda_times_the_steps_before_it_decides(fashion_folder: Path, tmp_path: Path) -> None:
+    """`--compile auto` on a GPU measures the run's own steps; a run this short stays eager."""
+    run = graft.train(fashion_folder, out=tmp_path / "auto", strategy="full", epochs=2, batch_size=2, device="cuda", verbose=False)
+    decision = run.metrics["training_compile"]
+    assert decision["setting"] == "auto" and decision["compiled"] is False
+    assert decision["step_seconds"] > 0 and decision["remaining_steps"] > 0
+    assert "steps left" in decision["reason"] or "waited for input" in decision["reason"]

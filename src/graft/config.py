@@ -51,7 +51,7 @@ class TrainConfig:
     crop_pct: float | None = None  # None: the backbone's own evaluation crop (auto may measure a full-frame view)
     precision: str = "auto"  # bf16 autocast where the hardware runs it natively, else fp32
     device: str = "auto"
-    compile: str = "auto"  # torch.compile the frozen backbone: on, off, or auto (from the measured break-even)
+    compile: str = "auto"  # torch.compile the frozen backbone and the training step: on, off, or auto (graft.compiling)
     cache_dir: str | None = None  # None: graft's default cache folder
 
     def __post_init__(self) -> None:

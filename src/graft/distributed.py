@@ -94,3 +94,12 @@ def wrap(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
 
     ids = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=ids)
+
+
+def from_main(value: T) -> T:
+    """Rank 0's `value` on every rank (a decision all ranks must share); `value` in one process."""
+    if not active():
+        return value
+    holder: list[Any] = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]

@@ -11,13 +11,16 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 import torch
 from torch import nn
 
 from graft.numerics import autocast
+
+if TYPE_CHECKING:
+    from graft.compiling import TrainingCompiler
 
 
 @dataclass
@@ -91,10 +94,12 @@ class TrainSteps:
     """
 
     def __init__(self, network: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-                 *, precision: str, device: torch.device, prepare: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+                 *, precision: str, device: torch.device, prepare: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 compiler: "TrainingCompiler | None" = None) -> None:
         self.network, self.loss_fn, self.optimizer, self.scheduler = network, loss_fn, optimizer, scheduler
         self.precision, self.device = precision, device
         self.prepare = prepare  # run on the device before the forward (uint8 batches: the normalisation)
+        self.compiler = compiler  # decides when the step runs through torch.compile (graft.compiling)
         self._reset()
 
     def _reset(self) -> None:
@@ -109,15 +114,31 @@ class TrainSteps:
             inputs = self.prepare(inputs)
         inputs = inputs.contiguous(memory_format=torch.channels_last)
         labels = labels.to(self.device, non_blocking=True)
-        with autocast(self.precision, self.device):
-            logits = self.network(inputs)
-        loss = self.loss_fn(logits.float(), labels)
-        optimizer_step(loss, self.optimizer, self.scheduler)
+        compiled = self.compiler.network_for(self.network, len(labels)) if self.compiler else None
+        if compiled is not None:
+            try:
+                loss, logits = self._step(compiled, inputs, labels)
+            except Exception as error:  # compiling is an optimisation: never fail the run for it
+                assert self.compiler is not None
+                self.compiler.failed(error)
+                compiled = None
+                loss, logits = self._step(self.network, inputs, labels)
+        else:
+            loss, logits = self._step(self.network, inputs, labels)
+        if self.compiler:
+            self.compiler.after_step(compiled is not None)
         with torch.no_grad():
             self.loss_sum += loss.detach() * len(labels)
             self.correct += (logits.argmax(1) == labels).sum()
         self.count += len(labels)
-        return loss.detach()
+        return loss.detach().clone()  # a compiled step's CUDA graph overwrites its output at the next replay
+
+    def _step(self, network: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with autocast(self.precision, self.device):
+            logits = network(inputs)
+        loss = self.loss_fn(logits.float(), labels)
+        optimizer_step(loss, self.optimizer, self.scheduler)
+        return loss, logits
 
     def epoch_result(self) -> tuple[float, float]:
         """(mean training loss, training accuracy) since the last call; starts a new epoch."""

@@ -42,7 +42,7 @@ def train(
     class_weighting: str = typer.Option("none", help="none or balanced (inverse class frequency)."),
     precision: str = typer.Option("auto", help="auto (bf16 where the hardware runs it natively, else fp32), fp32 or bf16."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
-    compile_mode: str = typer.Option("auto", "--compile", help="torch.compile the frozen backbone for extraction: on, off, or auto (on CPU from 50 000 images, where it was measured to pay off)."),
+    compile_mode: str = typer.Option("auto", "--compile", help="torch.compile: on, off, or auto. auto compiles the frozen backbone for extraction on CPU from 50 000 images, and on a GPU the training step when its timed first steps say the run saves more than compiling costs."),
     cache_dir: Optional[Path] = typer.Option(None, help="Feature cache folder (default: $GRAFT_CACHE_DIR or ~/.cache/graft)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing but errors."),
     resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run in --out from its last checkpointed epoch (same options)."),

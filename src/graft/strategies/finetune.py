@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from graft import distributed
 
 from graft.checkpoint import start_phase
+from graft.compiling import TrainingCompiler
 from graft.config import TrainConfig
 from graft.errors import ConfigError
 from graft.heads import make_head
@@ -326,7 +327,8 @@ def train_on_cached_prefix(model: GraftModel, plan: StagePlan, context: TrainCon
     loss_fn = nn.CrossEntropyLoss(weight=weights, label_smoothing=config.label_smoothing)
     val_labels = torch.tensor(val.labels)
     generator = torch.Generator().manual_seed(config.seed)
-    step = TrainSteps(trainable, loss_fn.to(device), optimizer, scheduler, precision=context.precision, device=device)
+    compiler = training_compiler(context, epochs * steps_per_epoch)
+    step = TrainSteps(trainable, loss_fn.to(device), optimizer, scheduler, precision=context.precision, device=device, compiler=compiler)
 
     def train_epoch(epoch: int) -> tuple[float, float]:
         apply_trainability(model, context.stages, plan.trainable_at(epoch), plan)
@@ -365,7 +367,7 @@ def train_on_cached_prefix(model: GraftModel, plan: StagePlan, context: TrainCon
     val_logits = predict_logits()  # on the device the suffix trained on, then the model leaves it
     model.cpu()
     return TrainOutcome(model=model, fit=result, val_logits=val_logits, notes={
-        **notes, "cached_prefix": prefix.names[-1], "augment_views": views,
+        **notes, "cached_prefix": prefix.names[-1], "augment_views": views, "training_compile": compiler.decision.to_dict(),
         "features_computed": stats.computed, "features_from_cache": stats.from_cache,
     })
 
@@ -503,7 +505,7 @@ def train_on_images(
         return None
 
     def train_epoch(epoch: int) -> tuple[float, float]:
-        step = TrainSteps(network, loss_fn, optimizer, scheduler, precision=precision, device=device, prepare=prepare)
+        step = TrainSteps(network, loss_fn, optimizer, scheduler, precision=precision, device=device, prepare=prepare, compiler=compiler)
         for images, labels in train_loader:
             loss = step(images, labels)
             # Reading the loss back is free on a CPU; on a GPU it would stall the queue every step.
@@ -534,6 +536,7 @@ def train_on_images(
     if "trainable_stages" in checkpoint.extra:
         current = [bool(t) for t in checkpoint.extra["trainable_stages"]]  # the thaw stage reached
         apply_trainability(model, stages, current, plan)
+    compiler = training_compiler(context, (epochs - checkpoint.start_epoch) * len(train_loader))
     with context.reporter.progress(f"{config.strategy} epochs", epochs) as advance:
         advance(checkpoint.start_epoch)
 
@@ -553,7 +556,12 @@ def train_on_images(
         parameter.requires_grad_(False)
     val_logits = predict_logits()
     model.cpu()
-    return TrainOutcome(model=model, fit=result, val_logits=val_logits, notes=notes)
+    return TrainOutcome(model=model, fit=result, val_logits=val_logits, notes={**notes, "training_compile": compiler.decision.to_dict()})
+
+
+def training_compiler(context: TrainContext, total_steps: int) -> TrainingCompiler:
+    """The run's `--compile` setting applied to its training steps (`graft.compiling`)."""
+    return TrainingCompiler(context.config.compile, context.device, total_steps, say=context.reporter.say)
 
 
 def training_workers(count: int, device: torch.device) -> int:
