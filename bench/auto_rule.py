@@ -87,9 +87,11 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None,
                         help="epoch budget for every strategy (default: each strategy's own); for the large tasks, "
                         "where a fine-tuning epoch over 10 000 images takes minutes on 2 cores")
+    parser.add_argument("--threads", type=int, default=2, help="torch's CPU threads (2: the protocol's machine)")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     rows: list[dict] = []
+    details: dict[str, dict] = {}
     name = "auto_rule_" + "_".join(args.tasks) + (f"_crop{args.crop_pct:g}" if args.crop_pct is not None else "") \
         + (f"_epochs{args.epochs}" if args.epochs else "")
     for task_name in args.tasks:
@@ -116,7 +118,8 @@ def main() -> None:
             row["auto_crop"] = (auto["auto"].get("framing") or {}).get("crop_pct", "given")
             row["auto_gap"] = round(others[best]["test"] - auto["test"], 3) if best else None
         rows.append(row)
-        write_results(name, rows, {"details": {task_name: results}, "max_rss_mb": max_rss_mb()})
+        details[task_name] = results
+        write_results(name, rows, {"details": details, "max_rss_mb": max_rss_mb()})
     print()
     print_table(rows, ["task", "train_images", *args.strategies, "winner", "auto_chose", "auto_crop", "auto_gap"])
     print(json.dumps({"written": str(RESULTS / (name + ".json"))}))
