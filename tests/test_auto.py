@@ -19,7 +19,7 @@ def _measured(per_class: float, confidence: float | None, probe: float | None = 
 
 @pytest.mark.parametrize(
     "per_class, confidence, expected",
-    [(20, 0.8, "feature-extract"), (20, 0.2, "feature-extract"), (60, 0.2, "partial"), (500, 0.8, "discriminative"),
+    [(20, 0.8, "feature-extract"), (5, 0.2, "feature-extract"), (20, 0.2, "lp-ft"), (60, 0.2, "partial"), (500, 0.8, "discriminative"),
      (1000, 0.2, "partial"), (2000, 0.2, "full")],
 )
 def test_rule_follows_the_size_and_distance_table(per_class, confidence, expected):
@@ -59,6 +59,13 @@ def test_framing_uses_accuracy_beyond_one_standard_error_and_log_loss_within_it(
     assert whole_frame_wins(whole, center) == (False, "log-loss")
 
 
+def test_few_distant_images_get_lp_ft_on_the_top_stages_from_cached_prefix_outputs():
+    choice = choose(_measured(20, 0.2))
+    assert choice.options == {"train_stages": 2, "augment": "strong", "augment_views": 8, "lr_decay": 0.5,
+                              "epochs": 12, "patience": 12}
+    assert "five seeds" in choice.reason
+
+
 def test_rule_falls_back_to_the_probe_and_weights_imbalanced_classes():
     assert choose(_measured(60, None, probe=0.6)).strategy == "partial"
     assert choose(_measured(60, None, probe=0.95)).strategy == "feature-extract"
@@ -74,7 +81,7 @@ def test_auto_measures_real_images_and_says_why(fashion_folder, tmp_path):
     # Grayscale product thumbnails are far from ImageNet's photos: the pretrained head is unsure.
     assert measured["imagenet_confidence"] < DISTANT_CONFIDENCE
     assert 0.0 <= measured["probe_accuracy"] <= 1.0
-    assert auto["chose"] == "feature-extract" and auto["rule"] == "few + distant -> feature-extract"
+    assert auto["chose"] == "feature-extract" and auto["rule"] == "very few + distant -> feature-extract"
     assert auto["options"] == {"augment_views": 2}
     # Framing: a probe per view (the backbone's 0.875 crop, the whole frame), scored on validation.
     framing = auto["framing"]
@@ -128,3 +135,25 @@ def test_auto_lets_explicit_options_win(fashion_folder, tmp_path):
     run = graft.train(fashion_folder, out=tmp_path / "auto2", strategy="auto", epochs=2, augment_views=1, verbose=False, cache_dir=str(tmp_path / "c"))
     assert run.metrics["auto"]["options"]["augment_views"] == 1  # the user's, not the rule's 2
     assert run.metrics["features_computed"] == 30 and run.metrics["epochs_run"] <= 2  # one augmented view
+
+
+def test_auto_runs_lp_ft_on_the_top_stages_for_a_few_distant_images_per_class(tmp_path):
+    """15 real Fashion-MNIST images per class (12 train): the lp-ft cell, end to end."""
+    import numpy as np
+
+    from graft.sample_data import load_fashion_mnist, sample_per_class, write_image_folder
+
+    source = load_fashion_mnist("test")
+    keep = np.isin(source.labels, [1, 7, 8])
+    subset = type(source)(source.name, source.images[keep], source.labels[keep], source.class_names)
+    root = tmp_path / "data"
+    write_image_folder(subset, sample_per_class(subset.labels, 15, np.random.default_rng(2)), root)
+    run = graft.train(root, out=tmp_path / "auto", strategy="auto", epochs=2, verbose=False, cache_dir=str(tmp_path / "c"))
+    auto = run.metrics["auto"]
+    assert auto["measured"]["images_per_class"] == 12
+    assert auto["chose"] == "lp-ft" and auto["rule"] == "few + distant -> lp-ft on the top stages"
+    assert auto["options"]["train_stages"] == 2 and auto["options"]["epochs"] == 2  # the user's epochs win
+    # The top 2 stages trained on cached outputs of the frozen prefix, with 8 augmented views.
+    assert run.metrics["cached_prefix"] == "blocks.4" and run.metrics["augment_views"] == 8
+    assert run.metrics["trainable_params"] == 1_652_640 + 1_017_600 + 1280 * 3 + 3
+    assert run.metrics["epochs_run"] == 2 and 0.0 <= run.metrics["accuracy"] <= 1.0

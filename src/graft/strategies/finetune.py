@@ -201,8 +201,11 @@ class LinearProbeThenFineTune(FineTune):
     def initial_head(self, context: TrainContext) -> nn.Module:
         from graft.strategies.feature_extract import FeatureExtract
 
+        # The probe's head is only a starting point: it trains on the plain features (the ones a
+        # feature-extract run or auto's measurement has cached already), while `--augment-views`
+        # sets the augmented views of the fine-tuning phase.
         probe = FeatureExtract()
-        outcome = probe.train(context)
+        outcome = probe.train(TrainContext(**{**context.__dict__, "config": context.config.replace(augment_views=0)}))
         for parameter in context.backbone.model.parameters():
             parameter.requires_grad_(True)
         self.probe_history = outcome.fit.history
