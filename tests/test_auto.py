@@ -72,7 +72,13 @@ def test_rule_falls_back_to_the_probe_and_weights_imbalanced_classes():
     assert choose(_measured(20, 0.8, imbalance=5.0)).options["class_weighting"] == "balanced"
 
 
-def test_auto_measures_real_images_and_says_why(fashion_folder, tmp_path):
+def test_auto_measures_real_images_and_says_why(fashion_folder, tmp_path, monkeypatch):
+    import graft.strategies.auto as auto_module
+
+    def no_second_probe(*args, **kwargs):
+        raise AssertionError("a cross-validated probe was fitted although the framing probe had measured it")
+
+    monkeypatch.setattr(auto_module, "_probe_accuracy", no_second_probe)
     run = graft.train(fashion_folder, out=tmp_path / "auto", strategy="auto", epochs=2, verbose=False, cache_dir=str(tmp_path / "c"))
     auto = run.metrics["auto"]
     measured = auto["measured"]
@@ -97,6 +103,8 @@ def test_auto_measures_real_images_and_says_why(fashion_folder, tmp_path):
         assert framing["decided_by"] == "log-loss" and abs(difference) <= se + 1e-4
         expected_crop = 1.0 if framing["full_loss"] < framing["center_loss"] else 0.875
     assert framing["crop_pct"] == expected_crop
+    # The chosen view's validation probe is the reported probe accuracy (no second probe fitted).
+    assert measured["probe_accuracy"] == framing["full_accuracy" if expected_crop == 1.0 else "center_accuracy"]
     # The bundle records the view the head was trained on, so predict sees what training saw.
     assert graft.load_bundle(run.bundle_dir).preprocessing.crop_pct == expected_crop
     # The measuring passes' features (training and validation) are the ones feature-extract reads
@@ -114,6 +122,7 @@ def test_an_explicit_crop_is_used_everywhere_and_not_measured(fashion_folder, ho
 
     run = graft.train(fashion_folder, out=tmp_path / "crop", strategy="auto", epochs=2, crop_pct=1.0, verbose=False, cache_dir=str(tmp_path / "c"))
     assert run.metrics["auto"]["framing"] == {}
+    assert 0.0 <= run.metrics["auto"]["measured"]["probe_accuracy"] <= 1.0  # cross-validated: no framing probe
     bundle = graft.load_bundle(run.bundle_dir)
     assert bundle.preprocessing.crop_pct == 1.0
     # The bundle's predictions are its head on whole-frame features, not on center-cropped ones.
