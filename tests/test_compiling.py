@@ -81,3 +81,26 @@ def test_a_failed_compile_warns_and_trains_eagerly() -> None:
     assert not compiler.decision.compiled and "failed" in compiler.decision.reason
     for mine, theirs in zip(other.state_dict().values(), eager.state_dict().values()):
         assert torch.equal(mine, theirs)
+
+
+def test_the_probe_does_not_count_validation_between_epochs_as_input_wait() -> None:
+    """The GPU path's timing window, driven on the CPU: an epoch boundary (validation) inside
+    the window is not the GPU waiting for its input."""
+    import time
+
+    from graft.compiling import PROBE_START, PROBE_STEPS
+
+    compiler = TrainingCompiler("auto", CPU, 1000, say=lambda _: None)
+    compiler._state = "probing"  # what "auto" does on a GPU; on a CPU it decides without measuring
+    net = nn.Linear(2, 2)
+    for step in range(PROBE_START + PROBE_STEPS):
+        if step == PROBE_START + 2:
+            compiler.epoch_ended()
+            time.sleep(0.3)  # the loop validates between epochs
+        assert compiler.network_for(net, 4) is None  # probing steps run eagerly
+        time.sleep(0.01)  # the step's compute
+        compiler.after_step(False)
+    decision = compiler.decision
+    assert decision.step_seconds is not None and decision.remaining_steps == 1000 - PROBE_START - PROBE_STEPS
+    assert decision.input_wait_seconds < 0.005
+    assert not decision.compiled and "steps left" in decision.reason

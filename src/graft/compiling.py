@@ -138,6 +138,10 @@ class TrainingCompiler:
         if len(self._probe) == PROBE_STEPS and self._probe[-1][1] > 0:
             self._decide()
 
+    def epoch_ended(self) -> None:
+        """Between epochs the loop validates: that time is not the GPU waiting for its input."""
+        self._last_end = None
+
     def failed(self, error: Exception) -> None:
         """Compiling failed: warn and stay eager for the rest of the run."""
         warnings.warn(f"torch.compile of the training step failed ({type(error).__name__}: {error}); training eagerly instead", stacklevel=3)

@@ -142,6 +142,8 @@ class TrainSteps:
 
     def epoch_result(self) -> tuple[float, float]:
         """(mean training loss, training accuracy) since the last call; starts a new epoch."""
+        if self.compiler:
+            self.compiler.epoch_ended()
         if self.count == 0:
             return float("nan"), float("nan")
         result = float(self.loss_sum) / self.count, int(self.correct) / self.count
