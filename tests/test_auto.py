@@ -166,3 +166,18 @@ def test_auto_runs_lp_ft_on_the_top_stages_for_a_few_distant_images_per_class(tm
     assert run.metrics["cached_prefix"] == "blocks.4" and run.metrics["augment_views"] == 8
     assert run.metrics["trainable_params"] == 1_652_640 + 1_017_600 + 1280 * 3 + 3
     assert run.metrics["epochs_run"] == 2 and 0.0 <= run.metrics["accuracy"] <= 1.0
+    # lp-ft's probe trained on the plain pooled features (cached by auto's measurement); only the
+    # fine-tuning phase used the 8 augmented views, which live in the prefix's cache.
+    import json
+
+    from graft.backbones import load_backbone, with_crop
+    from graft.data import load_dataset
+    from graft.features import FeatureCache, backbone_key, item_key
+
+    precision = json.loads((run.run_dir / "config.json").read_text())["resolved"]["precision"]
+    backbone = with_crop(load_backbone(), auto["framing"]["crop_pct"])
+    pooled = FeatureCache(tmp_path / "c", backbone_key(backbone, backbone.preprocessing, precision))
+    train = load_dataset(root).train
+    assert len(pooled.get(train.digests)) == len(train)
+    augmented = [item_key(d, "strong", view, 0) for d in train.digests for view in range(1, 9)]
+    assert pooled.get(augmented) == {}
