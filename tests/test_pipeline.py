@@ -102,8 +102,8 @@ def test_grayscale_images_go_through_as_one_channel_with_the_same_pixels(lite0, 
 
 
 def test_normalize_matches_torch_arithmetic() -> None:
-    """The table lookup gives the same float32 bits as the torch multiply-add it replaced: colour
-    with per-channel statistics, colour with equal ones, and grayscale widened to three channels."""
+    """NumPy's plane-wise multiply-add gives the same float32 bits as torch's: colour with
+    per-channel statistics, colour with equal ones, and grayscale widened to three channels."""
     from graft.pipeline import SplitTransform
 
     generator = torch.Generator().manual_seed(0)
