@@ -1,7 +1,8 @@
 """A `partial` training step (last stage trainable) beside a `full` step, on the same batch.
 
 EfficientNet-Lite0 + a linear head, a batch of 32 real 20-shot Fashion-MNIST images at 224 px,
-AdamW, in graft's training mode (channels_last, the precision given). Three steps, interleaved:
+AdamW, in graft's training mode (channels_last, the precision given; in bf16 on a CPU the
+trained depthwise convolutions run in fp32, as `TrainSteps` runs them). Three steps, interleaved:
 - full: everything trains (forward, backward through the whole network, optimizer step);
 - partial: graft's `partial` plan with `train_stages=1` from images: the frozen prefix has
   requires_grad=False and BatchNorm in eval mode, so autograd records nothing through it;
@@ -31,7 +32,7 @@ from graft.data import load_labelled_folder  # noqa: E402
 from graft.features import extract_features  # noqa: E402
 from graft.heads import HeadSpec, make_head  # noqa: E402
 from graft.model import GraftModel  # noqa: E402
-from graft.numerics import autocast, resolve_precision  # noqa: E402
+from graft.numerics import autocast, resolve_precision, train_depthwise_in_fp32  # noqa: E402
 from graft.prefix import Chain, sequential_chain, split_index  # noqa: E402
 from graft.stages import discover_stages  # noqa: E402
 from graft.strategies.finetune import Full, Partial, apply_trainability, param_groups  # noqa: E402
@@ -52,6 +53,7 @@ def main() -> None:
     config = TrainConfig(data=".", out=".", train_stages=1)
     model = GraftModel(backbone.model, make_head(HeadSpec(kind="linear", in_features=backbone.num_features, num_classes=10)))
     model.to(memory_format=torch.channels_last)
+    train_depthwise_in_fp32(model)  # acts only under CPU bf16 autocast, as in graft's TrainSteps
     loss_fn = nn.CrossEntropyLoss(label_smoothing=0.1)
     full_plan, partial_plan = Full().plan(stages, config), Partial().plan(stages, config)
     chain = sequential_chain(backbone.model, backbone.preprocessing.input_size)

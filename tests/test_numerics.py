@@ -103,3 +103,55 @@ def test_a_compiled_backbone_gives_the_eager_features(fashion_folder: Path, tmp_
     eager = extract_features(backbone, train.paths, train.digests, cache=None, precision=precision)
     error = ((compiled - eager).norm(dim=1) / eager.norm(dim=1)).max().item()
     assert error < BF16_TOLERANCE["feature_relative_error"]
+
+
+@needs_bf16
+def test_cpu_bf16_training_runs_the_trained_depthwise_convolutions_in_fp32(lite0, fashion_folder: Path) -> None:
+    """oneDNN's bf16 depthwise backward is the slow layer on a CPU (bench/train_precision.py): in a
+    bf16 training step the depthwise convolutions that get gradients run in fp32, everything else
+    in bf16; in a frozen prefix and at inference every depthwise convolution stays bf16."""
+    import copy
+
+    from torch import nn
+
+    from graft.config import TrainConfig
+    from graft.data import load_labelled_folder
+    from graft.heads import HeadSpec, make_head
+    from graft.loop import TrainSteps, make_optimizer, warmup_cosine_schedule
+    from graft.model import GraftModel
+    from graft.numerics import autocast
+    from graft.pipeline import EvalImages
+    from graft.stages import discover_stages
+    from graft.strategies.finetune import Partial, apply_trainability, param_groups
+
+    cpu = torch.device("cpu")
+    backbone = copy.deepcopy(lite0.model)  # the session's backbone stays as it was
+    stages = discover_stages(backbone)
+    model = GraftModel(backbone, make_head(HeadSpec(kind="linear", in_features=lite0.num_features, num_classes=3)))
+    plan = Partial().plan(stages, TrainConfig(data=".", out=".", train_stages=2))
+    apply_trainability(model, stages, plan.trainable_at(0), plan)
+    optimizer = make_optimizer(param_groups(model, stages, plan, 0.0), cpu)
+    scheduler = warmup_cosine_schedule(optimizer, epochs=1, steps_per_epoch=1, warmup_epochs=0)
+    step = TrainSteps(model, nn.CrossEntropyLoss(), optimizer, scheduler, precision="bf16", device=cpu)
+    depthwise = {name: m for name, m in model.named_modules() if isinstance(m, nn.Conv2d) and 1 < m.groups == m.in_channels}
+    pointwise = {name: m for name, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.groups == 1}
+    dtypes: dict[str, torch.dtype] = {}
+    for name, module in {**depthwise, **pointwise}.items():
+        module.register_forward_hook(lambda _m, _i, out, name=name: dtypes.__setitem__(name, out.dtype))
+    split = load_labelled_folder(fashion_folder)[0]
+    images = next(iter(EvalImages(split.paths[:8], split.digests[:8], lite0.preprocessing, batch_size=8)))
+    trained = {name for name, m in depthwise.items() if m.weight.requires_grad}
+    assert trained and len(trained) < len(depthwise)
+    before = {name: depthwise[name].weight.detach().clone() for name in trained}
+
+    loss = step(images, torch.tensor(split.labels[:8]))
+    assert torch.isfinite(loss)
+    assert {name: dtypes[name] for name in trained} == {name: torch.float32 for name in trained}
+    assert {name: dtypes[name] for name in depthwise if name not in trained} == {name: torch.bfloat16 for name in depthwise if name not in trained}
+    assert set(dtypes[name] for name in pointwise) == {torch.bfloat16}
+    assert all(not torch.equal(before[name], depthwise[name].weight) for name in trained)
+
+    dtypes.clear()
+    with torch.inference_mode(), autocast("bf16", cpu):
+        model.eval()(images)
+    assert set(dtypes[name] for name in depthwise) == {torch.bfloat16}

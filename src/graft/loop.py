@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from graft.numerics import autocast
+from graft.numerics import autocast, train_depthwise_in_fp32
 
 if TYPE_CHECKING:
     from graft.compiling import TrainingCompiler
@@ -88,9 +88,10 @@ class TrainSteps:
     """The training step every image-training loop runs, and the epoch's running loss and accuracy.
 
     Batches move to the device without blocking (from pinned memory on CUDA) in channels_last;
-    the forward runs under the run's autocast, the loss in float32. The sums stay on the device:
-    reading a value back (`loss.item()`) after every step would make the host wait for the GPU
-    each step instead of queueing the next one. `epoch_result()` reads them once.
+    the forward runs under the run's autocast (on a CPU in bf16 with the trained depthwise
+    convolutions in fp32: `numerics.train_depthwise_in_fp32`), the loss in float32. The sums
+    stay on the device: reading a value back (`loss.item()`) after every step would make the host
+    wait for the GPU each step instead of queueing the next one. `epoch_result()` reads them once.
     """
 
     def __init__(self, network: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
@@ -100,6 +101,8 @@ class TrainSteps:
         self.precision, self.device = precision, device
         self.prepare = prepare  # run on the device before the forward (uint8 batches: the normalisation)
         self.compiler = compiler  # decides when the step runs through torch.compile (graft.compiling)
+        if device.type == "cpu" and precision == "bf16":
+            train_depthwise_in_fp32(network)  # oneDNN's bf16 depthwise backward is the slow one there
         self._reset()
 
     def _reset(self) -> None:

@@ -4,15 +4,18 @@
 with bf16, CPUs with AVX-512 BF16 / AMX) and fp32 elsewhere. Every choice is recorded (cache keys,
 bundles). On the 2-core AVX-512 machine of docs/performance.md, bf16 autocast with channels_last
 runs EfficientNet-Lite0 about 2x faster than fp32, and stays within `BF16_TOLERANCE` of fp32 on
-real images (tests/test_numerics.py checks it).
+real images (tests/test_numerics.py checks it). Training there keeps the depthwise convolutions
+that get gradients in fp32 (`train_depthwise_in_fp32`): their bf16 backward is the slow one.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+import functools
+from typing import Callable, Iterator
 
 import torch
+from torch import nn
 
 from graft.errors import ConfigError
 
@@ -123,3 +126,45 @@ def autocast(precision: str, device: torch.device) -> Iterator[None]:
             yield
     else:
         yield
+
+
+def train_depthwise_in_fp32(network: nn.Module) -> int:
+    """On a CPU under bf16 autocast, run the depthwise convolutions that autograd records in fp32.
+
+    oneDNN's bf16 backward of a depthwise convolution is slower than its fp32 one on the 2-core
+    AVX-512 BF16 machine of docs/performance.md (a 5x5 one 2.4-4.7x; forward + backward of 3x3
+    ones 0.65-1.5x), while pointwise convolutions are 1.6-1.7x faster in bf16. There, with batch
+    32, EfficientNet-Lite0's full training step took 1.63 s in fp32, 1.80 s in bf16 autocast and
+    1.18 s with its depthwise convolutions in fp32 and the rest in bf16; its top two stages on
+    cached activations 0.32, 0.48 and 0.25 s (`bench/train_precision.py`). The forward alone is
+    faster in bf16 (176 against 143 img/s), so a depthwise convolution keeps bf16 wherever no
+    backward will follow: inference, and a frozen prefix that receives no gradient.
+
+    Each depthwise `nn.Conv2d` (groups equal to its input channels) of `network` gets a forward
+    that checks, per call, whether CPU autocast is on and autograd records the op (gradients
+    enabled, and its weight or its input requires them); if so it runs in fp32 with autocast off,
+    its output fp32 (the next layer's autocast casts it back). Weights and state_dict are
+    untouched. Idempotent; returns how many convolutions it wraps (0 on a second call).
+    """
+    wrapped = 0
+    for module in network.modules():
+        if not _is_depthwise(module) or getattr(module, "_graft_fp32_when_trained", False):
+            continue
+        module.forward = functools.partial(_fp32_when_trained, module, module.forward)
+        module._graft_fp32_when_trained = True
+        wrapped += 1
+    return wrapped
+
+
+def _is_depthwise(module: nn.Module) -> bool:
+    return isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels
+
+
+def _fp32_when_trained(module: nn.Conv2d, forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    if (
+        x.device.type == "cpu" and torch.is_autocast_enabled("cpu") and torch.is_grad_enabled()
+        and (x.requires_grad or module.weight.requires_grad)
+    ):
+        with torch.autocast("cpu", enabled=False):
+            return forward(x.float())
+    return forward(x)
