@@ -10,11 +10,11 @@ and lets one vectorised pass normalise 64 images at once.
 Decoding runs one batch ahead of the model in a background thread by default: Pillow releases the
 GIL while it decodes and resamples, so on a small CPU most of the decode hides behind the forward
 pass without a worker process (which would fight torch's own threads and copy every image between
-processes). Not all of it: with EfficientNet-Lite0 in bf16 at 5 ms per image on 2 cores, graft
-extracts at 0.85 of the bare forward (docs/performance.md). `workers > 0` uses DataLoader worker processes instead (on a GPU machine with cores to
-spare, where the model is much faster than one decoding thread; `extraction_workers` picks). On a
-GPU, training batches even cross to the device as uint8 and are normalised there
-(`SplitTransform.normalizer_on`).
+processes). Not all of it: with EfficientNet-Lite0 in bf16 at 5-6 ms per image on 2 cores, graft
+extracts at 0.89 of the bare forward (docs/performance.md). `workers > 0` uses DataLoader worker
+processes instead (on a GPU machine with cores to spare, where the model is much faster than
+one decoding thread; `extraction_workers` picks). On a GPU, training batches even cross to the
+device as uint8 and are normalised there (`SplitTransform.normalizer_on`).
 
 Evaluation-view images (`augment="none"`) are also kept, decoded and resized, in an in-memory
 store keyed by file content and preprocessing, so validation every epoch, the linear probe of
