@@ -20,6 +20,14 @@ def task_folder(shots: int, seed: int = 0) -> Path:
     return few_shot_fashion_mnist(RESULTS / "data" / f"fashion-{shots}shot-seed{seed}", shots, seed=seed)
 
 
+def training_batch(count: int = 32) -> tuple[list[Path], list[str], torch.Tensor]:
+    """The first `count` training images of the 20-shot task (seed 0): paths, digests, labels."""
+    from graft.data import load_labelled_folder
+
+    split = load_labelled_folder(task_folder(20) / "train")[0]
+    return split.paths[:count], split.digests[:count], torch.tensor(split.labels[:count])
+
+
 def max_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 

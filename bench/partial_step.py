@@ -24,11 +24,10 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import Timer, max_rss_mb, print_table, task_folder, write_results  # noqa: E402
+from common import Timer, max_rss_mb, print_table, training_batch, write_results  # noqa: E402
 
 from graft.backbones import load_backbone  # noqa: E402
 from graft.config import TrainConfig  # noqa: E402
-from graft.data import load_labelled_folder  # noqa: E402
 from graft.features import extract_features  # noqa: E402
 from graft.heads import HeadSpec, make_head  # noqa: E402
 from graft.model import GraftModel  # noqa: E402
@@ -46,9 +45,7 @@ def main() -> None:
     torch.set_num_threads(2)
     device = torch.device("cpu")
     backbone = load_backbone()
-    split = load_labelled_folder(task_folder(20) / "train")[0]
-    paths, digests = split.paths[:32], split.digests[:32]
-    targets = torch.tensor(split.labels[:32])
+    paths, digests, targets = training_batch()
     stages = discover_stages(backbone.model)
     config = TrainConfig(data=".", out=".", train_stages=1)
     model = GraftModel(backbone.model, make_head(HeadSpec(kind="linear", in_features=backbone.num_features, num_classes=10)))
