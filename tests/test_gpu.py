@@ -89,6 +89,27 @@ def test_cuda_extraction_in_worker_processes_gives_the_threads_features(lite0, f
     assert _relative_error(processes, thread) <= 1e-3  # the same pixels; only cuDNN's algorithm choice may differ
 
 
+def test_cuda_batches_are_normalised_on_the_gpu_as_on_the_host(lite0, fashion_folder: Path) -> None:
+    """uint8 pixels cross to the GPU and are normalised there: the same float32 values as the
+    host's normalisation, in the thread, in worker processes, and from a half-filled store."""
+    from graft.pipeline import DecodedImages, image_batches
+    from graft.preprocessing import build_transforms
+
+    split = load_labelled_folder(fashion_folder)[0]
+    transform = build_transforms(lite0.preprocessing)
+    on_host = torch.cat(list(image_batches(split.paths, transform, batch_size=8, store=None)))
+    store = DecodedImages(10**9)
+    keys = [f"{digest}.gpu-test" for digest in split.digests]
+    for half in split.paths[::2]:  # the thread fills half of the store; the processes decode the rest
+        list(image_batches([half], transform, batch_size=8, keys=[keys[split.paths.index(half)]], store=store))
+    for workers, given_store in ((0, None), (2, None), (2, store)):
+        batches = list(image_batches(split.paths, transform, batch_size=8, keys=keys, store=given_store, workers=workers, device=CUDA))
+        assert all(b.device.type == "cuda" and b.dtype == torch.float32 for b in batches)
+        assert all(b.is_contiguous(memory_format=torch.channels_last) for b in batches)
+        torch.testing.assert_close(torch.cat(batches).cpu(), on_host, atol=1e-6, rtol=0, msg=f"{workers} workers")
+    assert len(store) == len(split.paths)
+
+
 @pytest.mark.parametrize("strategy", ["feature-extract", "partial", "full", "gradual", "lp-ft", "lora"])
 def test_training_on_cuda_gives_a_bundle_that_predicts_alike_on_cpu(strategy: str, fashion_folder: Path, tmp_path: Path) -> None:
     options = {"epochs": 2, "thaw_every": 1} if strategy == "gradual" else {"epochs": 2}

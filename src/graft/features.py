@@ -201,7 +201,7 @@ def extract_features(
             batch_size=batch_size or default_batch_size(device),
             keys=[f"{digests[i]}.{view_id}" for i in mine] if view_id else None,
             workers=extraction_workers(len(mine), device) if num_workers is None else num_workers,
-            pin_memory=device.type == "cuda",
+            device=device,
         )
         network = model if model is not None else backbone.model
         outputs = forward_batches(network, loader, precision=precision, device=device, progress=progress, compile=compile)

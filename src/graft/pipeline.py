@@ -13,8 +13,8 @@ pass without a worker process (which would fight torch's own threads and copy ev
 processes). Not all of it: with EfficientNet-Lite0 in bf16 at 5-6 ms per image on 2 cores, graft
 extracts at 0.89 of the bare forward (docs/performance.md). `workers > 0` uses DataLoader worker
 processes instead (on a GPU machine with cores to spare, where the model is much faster than
-one decoding thread; `extraction_workers` picks). On a GPU, training batches even cross to the
-device as uint8 and are normalised there (`SplitTransform.normalizer_on`).
+one decoding thread; `extraction_workers` picks). On a GPU every batch, for training and for
+inference, crosses to the device as uint8 and is normalised there (`SplitTransform.normalizer_on`).
 
 Evaluation-view images (`augment="none"`) are also kept, decoded and resized, in an in-memory
 store keyed by file content and preprocessing, so validation every epoch, the linear probe of
@@ -242,45 +242,57 @@ def image_batches(
     store: DecodedImages | None = DECODED,
     workers: int = 0,
     prefetch: int = 2,
-    pin_memory: bool = False,
+    device: torch.device | None = None,
 ) -> Iterator[torch.Tensor]:
     """Normalised float batches (channels_last) of the images, in order.
 
     `keys` (one per path, e.g. the file digest plus a preprocessing id) enable the in-memory
     `store`; give them only for deterministic transforms (the evaluation view), never for random
     augmentations. `workers=0` decodes in one background thread, `prefetch` batches ahead;
-    `workers>0` uses that many DataLoader processes. `pin_memory` (for a CUDA model) pins each
-    batch off the critical path, so the copy to the GPU can be non-blocking.
+    `workers>0` uses that many DataLoader processes, each sending its batch as one stacked uint8
+    tensor. For a CUDA `device` the batches come out on it: the uint8 pixels are pinned, copied
+    without blocking (a quarter of the bytes of floats) and normalised there
+    (`SplitTransform.normalizer_on`); otherwise they are normalised on the host, in the decoding
+    thread where there is one.
     """
     split = split_transform(transform)
+    on_gpu = device is not None and device.type == "cuda"
     if split is None:
         # An unusual transform: the whole of it per image, still decoded ahead of the model.
         chunks = [list(range(s, min(s + batch_size, len(paths)))) for s in range(0, len(paths), batch_size)]
-        yield from _ahead(chunks, lambda chunk: torch.stack([transform(load_image(paths[i])) for i in chunk])
-                          .contiguous(memory_format=torch.channels_last), prefetch)
+        batches = _ahead(chunks, lambda chunk: torch.stack([transform(load_image(paths[i])) for i in chunk])
+                         .contiguous(memory_format=torch.channels_last), prefetch)
+        yield from ((batch.pin_memory().to(device, non_blocking=True) for batch in batches) if on_gpu else batches)
         return
     if store is not None and (keys is None or store.budget_bytes == 0):
         store = None
     if workers > 0:
-        for batch in _process_batches(paths, split, batch_size, keys, store, workers):
-            yield batch.pin_memory() if pin_memory else batch
+        batches = _process_batches(paths, split, batch_size, keys, store, workers, pin_memory=on_gpu)  # uint8
+        if not on_gpu:
+            batches = (split.normalize(pixels) for pixels in batches)
+    else:
+        def decode(chunk: list[int]) -> torch.Tensor:
+            found_pixels = []
+            for i in chunk:
+                found = store.get(keys[i]) if store is not None else None
+                if found is None:
+                    found = split.pixels(load_image(paths[i], keep_gray=split.channel_blind))
+                    if store is not None:
+                        store.put(keys[i], found)
+                found_pixels.append(found)
+            stacked = stack_pixels(found_pixels)
+            # For the host, normalising here in the decode thread keeps that pass off the model's
+            # critical path too; for a GPU, pinning here does the same for the copy.
+            return torch.from_numpy(stacked).pin_memory() if on_gpu else split.normalize(stacked)
+
+        chunks = [list(range(s, min(s + batch_size, len(paths)))) for s in range(0, len(paths), batch_size)]
+        batches = _ahead(chunks, decode, prefetch)
+    if not on_gpu:
+        yield from batches
         return
-
-    def decode(chunk: list[int]) -> torch.Tensor:
-        pixels = []
-        for i in chunk:
-            found = store.get(keys[i]) if store is not None else None
-            if found is None:
-                found = split.pixels(load_image(paths[i], keep_gray=split.channel_blind))
-                if store is not None:
-                    store.put(keys[i], found)
-            pixels.append(found)
-        # Normalising here, in the decode thread, keeps that pass off the model's critical path too.
-        batch = split.normalize(stack_pixels(pixels))
-        return batch.pin_memory() if pin_memory else batch
-
-    chunks = [list(range(s, min(s + batch_size, len(paths)))) for s in range(0, len(paths), batch_size)]
-    yield from _ahead(chunks, decode, prefetch)
+    normalize = split.normalizer_on(device)
+    for pixels in batches:
+        yield normalize(pixels.to(device, non_blocking=True))
 
 
 def _ahead(chunks: list[list[int]], work: Callable[[list[int]], torch.Tensor], prefetch: int) -> Iterator[torch.Tensor]:
@@ -320,20 +332,43 @@ class _PixelFiles(torch.utils.data.Dataset):
         return self.split.pixels(load_image(self.paths[index], keep_gray=self.split.channel_blind))
 
 
-def _process_batches(paths, split, batch_size, keys, store, workers) -> Iterator[torch.Tensor]:
-    """Worker processes decode what the store lacks (uint8 crosses the process boundary)."""
+def _stacked(pixels: list[torch.Tensor]) -> torch.Tensor:
+    """A worker's collate: its batch as one uint8 tensor, so one shared-memory block crosses to
+    the main process instead of one per image."""
+    return torch.from_numpy(stack_pixels(pixels))
+
+
+def _process_batches(paths, split, batch_size, keys, store, workers, *, pin_memory: bool) -> Iterator[torch.Tensor]:
+    """uint8 (N, H, W, C) batches in order: worker processes decode what the store lacks."""
     from torch.utils.data import DataLoader
 
     missing = [i for i in range(len(paths)) if store is None or store.get(keys[i]) is None]
+    if not missing:  # everything is in the store: starting processes would only cost time
+        for start in range(0, len(paths), batch_size):
+            stacked = torch.from_numpy(stack_pixels([store.get(keys[i]) for i in range(start, min(start + batch_size, len(paths)))]))
+            yield stacked.pin_memory() if pin_memory else stacked
+        return
+    # The store keeps rows of the workers' batches as views: no copy per image, and a batch's
+    # memory lives as long as one of its rows is kept. Pinning a whole batch here (about 1 ms for
+    # 256 images of 224 px) rather than in the DataLoader leaves those rows in ordinary memory; a
+    # copy of each row out of a pinned batch cost 0.06 ms, and `clone()` 0.4 ms (it pins again),
+    # per image on the H100 machine of docs/performance.md.
+    loader = DataLoader(_PixelFiles([paths[i] for i in missing], split), batch_size=batch_size, num_workers=workers,
+                        collate_fn=_stacked)
+    if len(missing) == len(paths):  # nothing in the store: the workers' batches are the batches
+        for start, batch in zip(range(0, len(paths), batch_size), loader):
+            if store is not None:
+                for offset, pixels in enumerate(batch):
+                    store.put(keys[start + offset], pixels)
+            yield batch.pin_memory() if pin_memory else batch
+        return
+    batches = iter(loader)
     decoded: dict[int, torch.Tensor] = {}
-    # collate_fn=list: a batch may mix one-channel and three-channel pictures (no stacking there).
-    loader = iter(DataLoader(_PixelFiles([paths[i] for i in missing], split), batch_size=batch_size, num_workers=workers,
-                             collate_fn=list))
     position = 0
     for start in range(0, len(paths), batch_size):
         chunk = range(start, min(start + batch_size, len(paths)))
         while any(i not in decoded and (store is None or store.get(keys[i]) is None) for i in chunk):
-            for pixels in next(loader):
+            for pixels in next(batches):
                 decoded[missing[position]] = pixels
                 position += 1
         batch = []
@@ -344,7 +379,8 @@ def _process_batches(paths, split, batch_size, keys, store, workers) -> Iterator
             elif store is not None:
                 store.put(keys[i], pixels)
             batch.append(pixels)
-        yield split.normalize(stack_pixels(batch))
+        stacked = torch.from_numpy(stack_pixels(batch))
+        yield stacked.pin_memory() if pin_memory else stacked
 
 
 def preprocessing_id(preprocessing: Any, augment: str = "none") -> str:
@@ -365,7 +401,7 @@ class EvalImages:
     >>> for batch in EvalImages(paths, digests, backbone.preprocessing, batch_size=64): ...
     """
 
-    def __init__(self, paths: Sequence[Path], digests: Sequence[str], preprocessing: Any, *, batch_size: int, pin_memory: bool = False) -> None:
+    def __init__(self, paths: Sequence[Path], digests: Sequence[str], preprocessing: Any, *, batch_size: int, device: torch.device | None = None) -> None:
         from graft.preprocessing import build_transforms
 
         self.paths = list(paths)
@@ -373,10 +409,10 @@ class EvalImages:
         self.keys = [f"{digest}.{view}" for digest in digests]
         self.transform = build_transforms(preprocessing)
         self.batch_size = batch_size
-        self.pin_memory = pin_memory
+        self.device = device
 
     def __len__(self) -> int:
         return (len(self.paths) + self.batch_size - 1) // self.batch_size
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        return image_batches(self.paths, self.transform, batch_size=self.batch_size, keys=self.keys, pin_memory=self.pin_memory)
+        return image_batches(self.paths, self.transform, batch_size=self.batch_size, keys=self.keys, device=self.device)

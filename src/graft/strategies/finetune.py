@@ -481,7 +481,7 @@ def train_on_images(
     val_local = distributed.shard(range(len(val_set)))
     # Validation images are decoded once and kept in memory: every later epoch reads them from there.
     val_loader = EvalImages([val_set.paths[i] for i in val_local], [val_set.digests[i] for i in val_local], context.backbone.preprocessing,
-                            batch_size=max(default_batch_size(device), config.batch_size), pin_memory=device.type == "cuda")
+                            batch_size=max(default_batch_size(device), config.batch_size), device=device)
     model.to(device).to(memory_format=torch.channels_last)
     apply_trainability(model, stages, plan.trainable_at(0), plan)
     optimizer = make_optimizer(param_groups(model, stages, plan, config.weight_decay), device)
