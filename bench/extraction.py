@@ -12,6 +12,12 @@ one run and repeated (median of the per-repetition ratios, with min–max):
   24 img/s of shared/benchmarks.md was this).
 
     python bench/extraction.py [--images 960] [--repeats 5] [--precisions fp32 bf16]   (up to 1 200 images)
+
+On a GPU (`--device cuda`): the ceiling's batches already lie on the GPU, graft decodes with its
+default worker processes, batch 256, and up to 10 000 images (the 1000-shot task's training set)
+can be asked for; the one-worker and plain-DataLoader rows are CPU-only.
+
+    python bench/extraction.py --device cuda --images 10000 --precisions bf16
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from graft.backbones import load_backbone  # noqa: E402
 from graft.data import load_labelled_folder  # noqa: E402
 from graft.features import ImageFiles, extract_features, forward_batches  # noqa: E402
 from graft.numerics import cpu_supports_bf16  # noqa: E402
+from graft.pipeline import default_batch_size  # noqa: E402
 from graft.preprocessing import build_transforms  # noqa: E402
 
 
@@ -38,34 +45,41 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--images", type=int, default=960)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=None, help="default: 64 on CPU, 256 on CUDA")
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"],
                         help="which to measure (bf16 only where this CPU runs it natively)")
     args = parser.parse_args()
-    torch.set_num_threads(2)
-    device = torch.device("cpu")
+    device = torch.device(args.device)
+    on_gpu = device.type == "cuda"
+    if not on_gpu:
+        torch.set_num_threads(2)
+    args.batch_size = args.batch_size or default_batch_size(device)
     backbone = load_backbone()
     model = backbone.model.eval().to(memory_format=torch.channels_last)
     # The 20-shot task's training then validation images (1 200): a run's extraction is that long.
-    folders = [load_labelled_folder(task_folder(20) / name)[0] for name in ("train", "valid")]
+    # More (a GPU's run): the 1000-shot task's 10 000 training images.
+    sources = [(20, "train"), (20, "valid")] if args.images <= 1200 else [(1000, "train")]
+    folders = [load_labelled_folder(task_folder(shots) / name)[0] for shots, name in sources]
     paths = [p for f in folders for p in f.paths][: args.images]
     digests = [d for f in folders for d in f.digests][: args.images]
     count = len(paths)
     transform = build_transforms(backbone.preprocessing)
     in_memory = torch.stack([transform(ImageFiles(paths, lambda x: x)[i]) for i in range(count)])
     in_memory = in_memory.contiguous(memory_format=torch.channels_last)
-    batches = list(in_memory.split(args.batch_size))
-    precisions = [p for p in args.precisions if p == "fp32" or cpu_supports_bf16()]
+    batches = [batch.to(device) for batch in in_memory.split(args.batch_size)]
+    precisions = [p for p in args.precisions if p == "fp32" or on_gpu or cpu_supports_bf16()]
 
     def ceiling(precision: str) -> None:
         forward_batches(model, batches, precision=precision, device=device)
 
-    def graft_files(precision: str, workers: int = 0) -> None:
+    def graft_files(precision: str, workers: int | None = None) -> None:
         pipeline.DECODED.clear()  # every repetition decodes every file
-        extract_features(backbone, paths, digests, cache=None, precision=precision, batch_size=args.batch_size, num_workers=workers)
+        extract_features(backbone, paths, digests, cache=None, precision=precision, batch_size=args.batch_size,
+                         num_workers=workers, device=device)
 
     def graft_second_pass(precision: str) -> None:
-        extract_features(backbone, paths, digests, cache=None, precision=precision, batch_size=args.batch_size)
+        extract_features(backbone, paths, digests, cache=None, precision=precision, batch_size=args.batch_size, device=device)
 
     def plain_fp32_nchw(precision: str) -> None:
         loader = torch.utils.data.DataLoader(ImageFiles(paths, transform), batch_size=args.batch_size, num_workers=0)
@@ -75,12 +89,11 @@ def main() -> None:
                 plain(batch)
         backbone.model.to(memory_format=torch.channels_last)
 
-    methods = {
-        "ceiling (tensors in memory)": ceiling,
-        "graft from files (decode thread)": graft_files,
-        "graft from files (1 worker process)": lambda p: graft_files(p, workers=1),
-        "graft, images already decoded": graft_second_pass,
-    }
+    files = "graft from files (worker processes)" if on_gpu else "graft from files (decode thread)"
+    methods = {"ceiling (tensors in memory)": ceiling, files: graft_files}
+    if not on_gpu:
+        methods["graft from files (1 worker process)"] = lambda p: graft_files(p, workers=1)
+    methods["graft, images already decoded"] = graft_second_pass
     rows = []
     for precision in precisions:
         for method in methods.values():  # warm-up: one-off allocations, oneDNN kernels
@@ -92,7 +105,7 @@ def main() -> None:
                 with Timer() as timer:
                     method(precision)
                 seconds[name].append(timer.seconds)
-            if precision == "fp32":
+            if precision == "fp32" and not on_gpu:
                 with Timer() as timer:
                     plain_fp32_nchw(precision)
                 seconds["plain DataLoader, fp32 NCHW"].append(timer.seconds)
@@ -110,8 +123,10 @@ def main() -> None:
         print_table([r for r in rows if r["precision"] == precision], ["precision", "method", "img_per_s", "ratio_to_ceiling", "ratio_min", "ratio_max"])
         print()
     rss = max_rss_mb()
-    print(f"{count} images, batch {args.batch_size}, {args.repeats} repetitions, torch threads {torch.get_num_threads()}; max RSS {rss:.0f} MB")
-    print("written", write_results("extraction", rows, {"images": count, "repeats": args.repeats, "max_rss_mb": rss}))
+    where = torch.cuda.get_device_name(device) if on_gpu else f"torch threads {torch.get_num_threads()}"
+    print(f"{count} images, batch {args.batch_size}, {args.repeats} repetitions, {where}; max RSS {rss:.0f} MB")
+    extra = {"images": count, "repeats": args.repeats, "max_rss_mb": rss, "device": where}
+    print("written", write_results("extraction" if not on_gpu else "extraction_cuda", rows, extra))
 
 
 if __name__ == "__main__":

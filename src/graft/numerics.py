@@ -22,12 +22,15 @@ from graft.errors import ConfigError
 PRECISIONS = ("auto", "fp32", "bf16")
 COMPILE_SETTINGS = ("auto", "on", "off")
 
-# `torch.compile` of the frozen backbone's forward (bench/compile_cpu.py, EfficientNet-Lite0, 2 CPU
-# cores, bf16, channels_last, malloc thresholds raised as `load_backbone` does): 34 s to compile
+# `torch.compile` of the frozen backbone's forward (bench/compile_forward.py, EfficientNet-Lite0, 2
+# CPU cores, bf16, channels_last, malloc thresholds raised as `load_backbone` does): 34 s to compile
 # with inductor's caches off, then 0.92x the eager time per batch (0.96 in a second run), so it
 # pays off after about 53 000 images. (Before the malloc fix eager paid for page faults: 69 s,
-# 0.81x, 7 900 images.) auto compiles on CPU from this many images through the frozen backbone;
-# on CUDA the break-even has not been measured, so auto leaves it eager.
+# 0.81x, 7 900 images.) auto compiles on CPU from this many images through the frozen backbone.
+# On CUDA it stays eager: on an H100 the compiled forward ran at 0.62x the eager time (Lite0,
+# batch 256, 18 s to compile; break-even 920 000 images), but extraction from files there is fed
+# at a fifth to a quarter of the eager forward's rate (bench/extraction.py --device cuda), so a
+# faster forward does not shorten it (measured: 2 229 against 2 100 img/s with and without).
 COMPILE_BREAK_EVEN_IMAGES = 50_000
 
 # How far bf16 autocast may move results from fp32, measured on real images (docs/performance.md):
