@@ -39,6 +39,9 @@ def test_batches_keep_order_and_reuse_decoded_images(lite0, fashion_folder: Path
     missing = [p.with_name("gone-" + p.name) for p in paths]
     again = torch.cat(list(image_batches(missing, transform, batch_size=3, keys=keys, store=store)))
     torch.testing.assert_close(again, first)
+    # So does the worker-process path, which then starts no process at all.
+    again = torch.cat(list(image_batches(missing, transform, batch_size=3, keys=keys, store=store, workers=2)))
+    torch.testing.assert_close(again, first)
 
 
 def test_store_budget_and_worker_processes(lite0, fashion_folder: Path) -> None:
