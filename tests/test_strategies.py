@@ -112,15 +112,25 @@ def test_full_moves_every_stage_and_lp_ft_starts_from_a_probe(fashion_folder, tm
 
 
 def test_lp_ft_can_fine_tune_only_the_top_stages(fashion_folder, tmp_path, pretrained):
+    """The top 2 stages fine-tune on the cached prefix; the rest stays bitwise frozen. The bundle
+    holds whichever validated better: a fine-tuning epoch, or the probe it started from."""
     state, stages = pretrained
-    run = graft.train(fashion_folder, out=tmp_path / "lpft2", strategy="lp-ft", train_stages=2, epochs=1, augment_views=1,
+    run = graft.train(fashion_folder, out=tmp_path / "lpft2", strategy="lp-ft", train_stages=2, epochs=2, augment_views=1,
                       verbose=False)
     assert run.metrics["cached_prefix"] == "blocks.4"  # the frozen prefix is computed once and cached
     moved = _moved(state, run.bundle_dir)
     for stage in stages[:-2]:
         assert not any(moved[k] for k in _stage_keys(stage, state)), f"frozen stage {stage.name} changed"
-    for stage in stages[-2:]:
-        assert any(moved[k] for k in _stage_keys(stage, state) if k.endswith("weight")), stage.name
+    start, epochs = run.metrics["start_val_accuracy"], [record.val_accuracy for record in run.history]
+    assert len(epochs) == 2
+    assert run.metrics["accuracy"] == pytest.approx(max([start, *epochs]), abs=1e-6)
+    top_moved = [any(moved[k] for k in _stage_keys(stage, state) if k.endswith("weight")) for stage in stages[-2:]]
+    if run.metrics["best_epoch"] == -1:  # no epoch beat the probe: the pretrained stages come back untouched
+        assert all(accuracy <= start for accuracy in epochs)
+        assert not any(top_moved)
+    else:
+        assert epochs[run.metrics["best_epoch"]] >= start
+        assert all(top_moved)
     audit = {row.stage: row for row in graft.inspect("efficientnet_lite0", strategy="lp-ft", train_stages=2).audit}
     assert [audit[s.name].trainable_params > 0 for s in stages] == [False] * (len(stages) - 2) + [True, True]
 

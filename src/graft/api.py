@@ -170,11 +170,11 @@ def train_with_config(config: TrainConfig, *, reporter: Reporter = QUIET, resume
         checkpoints.remove()  # the bundle and metrics are the result now
         write_run_report(run_dir, reporter)
     distributed.barrier()  # no rank returns before the files exist
-    reporter.say(
-        f"validation accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f} "
-        f"(best epoch {outcome.fit.best_epoch + 1} of {len(outcome.fit.history)}); "
-        f"run written to {run_dir}"
-    )
+    if outcome.fit.best_epoch >= 0:
+        best = f"best epoch {outcome.fit.best_epoch + 1} of {len(outcome.fit.history)}"
+    else:  # lp-ft: no fine-tuning epoch beat the probe it started from
+        best = f"no epoch of {len(outcome.fit.history)} beat the starting probe on validation: kept the probe"
+    reporter.say(f"validation accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f} ({best}); run written to {run_dir}")
     return RunResult(run_dir=run_dir, bundle_dir=bundle_dir, metrics=metrics, history=outcome.fit.history)
 
 

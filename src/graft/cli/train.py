@@ -20,7 +20,7 @@ def train(
     head: str = typer.Option("linear", help="New classifier head: linear or mlp."),
     hidden: int = typer.Option(512, help="Hidden units of the mlp head."),
     dropout: float = typer.Option(0.0, help="Dropout before the head's last layer."),
-    epochs: Optional[int] = typer.Option(None, help="Epochs (default: the strategy's)."),
+    epochs: Optional[int] = typer.Option(None, help="Epochs (default: the strategy's; lp-ft: its fine-tuning epochs, its probe trains to its own budget)."),
     batch_size: int = typer.Option(32, help="Training batch size."),
     lr: Optional[float] = options.LR,
     weight_decay: float = typer.Option(1e-4, help="AdamW weight decay."),

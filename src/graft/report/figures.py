@@ -70,7 +70,7 @@ def learning_curves(history: Sequence[Mapping[str, Any]], best_epoch: int | None
                 str(row["stage_thawed"]), (row["epoch"] + 1, 0.02), rotation=90, fontsize=7,
                 color="0.3", xycoords=("data", "axes fraction"), va="bottom", ha="right",
             )
-    if best_epoch is not None and history:
+    if best_epoch is not None and best_epoch >= 0 and history:  # -1: the starting model was kept
         acc_ax.axvline(best_epoch + 1, color=PALETTE[2], linewidth=1, alpha=0.7, label="best epoch")
     loss_ax.set(title="loss", xlabel="epoch")
     acc_ax.set(title="accuracy", xlabel="epoch", ylim=(0, 1.02))

@@ -292,7 +292,9 @@ def curves_section(run: Run, figures: Any) -> str:
         return note("history.jsonl is empty: no epoch was recorded.")
     thawed = [(row["epoch"] + 1, row["stage_thawed"]) for row in run.history if row.get("stage_thawed")]
     fig = figures.learning_curves(run.history, run.metrics.get("best_epoch"))
-    caption = f"{len(run.history)} epochs; best epoch {fmt((run.metrics.get('best_epoch') or 0) + 1)} (green line)"
+    best_epoch = run.metrics.get("best_epoch") or 0
+    caption = f"{len(run.history)} epochs; " + (f"best epoch {fmt(best_epoch + 1)} (green line)" if best_epoch >= 0 else
+                                                 "no epoch beat the probe training started from on validation: the probe was kept")
     if thawed:
         caption += "; dashed lines: " + ", ".join(f"epoch {e} thawed {s}" for e, s in thawed)
     else:

@@ -58,6 +58,9 @@ class StagePlan:
     adapter_lr: float | None = None  # LoRA: adapters train at this rate, their base layers frozen
     bn_stats: str = "update"  # BatchNorm of trainable stages: "update" (train mode) or "frozen" (eval mode)
     notes: dict[str, object] = field(default_factory=dict)
+    # The model training starts from is already fitted (lp-ft's probe head): it competes with the
+    # epochs on validation, and fine-tuning is kept only where an epoch beats it.
+    start_is_candidate: bool = False
 
     def trainable_at(self, epoch: int) -> list[bool]:
         return [t is not None and t <= epoch for t in self.thaw_epoch]
@@ -180,7 +183,9 @@ class Gradual(FineTune):
 class LinearProbeThenFineTune(FineTune):
     """`lp-ft`: a linear probe on cached features first, then everything (or the last
     `--train-stages K`) fine-tunes from that head at a tenth of the rate (discriminative), so the
-    new head does not wreck the features early."""
+    new head does not wreck the features early. The probe trains to its own budget (the
+    feature-extract defaults; `--epochs` counts fine-tuning epochs), and it stays a candidate: if
+    no fine-tuning epoch beats it on validation, the run returns the probe (`starting_point`)."""
 
     name = "lp-ft"
     # Fine-tuning at 3e-4 (a tenth of this) for the top stage and the head, decaying toward the
@@ -195,17 +200,19 @@ class LinearProbeThenFineTune(FineTune):
         lr = (config.lr or self.default_lr) * 0.1
         return StagePlan(
             stage_lrs=[lr * config.lr_decay ** (n - 1 - i) for i in range(n)],
-            thaw_epoch=[0 if i >= n - k else None for i in range(n)], head_lr=lr,
+            thaw_epoch=[0 if i >= n - k else None for i in range(n)], head_lr=lr, start_is_candidate=True,
         )
 
     def initial_head(self, context: TrainContext) -> nn.Module:
         from graft.strategies.feature_extract import FeatureExtract
 
-        # The probe's head is only a starting point: it trains on the plain features (the ones a
-        # feature-extract run or auto's measurement has cached already), while `--augment-views`
-        # sets the augmented views of the fine-tuning phase.
+        # The probe trains on the plain features (the ones a feature-extract run or auto's
+        # measurement has cached already), while `--augment-views` sets the augmented views of the
+        # fine-tuning phase; and to the probe's own budget of epochs, since `--epochs` and
+        # `--patience` are the fine-tuning's (head epochs on cached features are nearly free).
         probe = FeatureExtract()
-        outcome = probe.train(TrainContext(**{**context.__dict__, "config": context.config.replace(augment_views=0)}))
+        probe_config = context.config.replace(augment_views=0, epochs=None, patience=None)
+        outcome = probe.train(TrainContext(**{**context.__dict__, "config": probe_config}))
         for parameter in context.backbone.model.parameters():
             parameter.requires_grad_(True)
         self.probe_history = outcome.fit.history
@@ -264,6 +271,18 @@ def _lora_size(module: nn.Module, rank: int) -> int:
         k = module.kernel_size[0] * module.kernel_size[1]
         return rank * (module.in_channels * k + module.out_channels)
     return 0
+
+
+def starting_point(plan: StagePlan, model: nn.Module, validate: Callable[[], tuple[float, float]], checkpoint) -> dict:
+    """`fit`'s keyword arguments: a resumed run's, or for a plan whose starting model is already
+    fitted (`start_is_candidate`), that model as epoch -1 with its validation score, so that the
+    best epoch is chosen among it too. Fine-tuning that never beats the probe it started from on
+    validation gives the probe back instead of a worse model (one validation pass)."""
+    if checkpoint.fit_kwargs or not plan.start_is_candidate:
+        return checkpoint.fit_kwargs
+    val_loss, val_accuracy = validate()
+    plan.notes["start_val_accuracy"] = round(val_accuracy, 6)  # the run's metrics show what it had to beat
+    return {"best": (-1, val_accuracy, val_loss, {k: v.detach().clone() for k, v in model.state_dict().items()})}
 
 
 # --- training on cached prefix activations ----------------------------------------------------------
@@ -362,7 +381,7 @@ def train_on_cached_prefix(model: GraftModel, plan: StagePlan, context: TrainCon
             advance(1, status=f"loss {record.train_loss:.3f} val acc {record.val_accuracy:.3f}")
 
         result = fit(model=model, optimizer=optimizer, train_epoch=train_epoch, validate=validate,
-                     epochs=epochs, patience=patience, on_epoch=on_epoch, **checkpoint.fit_kwargs)
+                     epochs=epochs, patience=patience, on_epoch=on_epoch, **starting_point(plan, model, validate, checkpoint))
     model.load_state_dict(result.best_state)
     model.eval()
     for parameter in model.parameters():
@@ -551,7 +570,7 @@ def train_on_images(
         result = fit(
             model=model, optimizer=optimizer, train_epoch=train_epoch, validate=validate,
             epochs=epochs, patience=patience, before_epoch=before_epoch, on_epoch=on_epoch,
-            **checkpoint.fit_kwargs,
+            **starting_point(plan, model, validate, checkpoint),
         )
     model.load_state_dict(result.best_state)
     model.eval()
