@@ -25,6 +25,7 @@ from common import max_rss_mb, print_table, write_results  # noqa: E402
 
 from graft.backbones import load_backbone  # noqa: E402
 from graft.numerics import autocast, resolve_precision  # noqa: E402
+from graft.pipeline import default_batch_size  # noqa: E402
 
 
 def main() -> None:
@@ -37,7 +38,7 @@ def main() -> None:
     device = torch.device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(2)
-    batch_size = args.batch_size or (64 if device.type == "cpu" else 256)
+    batch_size = args.batch_size or default_batch_size(device)
     precision = resolve_precision("auto", device)
     model = load_backbone().model if args.model is None else timm.create_model(args.model, pretrained=False)
     model = model.eval().to(device, memory_format=torch.channels_last)
@@ -63,7 +64,8 @@ def main() -> None:
     ratio = statistics.median(c / e for c, e in zip(fast, eager))
     saved_per_image = (statistics.median(eager) - statistics.median(fast)) / len(batch)
     break_even = compile_seconds / saved_per_image if saved_per_image > 0 else float("inf")
-    row = {"device": str(device), "model": args.model or "tf_efficientnet_lite0 (bundled)", "batch": batch_size, "precision": precision, "compile_seconds": compile_seconds, "compiled_vs_eager": ratio,
+    row = {"device": str(device), "model": args.model or "tf_efficientnet_lite0 (bundled)", "batch": batch_size, "precision": precision,
+           "compile_seconds": compile_seconds, "compiled_vs_eager": ratio,
            "eager_img_s": len(batch) / statistics.median(eager), "compiled_img_s": len(batch) / statistics.median(fast),
            "break_even_images": break_even, "max_rss_mb": max_rss_mb()}
     print_table([row], list(row))
