@@ -39,7 +39,7 @@ def test_batches_keep_order_and_reuse_decoded_images(lite0, fashion_folder: Path
     missing = [p.with_name("gone-" + p.name) for p in paths]
     again = torch.cat(list(image_batches(missing, transform, batch_size=3, keys=keys, store=store)))
     torch.testing.assert_close(again, first)
-    # So does the worker-process path, which then starts no process at all.
+    # So does the worker-process path: it needs no file either.
     again = torch.cat(list(image_batches(missing, transform, batch_size=3, keys=keys, store=store, workers=2)))
     torch.testing.assert_close(again, first)
 

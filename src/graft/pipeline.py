@@ -257,9 +257,9 @@ def image_batches(
     """
     split = split_transform(transform)
     on_gpu = device is not None and device.type == "cuda"
+    chunks = [list(range(s, min(s + batch_size, len(paths)))) for s in range(0, len(paths), batch_size)]
     if split is None:
         # An unusual transform: the whole of it per image, still decoded ahead of the model.
-        chunks = [list(range(s, min(s + batch_size, len(paths)))) for s in range(0, len(paths), batch_size)]
         batches = _ahead(chunks, lambda chunk: torch.stack([transform(load_image(paths[i])) for i in chunk])
                          .contiguous(memory_format=torch.channels_last), prefetch)
         yield from ((batch.pin_memory().to(device, non_blocking=True) for batch in batches) if on_gpu else batches)
@@ -267,7 +267,7 @@ def image_batches(
     if store is not None and (keys is None or store.budget_bytes == 0):
         store = None
     if workers > 0:
-        batches = _process_batches(paths, split, batch_size, keys, store, workers, pin_memory=on_gpu)  # uint8
+        batches = _process_batches(paths, split, batch_size, keys, store, workers)  # uint8
         if not on_gpu:
             batches = (split.normalize(pixels) for pixels in batches)
     else:
@@ -285,13 +285,14 @@ def image_batches(
             # critical path too; for a GPU, pinning here does the same for the copy.
             return torch.from_numpy(stacked).pin_memory() if on_gpu else split.normalize(stacked)
 
-        chunks = [list(range(s, min(s + batch_size, len(paths)))) for s in range(0, len(paths), batch_size)]
         batches = _ahead(chunks, decode, prefetch)
     if not on_gpu:
         yield from batches
         return
     normalize = split.normalizer_on(device)
     for pixels in batches:
+        if not pixels.is_pinned():  # the worker-process path's batches
+            pixels = pixels.pin_memory()
         yield normalize(pixels.to(device, non_blocking=True))
 
 
@@ -338,36 +339,34 @@ def _stacked(pixels: list[torch.Tensor]) -> torch.Tensor:
     return torch.from_numpy(stack_pixels(pixels))
 
 
-def _process_batches(paths, split, batch_size, keys, store, workers, *, pin_memory: bool) -> Iterator[torch.Tensor]:
-    """uint8 (N, H, W, C) batches in order: worker processes decode what the store lacks."""
+def _process_batches(paths, split, batch_size, keys, store, workers) -> Iterator[torch.Tensor]:
+    """uint8 (N, H, W, C) batches in order: worker processes decode what the store lacks (and
+    start only if it lacks something)."""
     from torch.utils.data import DataLoader
 
     missing = [i for i in range(len(paths)) if store is None or store.get(keys[i]) is None]
-    if not missing:  # everything is in the store: starting processes would only cost time
-        for start in range(0, len(paths), batch_size):
-            stacked = torch.from_numpy(stack_pixels([store.get(keys[i]) for i in range(start, min(start + batch_size, len(paths)))]))
-            yield stacked.pin_memory() if pin_memory else stacked
-        return
     # The store keeps rows of the workers' batches as views: no copy per image, and a batch's
-    # memory lives as long as one of its rows is kept. Pinning a whole batch here (about 1 ms for
-    # 256 images of 224 px) rather than in the DataLoader leaves those rows in ordinary memory; a
-    # copy of each row out of a pinned batch cost 0.06 ms, and `clone()` 0.4 ms (it pins again),
+    # memory lives as long as one of its rows is kept. Pinning a whole batch afterwards (about 1 ms
+    # for 256 images of 224 px) rather than in the DataLoader leaves those rows in ordinary memory;
+    # a copy of each row out of a pinned batch cost 0.06 ms, and `clone()` 0.4 ms (it pins again),
     # per image on the H100 machine of docs/performance.md.
     loader = DataLoader(_PixelFiles([paths[i] for i in missing], split), batch_size=batch_size, num_workers=workers,
                         collate_fn=_stacked)
-    if len(missing) == len(paths):  # nothing in the store: the workers' batches are the batches
+    if missing and len(missing) == len(paths):  # nothing in the store: the workers' batches are the batches
         for start, batch in zip(range(0, len(paths), batch_size), loader):
             if store is not None:
                 for offset, pixels in enumerate(batch):
                     store.put(keys[start + offset], pixels)
-            yield batch.pin_memory() if pin_memory else batch
+            yield batch
         return
-    batches = iter(loader)
+    batches = None
     decoded: dict[int, torch.Tensor] = {}
     position = 0
     for start in range(0, len(paths), batch_size):
         chunk = range(start, min(start + batch_size, len(paths)))
         while any(i not in decoded and (store is None or store.get(keys[i]) is None) for i in chunk):
+            if batches is None:
+                batches = iter(loader)  # the processes start here, at the first image the store lacks
             for pixels in next(batches):
                 decoded[missing[position]] = pixels
                 position += 1
@@ -379,8 +378,7 @@ def _process_batches(paths, split, batch_size, keys, store, workers, *, pin_memo
             elif store is not None:
                 store.put(keys[i], pixels)
             batch.append(pixels)
-        stacked = torch.from_numpy(stack_pixels(batch))
-        yield stacked.pin_memory() if pin_memory else stacked
+        yield torch.from_numpy(stack_pixels(batch))
 
 
 def preprocessing_id(preprocessing: Any, augment: str = "none") -> str:
