@@ -123,6 +123,7 @@ def test_lp_ft_can_fine_tune_only_the_top_stages(fashion_folder, tmp_path, pretr
         assert not any(moved[k] for k in _stage_keys(stage, state)), f"frozen stage {stage.name} changed"
     start, epochs = run.metrics["start_val_accuracy"], [record.val_accuracy for record in run.history]
     assert len(epochs) == 2
+    assert run.metrics["probe_epochs_run"] > 2  # the probe trains to its own budget, not the fine-tuning's --epochs
     assert run.metrics["accuracy"] == pytest.approx(max([start, *epochs]), abs=1e-6)
     top_moved = [any(moved[k] for k in _stage_keys(stage, state) if k.endswith("weight")) for stage in stages[-2:]]
     if run.metrics["best_epoch"] == -1:  # no epoch beat the probe: the pretrained stages come back untouched

@@ -203,6 +203,11 @@ class LinearProbeThenFineTune(FineTune):
             thaw_epoch=[0 if i >= n - k else None for i in range(n)], head_lr=lr, start_is_candidate=True,
         )
 
+    def train(self, context: TrainContext) -> TrainOutcome:
+        outcome = super().train(context)
+        outcome.notes["probe_epochs_run"] = len(self.probe_history)  # metrics.json: the probe's own budget at work
+        return outcome
+
     def initial_head(self, context: TrainContext) -> nn.Module:
         from graft.strategies.feature_extract import FeatureExtract
 
