@@ -11,6 +11,10 @@ one run and repeated (median of the per-repetition ratios, with min–max):
 - plain: the textbook `DataLoader(num_workers=0)` over the timm transform, fp32 NCHW (the
   24 img/s of shared/benchmarks.md was this).
 
+In fp32 graft's forward has its BatchNorm layers folded into the convolutions (`graft.folding`),
+which the eager model has not: that forward, on the same in-memory tensors, is a second ceiling
+(`ratio_to_folded`), the one that says how well graft's own model is fed.
+
     python bench/extraction.py [--images 960] [--repeats 5] [--precisions fp32 bf16]   (up to 1 200 images)
 
 On a GPU (`--device cuda`): the ceiling's batches already lie on the GPU, graft decodes with its
@@ -36,9 +40,13 @@ from graft import pipeline  # noqa: E402
 from graft.backbones import load_backbone  # noqa: E402
 from graft.data import load_labelled_folder  # noqa: E402
 from graft.features import ImageFiles, extract_features, forward_batches  # noqa: E402
+from graft.folding import folded_for_inference  # noqa: E402
 from graft.numerics import cpu_supports_bf16  # noqa: E402
 from graft.pipeline import default_batch_size  # noqa: E402
 from graft.preprocessing import build_transforms  # noqa: E402
+
+
+FOLDED = "ceiling, BatchNorm folded (graft's fp32 forward)"
 
 
 def main() -> None:
@@ -73,6 +81,9 @@ def main() -> None:
     def ceiling(precision: str) -> None:
         forward_batches(model, batches, precision=precision, device=device)
 
+    def folded_ceiling(precision: str) -> None:
+        forward_batches(folded_for_inference(model, backbone.preprocessing.input_size), batches, precision=precision, device=device)
+
     def graft_files(precision: str, workers: int | None = None) -> None:
         pipeline.DECODED.clear()  # every repetition decodes every file
         extract_features(backbone, paths, digests, cache=None, precision=precision, batch_size=args.batch_size,
@@ -90,18 +101,20 @@ def main() -> None:
         backbone.model.to(memory_format=torch.channels_last)
 
     files = "graft from files (worker processes)" if on_gpu else "graft from files (decode thread)"
-    methods = {"ceiling (tensors in memory)": ceiling, files: graft_files}
+    methods = {"ceiling (tensors in memory)": ceiling, FOLDED: folded_ceiling, files: graft_files}
     if not on_gpu:
         methods["graft from files (1 worker process)"] = lambda p: graft_files(p, workers=1)
     methods["graft, images already decoded"] = graft_second_pass
     rows = []
     for precision in precisions:
-        for method in methods.values():  # warm-up: one-off allocations, oneDNN kernels
+        # graft folds BatchNorm in fp32 only (graft.folding): the folded ceiling is graft's there.
+        measured = {name: method for name, method in methods.items() if name != FOLDED or precision == "fp32"}
+        for method in measured.values():  # warm-up: one-off allocations, oneDNN kernels
             method(precision)
-        seconds: dict[str, list[float]] = {name: [] for name in methods}
+        seconds: dict[str, list[float]] = {name: [] for name in measured}
         seconds["plain DataLoader, fp32 NCHW"] = []
         for _ in range(args.repeats):
-            for name, method in methods.items():
+            for name, method in measured.items():
                 with Timer() as timer:
                     method(precision)
                 seconds[name].append(timer.seconds)
@@ -114,13 +127,16 @@ def main() -> None:
             if not times:
                 continue
             ratios = [b / t for b, t in zip(base, times)]
+            folded = seconds.get(FOLDED)
             rows.append({
                 "precision": precision, "method": name,
                 "img_per_s": count / statistics.median(times),
                 "ratio_to_ceiling": statistics.median(ratios),
                 "ratio_min": min(ratios), "ratio_max": max(ratios),
+                "ratio_to_folded": statistics.median(f / t for f, t in zip(folded, times)) if folded else None,
             })
-        print_table([r for r in rows if r["precision"] == precision], ["precision", "method", "img_per_s", "ratio_to_ceiling", "ratio_min", "ratio_max"])
+        print_table([r for r in rows if r["precision"] == precision],
+                    ["precision", "method", "img_per_s", "ratio_to_ceiling", "ratio_min", "ratio_max", "ratio_to_folded"])
         print()
     rss = max_rss_mb()
     where = torch.cuda.get_device_name(device) if on_gpu else f"torch threads {torch.get_num_threads()}"

@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from graft.errors import BundleError, ImageError
+from graft.folding import folded_for_inference
 from graft.heads import HeadSpec, make_head
 from graft.model import GraftModel
 from graft.numerics import autocast, inference_precision
@@ -96,15 +97,19 @@ class Bundle:
         self.precision = inference_precision(self.meta.get("precision"), self.device)
         return self
 
-    @torch.inference_mode()
     def logits(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """Raw logits (N, classes) for RGB PIL images, preprocessed as in training."""
         if not images:
             return torch.empty(0, len(self.class_names))
-        batch = torch.stack([self.transform(image) for image in images]).to(self.device)
-        # The precision the bundle was trained in, where the device runs it (see `precision`).
-        with autocast(self.precision, self.device):
-            return self.model(batch.contiguous(memory_format=torch.channels_last)).float().cpu()
+        model = self.model
+        if self.precision == "fp32":  # BatchNorm folded into the convolutions: exact in fp32 only
+            # Outside inference mode: the folded copy's weights must stay ordinary tensors.
+            model = folded_for_inference(self.model, self.preprocessing.input_size)
+        with torch.inference_mode():
+            batch = torch.stack([self.transform(image) for image in images]).to(self.device)
+            # The precision the bundle was trained in, where the device runs it (see `precision`).
+            with autocast(self.precision, self.device):
+                return model(batch.contiguous(memory_format=torch.channels_last)).float().cpu()
 
     def predict(self, sources: Iterable[str | Path | Image.Image], *, top_k: int = 5, batch_size: int = 32) -> list[Prediction]:
         """Predict image files (paths) or PIL images. Unreadable files raise `ImageError`."""
