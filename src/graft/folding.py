@@ -14,7 +14,9 @@ hooks records, for every BatchNorm, whether its input *is* the output tensor of 
 (same object), each called once. The folded copy is then checked against the model's own fp32
 forward on the same probe; if any convolution's output also fed something else (a skip branch),
 the outputs would differ and the model is used unfolded. The original model is never changed:
-its weights are what trains and what a bundle stores.
+its weights are what trains and what a bundle stores. (torch's own `torch.fx.experimental.
+optimization.fuse` needs a model that `torch.fx` can trace; on the bundled EfficientNet-Lite0 its
+trace fails at the "same" padding's control flow, so it folds nothing there.)
 """
 
 from __future__ import annotations
