@@ -137,6 +137,18 @@ def test_the_folded_copy_is_made_again_after_the_weights_change() -> None:
         assert not same_outputs(first(x), model(x))
 
 
+def test_a_model_that_does_not_fold_is_not_kept_alive_by_the_cache() -> None:
+    import gc
+    import weakref
+
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, depth=1).eval()
+    assert folded_for_inference(model, (3, 224, 224)) is model
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    assert alive() is None
+
+
 def test_folding_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
     model = _with_running_statistics(timm.create_model("resnet18", pretrained=False, num_classes=0))
     monkeypatch.setenv("GRAFT_FOLD_BATCHNORM", "0")

@@ -122,7 +122,7 @@ def fold_batchnorm(model: nn.Module, probe: torch.Tensor) -> nn.Module:
 
 @dataclass
 class _Folded:
-    module: nn.Module
+    module: nn.Module | None  # None: nothing folds, the model runs as it is
     versions: tuple[int, ...]  # (data_ptr, version) of every parameter and buffer
     device: torch.device
 
@@ -153,9 +153,11 @@ def folded_for_inference(model: nn.Module, input_size: tuple[int, int, int]) -> 
             probe = torch.randn((2, *input_size), generator=generator).to(device)
             if device.type == "cpu":
                 probe = probe.contiguous(memory_format=torch.channels_last)
-            entry = _Folded(fold_batchnorm(model, probe), versions, device)
+            folded = fold_batchnorm(model, probe)
+            # Never the model itself as the value: it would keep its own weak key alive forever.
+            entry = _Folded(None if folded is model else folded, versions, device)
             _FOLDED[model] = entry
-    return entry.module
+    return entry.module if entry.module is not None else model
 
 
 def _rest_of(norm: nn.BatchNorm2d) -> nn.Module | None:
