@@ -155,16 +155,34 @@ def test_folding_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
     assert folded_for_inference(model, (3, 32, 32)) is model
 
 
+def test_fp32_extraction_runs_through_a_folded_copy_and_bf16_does_not(lite0, fashion_folder: Path) -> None:
+    import copy
+
+    from graft import folding
+    from graft.data import load_labelled_folder
+
+    split = load_labelled_folder(fashion_folder)[0]
+    paths, digests = split.paths[:4], split.digests[:4]
+    for precision, folds in (("fp32", True), ("bf16", False)):
+        model = copy.deepcopy(lite0.model)  # a model no other test has folded
+        extract_features(lite0, paths, digests, cache=None, precision=precision, model=model)
+        entry = folding._FOLDED.get(model)
+        assert (entry is not None and entry.module is not None and _norms(entry.module) == 0) is folds, precision
+
+
 def test_an_fp32_bundle_predicts_as_without_folding(trained_run, holdout_folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import graft
     from graft.data import load_labelled_folder
     from graft.images import load_image
 
-    bundle = graft.load_bundle(trained_run.bundle_dir)
+    from graft import folding
+
+    bundle = graft.load_bundle(trained_run.bundle_dir)  # a fresh model: nothing folded it yet
     bundle.precision = "fp32"
     images = [load_image(p) for p in load_labelled_folder(holdout_folder)[0].paths]
     folded = bundle.logits(images)
-    assert _norms(folded_for_inference(bundle.model, bundle.preprocessing.input_size)) == 0
+    entry = folding._FOLDED.get(bundle.model)  # made by `logits` itself
+    assert entry is not None and entry.module is not None and _norms(entry.module) == 0
     monkeypatch.setenv("GRAFT_FOLD_BATCHNORM", "0")
     eager = bundle.logits(images)
     assert torch.allclose(folded, eager, atol=1e-4, rtol=1e-4)
