@@ -105,6 +105,27 @@ def test_a_compiled_backbone_gives_the_eager_features(fashion_folder: Path, tmp_
     assert error < BF16_TOLERANCE["feature_relative_error"]
 
 
+def test_a_compiled_forward_is_kept_once_per_model_and_dies_with_it() -> None:
+    """The compiled wrapper holds its model, so a global table keyed by the model never freed it."""
+    import copy
+    import gc
+    import pickle
+    import weakref
+
+    from graft.features import _compiled, compiled_forward
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    entry = _compiled(model)  # torch.compile is lazy: nothing compiles before the first batch
+    assert _compiled(model) is entry and compiled_forward(model) is entry  # compiled once per model
+    assert compiled_forward(copy.deepcopy(model)) is None  # a copy (the folded one) compiles itself
+    assert compiled_forward(pickle.loads(pickle.dumps(model))) is None
+    assert len(list(model.children())) == 2 and set(model.state_dict()) == set(copy.deepcopy(model).state_dict())
+    alive = weakref.ref(model)
+    del model, entry
+    gc.collect()
+    assert alive() is None
+
+
 @needs_bf16
 def test_cpu_bf16_training_runs_the_trained_depthwise_convolutions_in_fp32(lite0, fashion_folder: Path) -> None:
     """oneDNN's bf16 depthwise backward is the slow layer on a CPU (bench/train_precision.py): in a

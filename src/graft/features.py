@@ -16,7 +16,6 @@ import json
 import os
 import random
 import uuid
-import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -210,8 +209,8 @@ def extract_features(
             network = folded_for_inference(network, backbone.preprocessing.input_size)
         outputs = forward_batches(network, loader, precision=precision, device=device, progress=progress, compile=compile)
         if stats is not None and compile:
-            used = _COMPILED.get(network)
-            stats.compiled = stats.compiled or (used is not None and used.batch_size is not None)
+            used = compiled_forward(network)
+            stats.compiled = stats.compiled or (used is not None and used.module is not None and used.batch_size is not None)
         for position, index in enumerate(mine):
             computed[keys[index]] = outputs[position]
         computed = distributed.gather_shards(computed)
@@ -248,7 +247,7 @@ def forward_batches(
         for batch in batches:
             batch = batch.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             with autocast(precision, device):
-                if compiled is not None and compiled.batch_size in (None, len(batch)):
+                if compiled is not None and compiled.module is not None and compiled.batch_size in (None, len(batch)):
                     try:
                         out = compiled.module(batch)
                         compiled.batch_size = len(batch)
@@ -256,7 +255,8 @@ def forward_batches(
                         import warnings
 
                         warnings.warn(f"torch.compile failed ({type(error).__name__}: {error}); running eagerly instead", stacklevel=2)
-                        _COMPILED[model] = compiled = None
+                        _remember_compiled(model, _Compiled(None))
+                        compiled = None
                         out = model(batch)
                 else:
                     out = model(batch)
@@ -268,19 +268,38 @@ def forward_batches(
 
 @dataclass
 class _Compiled:
-    module: nn.Module
+    """A model's compiled forward, kept on the model itself so that a run's several extraction
+    passes compile only once. (A global table keyed by the model would never free it: the compiled
+    wrapper holds the model. On the model, the two form a cycle that dies with the model.)"""
+
+    module: nn.Module | None  # None: compiling failed for this model, stay eager
     batch_size: int | None = None  # the batch size it was compiled for, once it ran
 
+    def __deepcopy__(self, memo: dict) -> None:
+        return None  # a copy of the model (the folded one) compiles itself, not its original
 
-# One compiled wrapper per model, so a run's several extraction passes compile only once
-# (None: compiling failed for this model, stay eager).
-_COMPILED: "weakref.WeakKeyDictionary[nn.Module, _Compiled | None]" = weakref.WeakKeyDictionary()
+    def __reduce__(self) -> tuple:
+        return (type(None), ())  # a pickled model does not carry compiled code
 
 
-def _compiled(model: nn.Module) -> _Compiled | None:
-    if model not in _COMPILED:
-        _COMPILED[model] = _Compiled(torch.compile(model))
-    return _COMPILED[model]
+_COMPILED_ATTRIBUTE = "_graft_compiled_forward"
+
+
+def _compiled(model: nn.Module) -> _Compiled:
+    entry = compiled_forward(model)
+    if entry is None:
+        entry = _remember_compiled(model, _Compiled(torch.compile(model)))
+    return entry
+
+
+def compiled_forward(model: nn.Module) -> _Compiled | None:
+    """What `forward_batches(..., compile=True)` left on `model`; None if it never compiled it."""
+    return model.__dict__.get(_COMPILED_ATTRIBUTE)
+
+
+def _remember_compiled(model: nn.Module, entry: _Compiled) -> _Compiled:
+    object.__setattr__(model, _COMPILED_ATTRIBUTE, entry)  # not a submodule: outside state_dict and children
+    return entry
 
 
 def item_key(digest: str, augment: str, view: int, seed: int) -> str:
