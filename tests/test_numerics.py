@@ -126,6 +126,33 @@ def test_a_compiled_forward_is_kept_once_per_model_and_dies_with_it() -> None:
     assert alive() is None
 
 
+def test_a_failing_compile_falls_back_to_eager_once_and_is_remembered(lite0, fashion_folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A backend that fails (no C++ compiler, an unsupported op) warns once, gives the eager
+    features, and is not tried again for the same model."""
+    import copy
+    import warnings
+
+    from graft import features
+    from graft.data import load_labelled_folder
+
+    class Broken(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(features.torch, "compile", lambda model: Broken())
+    split = load_labelled_folder(fashion_folder)[0]
+    paths, digests = split.paths[:4], split.digests[:4]
+    model = copy.deepcopy(lite0.model)
+    eager = extract_features(lite0, paths, digests, cache=None, precision="bf16", model=model)
+    with pytest.warns(UserWarning, match="torch.compile failed"):
+        first = extract_features(lite0, paths, digests, cache=None, precision="bf16", model=model, compile=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a second warning would mean it tried the broken compile again
+        second = extract_features(lite0, paths, digests, cache=None, precision="bf16", model=model, compile=True)
+    assert torch.equal(first, eager) and torch.equal(second, eager)
+    assert features.compiled_forward(model) is not None and features._compiled(model) is None
+
+
 @needs_bf16
 def test_cpu_bf16_training_runs_the_trained_depthwise_convolutions_in_fp32(lite0, fashion_folder: Path) -> None:
     """oneDNN's bf16 depthwise backward is the slow layer on a CPU (bench/train_precision.py): in a

@@ -210,7 +210,7 @@ def extract_features(
         outputs = forward_batches(network, loader, precision=precision, device=device, progress=progress, compile=compile)
         if stats is not None and compile:
             used = compiled_forward(network)
-            stats.compiled = stats.compiled or (used is not None and used.module is not None and used.batch_size is not None)
+            stats.compiled = stats.compiled or (used is not None and used.batch_size is not None)  # it ran compiled
         for position, index in enumerate(mine):
             computed[keys[index]] = outputs[position]
         computed = distributed.gather_shards(computed)
@@ -247,7 +247,7 @@ def forward_batches(
         for batch in batches:
             batch = batch.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             with autocast(precision, device):
-                if compiled is not None and compiled.module is not None and compiled.batch_size in (None, len(batch)):
+                if compiled is not None and compiled.batch_size in (None, len(batch)):
                     try:
                         out = compiled.module(batch)
                         compiled.batch_size = len(batch)
@@ -285,11 +285,12 @@ class _Compiled:
 _COMPILED_ATTRIBUTE = "_graft_compiled_forward"
 
 
-def _compiled(model: nn.Module) -> _Compiled:
+def _compiled(model: nn.Module) -> _Compiled | None:
+    """`model`'s compiled forward, made on the first call; None once compiling it has failed."""
     entry = compiled_forward(model)
     if entry is None:
         entry = _remember_compiled(model, _Compiled(torch.compile(model)))
-    return entry
+    return entry if entry.module is not None else None
 
 
 def compiled_forward(model: nn.Module) -> _Compiled | None:
