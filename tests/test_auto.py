@@ -164,6 +164,11 @@ def test_auto_runs_lp_ft_on_the_top_stages_for_a_few_distant_images_per_class(tm
     assert auto["options"]["train_stages"] == 2 and auto["options"]["epochs"] == 2  # the user's epochs win
     # The top 2 stages trained on cached outputs of the frozen prefix, with 8 augmented views.
     assert run.metrics["cached_prefix"] == "blocks.4" and run.metrics["augment_views"] == 8
+    # The prefix's outputs for the plain view were kept from the framing's full passes (a fresh
+    # cache): the prefix ran only over the 8 augmented views.
+    train_count, val_count = 12 * 3, 3 * 3
+    assert run.metrics["prefix_outputs_kept"] == train_count + val_count == run.metrics["features_from_cache"]
+    assert run.metrics["features_computed"] == 8 * train_count
     assert run.metrics["trainable_params"] == 1_652_640 + 1_017_600 + 1280 * 3 + 3
     assert run.metrics["epochs_run"] == 2 and 0.0 <= run.metrics["accuracy"] <= 1.0
     # lp-ft's probe trained on the plain pooled features (cached by auto's measurement); only the

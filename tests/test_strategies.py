@@ -116,8 +116,12 @@ def test_lp_ft_can_fine_tune_only_the_top_stages(fashion_folder, tmp_path, pretr
     holds whichever validated better: a fine-tuning epoch, or the probe it started from."""
     state, stages = pretrained
     run = graft.train(fashion_folder, out=tmp_path / "lpft2", strategy="lp-ft", train_stages=2, epochs=2, augment_views=1,
-                      verbose=False)
+                      verbose=False, cache_dir=str(tmp_path / "cache"))
     assert run.metrics["cached_prefix"] == "blocks.4"  # the frozen prefix is computed once and cached
+    # Its outputs for the plain view were kept from the probe's full pass over the same images;
+    # the prefix itself ran only over the one augmented view of the training images.
+    assert run.metrics["prefix_outputs_kept"] == 36 == run.metrics["num_train"] + run.metrics["num_val"]
+    assert run.metrics["features_computed"] == run.metrics["num_train"]
     moved = _moved(state, run.bundle_dir)
     for stage in stages[:-2]:
         assert not any(moved[k] for k in _stage_keys(stage, state)), f"frozen stage {stage.name} changed"

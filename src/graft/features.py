@@ -135,6 +135,21 @@ class ImageFiles(Dataset):
 
 
 @dataclass
+class Tap:
+    """The output of one module of the backbone, kept while its pooled features are computed.
+
+    A strategy that trains on cached outputs of a frozen prefix ending at this module often needs
+    the pooled features of the same images first (auto's framing, lp-ft's probe); keeping the
+    prefix's outputs from that pass spares a second pass over them (`strategies.base.with_prefix_tap`).
+    `outputs` maps each computed image's item key to the module's output for it (items found in
+    the cache were not run, so they have none).
+    """
+
+    module_name: str
+    outputs: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
 class ExtractionStats:
     computed: int = 0
     from_cache: int = 0
@@ -158,6 +173,7 @@ def extract_features(
     stats: ExtractionStats | None = None,
     model: nn.Module | None = None,
     compile: bool = False,
+    tap: Tap | None = None,
 ) -> torch.Tensor:
     """Pooled features (N, D) of the images, from the cache where present, else computed.
 
@@ -169,6 +185,8 @@ def extract_features(
     otherwise wait for one thread's decoding). `batch_size=None` picks one for the device
     (`default_batch_size`).
     `compile=True` runs the batches through `torch.compile` (see `numerics.should_compile`).
+    `tap` keeps the output of one of the backbone's modules for every computed image (eager runs
+    of the whole backbone only: with `model` or `compile` nothing is tapped).
     """
     device = device or torch.device("cpu")
     keys = [item_key(d, augment, view, seed) for d in digests]
@@ -207,7 +225,21 @@ def extract_features(
         if precision == "fp32":  # exact there (2e-6 relative); in bf16 folding loses accuracy (graft.folding)
             network.eval().to(device)  # as forward_batches leaves it; the folded copy is made there
             network = folded_for_inference(network, backbone.preprocessing.input_size)
-        outputs = forward_batches(network, loader, precision=precision, device=device, progress=progress, compile=compile)
+        tapped: list[torch.Tensor] = []
+        hook = None
+        if tap is not None and model is None and not compile:
+            # By name on the network that runs (the folded copy in fp32, whose module of that name
+            # computes the same output: folding keeps the module tree and changes only the weights).
+            # A copy: the next module may work in place on its input.
+            hook = network.get_submodule(tap.module_name).register_forward_hook(lambda _m, _i, output: tapped.append(output.to('cpu', copy=True)))
+        try:
+            outputs = forward_batches(network, loader, precision=precision, device=device, progress=progress, compile=compile)
+        finally:
+            if hook is not None:
+                hook.remove()
+        if tapped:
+            for index, output in zip(mine, torch.cat(tapped)):
+                tap.outputs[keys[index]] = output
         if stats is not None and compile:
             used = compiled_forward(network)
             stats.compiled = stats.compiled or (used is not None and used.batch_size is not None)  # it ran compiled

@@ -40,9 +40,9 @@ import torch
 from torch import nn
 
 from graft.config import TrainConfig
-from graft.features import ExtractionStats, extract_features
+from graft.features import ExtractionStats, Tap, extract_features
 from graft.stages import Stage
-from graft.strategies.base import AuditRow, TrainContext, TrainOutcome
+from graft.strategies.base import AuditRow, TrainContext, TrainOutcome, with_prefix_tap
 
 SMALL_PER_CLASS = 100  # fewer training images per class than this is "small data"
 # Below this many images per class even a distant domain keeps the whole backbone frozen: at 5 per
@@ -156,6 +156,11 @@ class Auto:
         from graft.strategies import get_strategy
 
         reporter = context.reporter
+        # The rule's choice for distant data of this size may train on cached outputs of a frozen
+        # prefix; the framing's full passes keep that prefix's outputs (dropped if it is not chosen).
+        expected = expected_prefix_end(context)
+        if expected is not None:
+            context = with_prefix_tap(context, expected)
         context, framing = choose_framing(context)
         if framing:
             reporter.say(
@@ -173,22 +178,51 @@ class Auto:
         choice = choose(measured)
         reporter.say("auto measured: " + ", ".join(f"{k} {v}" for k, v in measured.to_dict().items()))
         reporter.say(f"auto rule: {choice.rule}; because {choice.reason}")
-        user_set = {k: getattr(context.config, k) for k in choice.options if getattr(context.config, k) != getattr(TrainConfig, k, None)}
-        options = {**choice.options, **user_set}  # options the user gave explicitly win
-        config = context.config.replace(strategy=choice.strategy, **options)
+        options, config = resolve(choice, context.config)
         reporter.say(f"auto chose {choice.strategy} with {options}")
         strategy = get_strategy(choice.strategy)
         from graft.heads import make_head
 
         audit = strategy.audit(context.backbone.model, context.stages, make_head(context.head_spec), config)
         show_audit(reporter, f"strategy {choice.strategy} (chosen by auto): what trains", audit)
-        chosen_context = TrainContext(**{**context.__dict__, "config": config})
+        kept = context.tap if context.tap is not None and expected_prefix_end(context, choice) == context.tap.module_name else None
+        chosen_context = TrainContext(**{**context.__dict__, "config": config, "tap": kept})
         outcome = strategy.train(chosen_context)
         outcome.notes = {**outcome.notes, "trainable_params": sum(row.trainable_params for row in audit), "auto": {
             "measured": measured.to_dict(), "framing": framing, "chose": choice.strategy,
             "options": options, "rule": choice.rule, "reason": choice.reason}}
         outcome.preprocessing = context.backbone.preprocessing
         return outcome
+
+
+def resolve(choice: Choice, config: TrainConfig) -> tuple[dict[str, Any], TrainConfig]:
+    """The chosen strategy's options, where the ones the user gave explicitly win, and its config."""
+    user_set = {k: getattr(config, k) for k in choice.options if getattr(config, k) != getattr(TrainConfig, k, None)}
+    options = {**choice.options, **user_set}
+    return options, config.replace(strategy=choice.strategy, **options)
+
+
+def expected_prefix_end(context: TrainContext, choice: Choice | None = None) -> str | None:
+    """Where the frozen prefix ends that `choice`'s strategy trains on from cached outputs; None
+    when it trains on none. Without `choice`: the rule's choice if the data proves distant (the
+    size and balance are known before any feature is computed; the distance is not)."""
+    from graft.strategies import get_strategy
+    from graft.strategies.finetune import FineTune, cached_prefix_split
+
+    if choice is None:
+        train = context.dataset.train
+        counts = [n for n in train.counts().values() if n]
+        if not counts:
+            return None
+        choice = choose(Measurements(num_classes=len(counts), images_per_class=train.images_per_class(),
+                                     imbalance=max(counts) / min(counts), imagenet_confidence=0.0, probe_accuracy=0.0))
+    strategy = get_strategy(choice.strategy)
+    if not isinstance(strategy, FineTune):
+        return None
+    _, config = resolve(choice, context.config)
+    split = cached_prefix_split(context.backbone.model, strategy.full_plan(context.stages, config), context,
+                                config.epochs or strategy.default_epochs)
+    return split[0].names[-1] if split is not None else None
 
 
 def choose_framing(context: TrainContext) -> tuple[TrainContext, dict[str, Any]]:
@@ -212,13 +246,16 @@ def choose_framing(context: TrainContext) -> tuple[TrainContext, dict[str, Any]]
     for crop in (center, 1.0):
         backbone = with_crop(context.backbone, crop)
         cache = FeatureCache(context.cache.root, backbone_key(backbone, backbone.preprocessing, context.precision)) if context.cache else None
-        contexts[crop] = TrainContext(**{**context.__dict__, "backbone": backbone, "cache": cache})
+        # Each view keeps its own prefix outputs: the chosen one's go on with the context.
+        tap = Tap(context.tap.module_name) if context.tap is not None and cache is not None else None
+        contexts[crop] = TrainContext(**{**context.__dict__, "backbone": backbone, "cache": cache, "tap": tap})
         features = {}
         for name, images, rows in (("training", train, train_rows), ("validation", val, val_rows)):
             with context.reporter.progress(f"auto: framing, crop {crop:g} ({name})", len(rows)) as advance:
                 features[name] = extract_features(
                     backbone, [images.paths[i] for i in rows], [images.digests[i] for i in rows], cache=cache,
                     precision=context.precision, device=context.device, progress=advance, compile=context.compile_backbone,
+                    tap=tap,
                 ).numpy()
         scores[crop] = _holdout_probe_scores(
             features["training"], [train.labels[i] for i in train_rows], features["validation"], [val.labels[i] for i in val_rows]
@@ -299,7 +336,7 @@ def measure(context: TrainContext, probe_accuracy: float | None = None) -> Measu
     with context.reporter.progress("auto: measuring (features)", len(train)) as advance:
         features = extract_features(
             context.backbone, train.paths, train.digests, cache=context.cache, precision=context.precision,
-            device=context.device, progress=advance, stats=ExtractionStats(), compile=context.compile_backbone,
+            device=context.device, progress=advance, stats=ExtractionStats(), compile=context.compile_backbone, tap=context.tap,
         )
     confidence = None
     classifier = context.backbone.imagenet_classifier

@@ -13,7 +13,7 @@ from graft.backbones import Backbone
 from graft.config import TrainConfig
 from graft.console import Reporter
 from graft.data import Dataset
-from graft.features import FeatureCache
+from graft.features import FeatureCache, Tap
 from graft.heads import HeadSpec
 from graft.loop import EpochRecord, FitResult
 from graft.model import GraftModel
@@ -41,6 +41,26 @@ class TrainContext:
     # Per-epoch checkpoints of the run (and what to resume from); None: no checkpoints.
     checkpoint: "Checkpointer | None" = None
     compile_backbone: bool = False  # torch.compile the frozen backbone's forward for extraction
+    # Where the frozen prefix a strategy will train on ends, and its outputs kept from the passes
+    # of the whole backbone over the plain view (`with_prefix_tap`); None: nothing is kept.
+    tap: Tap | None = None
+
+
+def with_prefix_tap(context: TrainContext, module_name: str) -> TrainContext:
+    """`context` with a `Tap` on `module_name`: every full pass over the plain view of the images
+    then keeps the frozen prefix's outputs too, and training on cached prefix outputs does not run
+    the prefix over those images again. A tap already there on the same module is kept (with what
+    it holds). No tap without a feature cache (the outputs are handed over through it), under
+    torchrun (each rank sees its share) or with a compiled backbone (hooks are not compiled)."""
+    from dataclasses import replace
+
+    from graft import distributed
+
+    if context.cache is None or distributed.active() or context.compile_backbone:
+        return context
+    if context.tap is not None and context.tap.module_name == module_name:
+        return context
+    return replace(context, tap=Tap(module_name))
 
 
 @dataclass

@@ -78,6 +78,7 @@ class FeatureExtract:
                 context.backbone, paths, digests, cache=context.cache, precision=context.precision,
                 device=context.device, augment=augment, view=view, seed=context.config.seed,
                 progress=advance, stats=stats, compile=context.compile_backbone,
+                tap=context.tap if augment == "none" else None,
             )
 
 

@@ -39,7 +39,7 @@ from graft.pipeline import EvalImages, SplitTransform, default_batch_size, split
 from graft.preprocessing import build_transforms
 from graft.prefix import Chain
 from graft.stages import Stage
-from graft.strategies.base import AuditRow, TrainContext, TrainOutcome, has_batchnorm
+from graft.strategies.base import AuditRow, TrainContext, TrainOutcome, has_batchnorm, with_prefix_tap
 
 
 # Augmented views cached per training image when only a suffix trains on cached activations
@@ -102,11 +102,15 @@ class FineTune:
     def train(self, context: TrainContext) -> TrainOutcome:
         config = context.config
         plan = self.full_plan(context.stages, config)
-        head = self.initial_head(context)
-        model = GraftModel(context.backbone.model, head)
         epochs = config.epochs or self.default_epochs
         patience = config.patience or self.default_patience
-        split = cached_prefix_split(model, plan, context, epochs)
+        split = cached_prefix_split(context.backbone.model, plan, context, epochs)
+        if split is not None:
+            # Found before the head: lp-ft's probe makes a full pass over the plain view, which
+            # then keeps the prefix's outputs too.
+            context = with_prefix_tap(context, split[0].names[-1])
+        head = self.initial_head(context)
+        model = GraftModel(context.backbone.model, head)
         if split is not None:
             return train_on_cached_prefix(model, plan, context, split, epochs=epochs, patience=patience, notes=plan.notes)
         return train_on_images(model, plan, context, epochs=epochs, patience=patience, notes=plan.notes)
@@ -293,8 +297,8 @@ def starting_point(plan: StagePlan, model: nn.Module, validate: Callable[[], tup
 # --- training on cached prefix activations ----------------------------------------------------------
 
 
-def cached_prefix_split(model: GraftModel, plan: StagePlan, context: TrainContext, epochs: int) -> tuple[Chain, Chain] | None:
-    """(frozen prefix, trainable suffix) when the prefix stays frozen all run and can be cut off."""
+def cached_prefix_split(backbone: nn.Module, plan: StagePlan, context: TrainContext, epochs: int) -> tuple[Chain, Chain] | None:
+    """(frozen prefix, trainable suffix) of `backbone` when the prefix stays frozen all run and can be cut off."""
     from graft.prefix import Chain, sequential_chain, split_index
 
     trains = plan.trainable_at(epochs)
@@ -303,7 +307,7 @@ def cached_prefix_split(model: GraftModel, plan: StagePlan, context: TrainContex
     first = trains.index(True)
     if not all(trains[first:]) or plan.thaw_epoch[first] != 0:
         return None  # a stage thaws during the run: the prefix changes, nothing to cache
-    chain = sequential_chain(model.backbone, context.backbone.preprocessing.input_size)
+    chain = sequential_chain(backbone, context.backbone.preprocessing.input_size)
     if chain is None:
         return None
     position = split_index(chain, context.stages, first)
@@ -333,6 +337,14 @@ def train_on_cached_prefix(model: GraftModel, plan: StagePlan, context: TrainCon
                 compile=context.compile_backbone,
             )
 
+    kept = 0
+    tap = context.tap
+    if cache is not None and tap is not None and tap.module_name == prefix.names[-1]:
+        # The prefix's outputs for the plain view, kept from an earlier full pass (auto's
+        # framing, lp-ft's probe): through the cache, the passes below find them there.
+        kept = len(tap.outputs)
+        cache.put({key: output.float() for key, output in tap.outputs.items()})
+        tap.outputs.clear()
     train, val = context.dataset.train, context.dataset.val
     train_views = [activations(train.paths, train.digests, "none", 0, "training")]
     for view in range(1, views + 1):
@@ -395,7 +407,7 @@ def train_on_cached_prefix(model: GraftModel, plan: StagePlan, context: TrainCon
     model.cpu()
     return TrainOutcome(model=model, fit=result, val_logits=val_logits, notes={
         **notes, "cached_prefix": prefix.names[-1], "augment_views": views, "training_compile": compiler.decision.to_dict(),
-        "features_computed": stats.computed, "features_from_cache": stats.from_cache,
+        "features_computed": stats.computed, "features_from_cache": stats.from_cache, "prefix_outputs_kept": kept,
     })
 
 
