@@ -187,3 +187,34 @@ def test_an_fp32_bundle_predicts_as_without_folding(trained_run, holdout_folder:
     eager = bundle.logits(images)
     assert torch.allclose(folded, eager, atol=1e-4, rtol=1e-4)
     assert torch.equal(folded.argmax(1), eager.argmax(1))
+
+
+@pytest.mark.parametrize("strategy, options, input_size", [
+    ("full", {}, (3, 224, 224)),  # validation through the whole model, from images
+    ("partial", {"train_stages": 2, "augment_views": 1}, (112, 14, 14)),  # through the top stages, on cached prefix outputs
+])
+def test_fp32_validation_while_training_runs_a_folded_copy_of_each_epochs_weights(
+    fashion_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, strategy: str, options: dict, input_size: tuple,
+) -> None:
+    """Every epoch's validation (and the final logits) in fp32 runs the model with BatchNorm folded,
+    folded again after each epoch's updates; the validation losses are the unfolded model's."""
+    import graft
+
+    from graft import folding
+
+    real, folds = folding.folded_for_inference, []
+
+    def spy(model: nn.Module, size: tuple) -> nn.Module:
+        network = real(model, size)
+        folds.append((tuple(size), network is not model and _norms(network) == 0))
+        return network
+
+    monkeypatch.setattr(folding, "folded_for_inference", spy)
+    settings = {"strategy": strategy, "precision": "fp32", "epochs": 2, "patience": 2, "verbose": False, **options}
+    folded = graft.train(fashion_folder, out=tmp_path / "folded", **settings)
+    validations = [fold for fold in folds if fold[0] == input_size]
+    assert len(validations) == 2 + 1 and all(done for _, done in validations)  # two epochs, then the final logits
+    monkeypatch.setenv("GRAFT_FOLD_BATCHNORM", "0")
+    eager = graft.train(fashion_folder, out=tmp_path / "eager", **settings)
+    assert [r.val_loss for r in folded.history] == pytest.approx([r.val_loss for r in eager.history], rel=1e-4, abs=1e-5)
+    assert folded.metrics["accuracy"] == eager.metrics["accuracy"]

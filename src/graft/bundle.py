@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from graft.errors import BundleError, ImageError
-from graft.folding import folded_for_inference
+from graft.folding import inference_network
 from graft.heads import HeadSpec, make_head
 from graft.model import GraftModel
 from graft.numerics import autocast, inference_precision
@@ -101,10 +101,7 @@ class Bundle:
         """Raw logits (N, classes) for RGB PIL images, preprocessed as in training."""
         if not images:
             return torch.empty(0, len(self.class_names))
-        model = self.model
-        if self.precision == "fp32":  # BatchNorm folded into the convolutions: exact in fp32 only
-            # Outside inference mode: the folded copy's weights must stay ordinary tensors.
-            model = folded_for_inference(self.model, self.preprocessing.input_size)
+        model = inference_network(self.model, self.preprocessing.input_size, self.precision)  # BatchNorm folded in fp32
         with torch.inference_mode():
             batch = torch.stack([self.transform(image) for image in images]).to(self.device)
             # The precision the bundle was trained in, where the device runs it (see `precision`).

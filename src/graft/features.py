@@ -27,7 +27,7 @@ from torch.utils.data import Dataset
 
 from graft import distributed
 from graft.backbones import Backbone
-from graft.folding import folded_for_inference
+from graft.folding import inference_network
 from graft.images import load_image
 from graft.numerics import autocast
 from graft.pipeline import default_batch_size, extraction_workers, image_batches, preprocessing_id
@@ -224,7 +224,7 @@ def extract_features(
         network = model if model is not None else backbone.model
         if precision == "fp32":  # exact there (2e-6 relative); in bf16 folding loses accuracy (graft.folding)
             network.eval().to(device)  # as forward_batches leaves it; the folded copy is made there
-            network = folded_for_inference(network, backbone.preprocessing.input_size)
+        network = inference_network(network, backbone.preprocessing.input_size, precision)
         tapped: list[torch.Tensor] = []
         hook = None
         if tap is not None and model is None and not compile:

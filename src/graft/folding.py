@@ -135,7 +135,7 @@ _FOLDED: "weakref.WeakKeyDictionary[nn.Module, _Folded]" = weakref.WeakKeyDictio
 _FOLDING = threading.Lock()
 
 
-def folded_for_inference(model: nn.Module, input_size: tuple[int, int, int]) -> nn.Module:
+def folded_for_inference(model: nn.Module, input_size: tuple[int, ...]) -> nn.Module:
     """`fold_batchnorm(model)` with a random probe of `input_size` (C, H, W), cached per model.
 
     `GRAFT_FOLD_BATCHNORM=0` in the environment turns folding off (the model is returned as is).
@@ -158,6 +158,13 @@ def folded_for_inference(model: nn.Module, input_size: tuple[int, int, int]) -> 
             entry = _Folded(None if folded is model else folded, versions, device)
             _FOLDED[model] = entry
     return entry.module if entry.module is not None else model
+
+
+def inference_network(model: nn.Module, input_size: tuple[int, ...], precision: str) -> nn.Module:
+    """What runs `model`'s inference in `precision`: in fp32 its folded copy (`folded_for_inference`),
+    otherwise the model itself (folding is exact in fp32 only). Call it outside inference mode: the
+    folded copy's weights must stay ordinary tensors. `input_size` is what one input is, (C, H, W)."""
+    return folded_for_inference(model, input_size) if precision == "fp32" else model
 
 
 def _rest_of(norm: nn.BatchNorm2d) -> nn.Module | None:

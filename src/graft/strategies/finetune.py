@@ -30,6 +30,7 @@ from graft.checkpoint import start_phase
 from graft.compiling import TrainingCompiler
 from graft.config import TrainConfig
 from graft.errors import ConfigError
+from graft.folding import inference_network
 from graft.heads import make_head
 from graft.images import load_image
 from graft.loop import TrainSteps, evaluate_logits, fit, make_optimizer, view_batches, warmup_cosine_schedule
@@ -375,14 +376,16 @@ def train_on_cached_prefix(model: GraftModel, plan: StagePlan, context: TrainCon
             step(inputs, targets)
         return step.epoch_result()
 
-    @torch.inference_mode()
     def predict_logits() -> torch.Tensor:
         trainable.eval()
+        # In fp32 with BatchNorm folded: one copy per epoch's weights (`folding.inference_network`).
+        network = inference_network(trainable, tuple(val_inputs.shape[1:]), context.precision)
         outputs = []
-        for start in range(0, len(val_inputs), 256):
-            batch = val_inputs[start : start + 256].to(device).contiguous(memory_format=torch.channels_last)
-            with autocast(context.precision, device):
-                outputs.append(trainable(batch).float().cpu())
+        with torch.inference_mode():
+            for start in range(0, len(val_inputs), 256):
+                batch = val_inputs[start : start + 256].to(device).contiguous(memory_format=torch.channels_last)
+                with autocast(context.precision, device):
+                    outputs.append(network(batch).float().cpu())
         return torch.cat(outputs)
 
     def validate() -> tuple[float, float]:
@@ -554,15 +557,17 @@ def train_on_images(
     def validate() -> tuple[float, float]:
         return evaluate_logits(predict_logits(), val_labels, val_loss_fn)
 
-    @torch.inference_mode()
     def predict_logits() -> torch.Tensor:
         was_training = model.training
         model.eval()
+        # In fp32 with BatchNorm folded: one copy per epoch's weights (`folding.inference_network`).
+        network = inference_network(model, context.backbone.preprocessing.input_size, precision)
         outputs = []
-        for images in val_loader:
-            images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-            with autocast(precision, device):
-                outputs.append(model(images).float().cpu())
+        with torch.inference_mode():
+            for images in val_loader:
+                images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+                with autocast(precision, device):
+                    outputs.append(network(images).float().cpu())
         if was_training:
             apply_trainability(model, stages, current, plan)
         local = torch.cat(outputs) if outputs else torch.empty(0, context.head_spec.num_classes)
