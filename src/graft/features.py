@@ -231,7 +231,10 @@ def extract_features(
             # By name on the network that runs (the folded copy in fp32, whose module of that name
             # computes the same output: folding keeps the module tree and changes only the weights).
             # A copy: the next module may work in place on its input.
-            hook = network.get_submodule(tap.module_name).register_forward_hook(lambda _m, _i, output: tapped.append(output.to('cpu', copy=True)))
+            def keep(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
+                tapped.append(output.to("cpu", copy=True))
+
+            hook = network.get_submodule(tap.module_name).register_forward_hook(keep)
         try:
             outputs = forward_batches(network, loader, precision=precision, device=device, progress=progress, compile=compile)
         finally:
