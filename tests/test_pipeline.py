@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+import pytest
 import torch
+from PIL import Image
+from torchvision import transforms
 
 from graft.images import load_image
-from graft.pipeline import DecodedImages, EvalImages, image_batches, split_transform
+from graft.pipeline import DecodedImages, EvalImages, ResizeCenterCrop, image_batches, split_transform
 from graft.preprocessing import build_transforms
 
 
@@ -24,6 +28,48 @@ def test_split_transform_equals_the_whole_transform(lite0, fashion_folder: Path)
     got = split.normalize(torch.stack([split.pixels(load_image(p)) for p in paths]))
     assert got.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+
+
+def test_the_evaluation_resize_and_crop_run_as_one_resize_on_fashion_mnist(lite0, fashion_folder: Path) -> None:
+    """The default transform's Resize + CenterCrop become one Pillow resize of the crop's box for
+    these 28 px squares, with the two steps' pixels exactly."""
+    transform = build_transforms(lite0.preprocessing)
+    steps = transform.transforms[:2]
+    split = split_transform(transform)
+    assert isinstance(split.pil, ResizeCenterCrop)
+    for path in _images(fashion_folder)[:10]:
+        for keep_gray in (True, False):
+            image = load_image(path, keep_gray=keep_gray)
+            expected = np.asarray(steps[1](steps[0](image)))
+            assert np.array_equal(np.asarray(split.pil(image)), expected)
+    assert split.pil._exact == {(28, 28): True}
+
+
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
+@pytest.mark.parametrize("resize, crop", [(256, 224), (224, 224), (288, 256), (248, 224)])
+def test_fused_resize_and_crop_equal_the_two_steps_bit_for_bit(interpolation: str, resize: int, crop: int) -> None:
+    """Every size, fused or not (non-square pictures, sizes whose box Pillow would sample at
+    other positions, padding, no resize at all), gives the pixels of Resize then CenterCrop."""
+    steps = [transforms.Resize(resize, interpolation=transforms.InterpolationMode(interpolation)),
+             transforms.CenterCrop(crop)]
+
+    def two_steps(image: Image.Image) -> Image.Image:
+        return steps[1](steps[0](image))
+
+    fused = ResizeCenterCrop.of(steps, fallback=two_steps)
+    assert fused is not None
+    rng = np.random.default_rng(0)
+    sizes = [(s, s) for s in (8, 28, 32, 100, 184, 230, 256, 299, 300, 651)] + [(184, 230), (500, 375), (20, 700)]
+    for width, height in sizes:
+        for mode, shape in (("L", (height, width)), ("RGB", (height, width, 3))):
+            image = Image.fromarray(rng.integers(0, 256, size=shape, dtype=np.uint8), mode=mode)
+            assert np.array_equal(np.asarray(fused(image)), np.asarray(two_steps(image))), (width, height, mode)
+    squares = {(w, h) for w, h in sizes if w == h and w != resize}
+    if resize in (256, 224):
+        # A size over 256 is a short binary fraction, and a crop as large as the resize is a box
+        # of the whole picture: every square is fused, so the equality above tested the box.
+        assert {size for size, exact in fused._exact.items() if exact} == squares
+    assert set(fused._exact) <= squares  # other shapes never reach the check
 
 
 def test_batches_keep_order_and_reuse_decoded_images(lite0, fashion_folder: Path) -> None:
