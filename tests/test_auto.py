@@ -146,8 +146,8 @@ def test_auto_lets_explicit_options_win(fashion_folder, tmp_path):
     assert run.metrics["features_computed"] == 30 and run.metrics["epochs_run"] <= 2  # one augmented view
 
 
-def test_auto_runs_lp_ft_on_the_top_stages_for_a_few_distant_images_per_class(tmp_path):
-    """15 real Fashion-MNIST images per class (12 train): the lp-ft cell, end to end."""
+def _few_per_class(tmp_path):
+    """15 real Fashion-MNIST images per class of three classes (12 train, 3 validation)."""
     import numpy as np
 
     from graft.sample_data import load_fashion_mnist, sample_per_class, write_image_folder
@@ -157,6 +157,12 @@ def test_auto_runs_lp_ft_on_the_top_stages_for_a_few_distant_images_per_class(tm
     subset = type(source)(source.name, source.images[keep], source.labels[keep], source.class_names)
     root = tmp_path / "data"
     write_image_folder(subset, sample_per_class(subset.labels, 15, np.random.default_rng(2)), root)
+    return root
+
+
+def test_auto_runs_lp_ft_on_the_top_stages_for_a_few_distant_images_per_class(tmp_path):
+    """15 real Fashion-MNIST images per class (12 train): the lp-ft cell, end to end."""
+    root = _few_per_class(tmp_path)
     run = graft.train(root, out=tmp_path / "auto", strategy="auto", epochs=2, verbose=False, cache_dir=str(tmp_path / "c"))
     auto = run.metrics["auto"]
     assert auto["measured"]["images_per_class"] == 12
@@ -186,3 +192,49 @@ def test_auto_runs_lp_ft_on_the_top_stages_for_a_few_distant_images_per_class(tm
     assert len(pooled.get(train.digests)) == len(train)
     augmented = [item_key(d, "strong", view, 0) for d in train.digests for view in range(1, 9)]
     assert pooled.get(augmented) == {}
+
+
+def test_auto_drops_the_kept_prefix_outputs_when_it_chooses_no_cached_prefix(tmp_path, monkeypatch):
+    """auto keeps the prefix's outputs during the framing before it knows the distance; when the
+    data proves similar it chooses feature-extract, and nothing of the prefix reaches the cache.
+    The measured confidence is raised past the threshold (the rule's input, not the model's)."""
+    import dataclasses
+
+    import graft.strategies.auto as auto_module
+    from graft.strategies.base import TrainContext
+
+    real_measure = auto_module.measure
+    monkeypatch.setattr(auto_module, "measure", lambda *args, **kwargs: dataclasses.replace(
+        real_measure(*args, **kwargs), imagenet_confidence=DISTANT_CONFIDENCE + 0.1))
+    taps = []
+    real_framing = auto_module.choose_framing
+
+    def framing(context: TrainContext):
+        chosen, measured = real_framing(context)
+        taps.append(chosen.tap)  # the chosen view's tap, filled by its passes
+        return chosen, measured
+
+    monkeypatch.setattr(auto_module, "choose_framing", framing)
+    kept_counts = []
+    real_choose = auto_module.choose
+
+    def choose(measured):
+        if taps:  # the choice after the framing (the first call sizes the tap before it)
+            kept_counts.append(len(taps[0].outputs))
+        return real_choose(measured)
+
+    monkeypatch.setattr(auto_module, "choose", choose)
+    root = _few_per_class(tmp_path)
+    run = graft.train(root, out=tmp_path / "auto", strategy="auto", epochs=2, verbose=False, cache_dir=str(tmp_path / "c"))
+    auto = run.metrics["auto"]
+    assert auto["chose"] == "feature-extract" and auto["rule"] == "small + similar -> feature-extract"
+    # The framing's passes did keep the prefix's outputs (for the lp-ft of distant data)...
+    assert taps[0] is not None and taps[0].module_name == "blocks.4"
+    assert len(kept_counts) == 1 and kept_counts[0] == 12 * 3 + 3 * 3
+    # ...and let go of them once the choice was made, not held while feature-extract trained...
+    assert taps[0].outputs == {}
+    # ...nor handed on: feature-extract read the pooled features only, and the cache holds the
+    # two framings' pooled features, no prefix outputs.
+    assert "prefix_outputs_kept" not in run.metrics and "cached_prefix" not in run.metrics
+    assert run.metrics["features_from_cache"] == 12 * 3 + 3 * 3
+    assert len(list((tmp_path / "c" / "features").iterdir())) == 2

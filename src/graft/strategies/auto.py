@@ -186,6 +186,8 @@ class Auto:
         audit = strategy.audit(context.backbone.model, context.stages, make_head(context.head_spec), config)
         show_audit(reporter, f"strategy {choice.strategy} (chosen by auto): what trains", audit)
         kept = context.tap if context.tap is not None and expected_prefix_end(context, choice) == context.tap.module_name else None
+        if context.tap is not None and kept is None:
+            context.tap.outputs.clear()  # a prefix's outputs per image, not to be held while training
         chosen_context = TrainContext(**{**context.__dict__, "config": config, "tap": kept})
         outcome = strategy.train(chosen_context)
         outcome.notes = {**outcome.notes, "trainable_params": sum(row.trainable_params for row in audit), "auto": {
