@@ -32,6 +32,10 @@ def _bundles(root):
 def test_two_processes_match_one_and_write_one_bundle(fashion_folder, tmp_path, strategy, epochs):
     # val_fraction 0.25 gives 9 validation images: 5 on one rank and 4 on the other (uneven).
     common = [fashion_folder, "--strategy", strategy, "--epochs", epochs, "--val-fraction", "0.25"]
+    if strategy == "feature-extract":
+        # Bitwise-close predictions need one precision in both runs. `auto` measures it on the
+        # CPU (graft.cpu_precision), with 2 threads in one process and 1 per rank under torchrun.
+        common += ["--precision", "fp32"]
     _train([*common, "--out", tmp_path / "one", "--cache-dir", tmp_path / "c1"])
     _train([*common, "--out", tmp_path / "two", "--cache-dir", tmp_path / "c2"], launcher=_torchrun())
 
@@ -53,3 +57,11 @@ def test_two_processes_match_one_and_write_one_bundle(fashion_folder, tmp_path, 
         assert abs(two["accuracy"] - one["accuracy"]) <= 2 / 9
         history = [json.loads(line) for line in (tmp_path / "two" / "history.jsonl").read_text().splitlines()]
         assert len(history) == 2 and history[1]["stage_thawed"]
+        # `--precision auto`: rank 0 chose for both ranks, and recorded what it measured.
+        from graft.numerics import cpu_supports_bf16
+
+        resolved = json.loads((tmp_path / "two" / "config.json").read_text())["resolved"]
+        if cpu_supports_bf16():
+            assert resolved["precision"] == resolved["precision_measured"]["precision"]
+        else:
+            assert resolved["precision"] == "fp32" and "precision_measured" not in resolved

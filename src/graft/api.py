@@ -99,7 +99,23 @@ def train_with_config(config: TrainConfig, *, reporter: Reporter = QUIET, resume
     main_rank = distributed.is_main()
     if not main_rank:
         reporter = QUIET  # one voice, one set of files: rank 0's
+    cache_root = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
     precision = resolve_precision(config.precision, device)
+    precision_measured = None
+    if config.precision == "auto" and precision == "bf16" and device.type == "cpu":
+        # A CPU with native bf16 may still run this backbone faster in fp32 (graft.cpu_precision).
+        # Under torchrun rank 0 decides, for every rank: they must all train in one precision.
+        from graft.cpu_precision import choose_cpu_precision
+
+        choice = choose_cpu_precision(backbone, cache_root) if main_rank else None
+        if choice is not None:
+            reporter.say(
+                f"precision auto: {choice.precision} (this CPU ran {backbone.architecture} at {choice.fp32_images_per_second:.0f} "
+                f"img/s in fp32 with BatchNorm folded, {choice.bf16_images_per_second:.0f} in bf16; "
+                + ("measured now" if choice.measured_now else "measured by an earlier run") + ")"
+            )
+        precision_measured = distributed.from_main(choice.to_dict() if choice is not None else None)
+        precision = precision_measured["precision"]
     compile_backbone = should_compile(config.compile, len(dataset.train) + len(dataset.val), device)
     if compile_backbone:
         reporter.say(f"compiling the frozen backbone's forward (--compile {config.compile}; {len(dataset.train) + len(dataset.val)} images)")
@@ -110,10 +126,11 @@ def train_with_config(config: TrainConfig, *, reporter: Reporter = QUIET, resume
     audit = strategy.audit(backbone.model, stages, make_head(head_spec), config)
     show_audit(reporter, f"strategy {config.strategy}: what trains", audit)
 
-    cache_root = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
     cache = FeatureCache(cache_root, backbone_key(backbone, backbone.preprocessing, precision))
     if main_rank:
         resolved = {"device": str(device), "precision": precision, "bn_stats": config.bn_stats, "compile": compile_backbone}
+        if precision_measured is not None:
+            resolved["precision_measured"] = precision_measured
         write_json(run_dir / "config.json", {**config_as_given.to_dict(), "resolved": resolved})
         write_json(run_dir / "split.json", dataset.split_record())
     history_path = run_dir / "history.jsonl"

@@ -1,10 +1,12 @@
 """Device and numeric precision: which is used, and the context that applies it.
 
 `precision="auto"` (the default) picks bf16 autocast where the hardware runs it natively (CUDA
-with bf16, CPUs with AVX-512 BF16 / AMX) and fp32 elsewhere. Every choice is recorded (cache keys,
-bundles). On the 2-core AVX-512 machine of docs/performance.md, bf16 autocast with channels_last
-runs EfficientNet-Lite0 about 2x faster than fp32, and stays within `BF16_TOLERANCE` of fp32 on
-real images (tests/test_numerics.py checks it). Training there keeps the depthwise convolutions
+with bf16, CPUs with AVX-512 BF16 / AMX) and fp32 elsewhere; for a training run on such a CPU,
+`graft.cpu_precision` then times the backbone in both and keeps the faster (bf16 ran
+EfficientNet-Lite0 about 1.7x as fast as fp32 on the earlier sessions' 2-core machine, and no
+faster than fp32 with BatchNorm folded on the thirteenth session's). Every choice is recorded
+(cache keys, bundles). bf16 stays within `BF16_TOLERANCE` of fp32 on real images
+(tests/test_numerics.py checks it). Training there keeps the depthwise convolutions
 that get gradients in fp32 (`train_depthwise_in_fp32`): their bf16 backward is the slow one.
 """
 

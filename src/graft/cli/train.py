@@ -40,7 +40,7 @@ def train(
     bn_stats: str = options.BN_STATS,
     crop_pct: Optional[float] = typer.Option(None, help="Evaluation crop as a share of the image (1 = whole frame); default: the backbone's own (auto measures both)."),
     class_weighting: str = typer.Option("none", help="none or balanced (inverse class frequency)."),
-    precision: str = typer.Option("auto", help="auto (bf16 where the hardware runs it natively, else fp32), fp32 or bf16. Training in bf16 on a CPU keeps the trained depthwise convolutions in fp32 (faster there)."),
+    precision: str = typer.Option("auto", help="auto (bf16 on a GPU that runs it natively; on a CPU with native bf16, whichever of fp32 and bf16 ran the backbone faster, measured once and kept in the cache folder; else fp32), fp32 or bf16. Training in bf16 on a CPU keeps the trained depthwise convolutions in fp32 (faster there)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     compile_mode: str = typer.Option("auto", "--compile", help="torch.compile: on, off, or auto. auto compiles the frozen backbone for extraction on CPU from 50 000 images, and on a GPU the training step when its timed first steps say the run saves more than compiling costs."),
     cache_dir: Optional[Path] = typer.Option(None, help="Feature cache folder (default: $GRAFT_CACHE_DIR or ~/.cache/graft)."),
