@@ -99,7 +99,8 @@ def forward_speeds(backbone: Backbone) -> tuple[float, float]:
     size = tuple(backbone.preprocessing.input_size)
     # Its own generator: the global one seeds the run's head and batches, and a run that reads the
     # recorded choice must train exactly like the run that measured it.
-    inputs = torch.randn(BATCH, *size, generator=torch.Generator().manual_seed(0)).contiguous(memory_format=torch.channels_last)
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(BATCH, *size, generator=generator).contiguous(memory_format=torch.channels_last)
     cpu = torch.device("cpu")
     networks = {precision: inference_network(model, size, precision) for precision in ("fp32", "bf16")}
     seconds: dict[str, list[float]] = {"fp32": [], "bf16": []}

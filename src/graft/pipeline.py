@@ -167,19 +167,20 @@ class ResizeCenterCrop:
     """timm's evaluation `Resize` + `CenterCrop` as one Pillow resize of the crop's source box.
 
     Resizing the whole picture and then cutting its centre resamples pixels that are thrown away
-    (a quarter of them at timm's usual 0.875 crop). Pillow can resample just a box of the source
-    to the crop's size, and its result is the same, bit for bit, when the box gives every output
-    pixel the same filter centre as the whole resize did: then the fixed-point weights and the
-    taps are the same. Pillow takes the box as float32 and computes the centres in double, so
+    (about a quarter of them at timm's usual 0.875 crop). Pillow can resample just a box of the
+    source to the crop's size, and its result is the same, bit for bit, when the box gives every
+    output pixel the same filter centre as the whole resize did: then the fixed-point weights and
+    the taps are the same. Pillow takes the box as float32 and computes the centres in double, so
     that is checked per image size by repeating its arithmetic (`_same_centres`): it holds when
     the source-to-resized scale is a short binary fraction, as for 28 or 32 px squares going to
     256 (Fashion-MNIST, MNIST, CIFAR), and fails for most other sizes, which then take the two
-    steps as before. Only square pictures and crops are fused: Pillow runs the horizontal and the
-    vertical pass in an order of its own choosing, and each pass rounds to 8 bits, so the same
-    weights in another order give other pixels (seen on a 184 × 230 picture); a square keeps the
-    two passes alike. Other modes than L and RGB, a crop larger than the resized picture (padding)
-    and a resize to the same size (none at all) take the two steps too. Measured on 20-shot
-    Fashion-MNIST (28 px to 256, crop 224; one thread): 0.27 → 0.20 ms per image for the PIL part.
+    steps as before. Only squares (picture, resize and crop) are fused: Pillow runs the horizontal
+    and the vertical pass in an order of its own choosing, and each pass rounds to 8 bits, so the
+    same weights in another order give other pixels (seen on a 184 × 230 picture); a square keeps
+    the two passes alike. Other modes than L and RGB, a crop larger than the resized picture
+    (padding) and a resize to the same size (none at all) take the two steps too. Measured on
+    20-shot Fashion-MNIST (28 px to 256, crop 224; one thread): 0.27 → 0.20 ms per image for the
+    PIL part.
     """
 
     def __init__(self, size: int | tuple[int, int], crop: tuple[int, int], resample: Image.Resampling,
@@ -214,8 +215,8 @@ class ResizeCenterCrop:
         width, height = image.size
         resized_height, resized_width = self._resized(height, width)
         crop_height, crop_width = self.crop
-        if (image.mode not in ("L", "RGB") or width != height or crop_width != crop_height
-                or crop_width > resized_width or crop_height > resized_height
+        squares = width == height and resized_width == resized_height and crop_width == crop_height
+        if (image.mode not in ("L", "RGB") or not squares or crop_width > resized_width
                 or (resized_width, resized_height) == (width, height)):
             return self.fallback(image)
         top = int(round((resized_height - crop_height) / 2.0))
