@@ -11,7 +11,7 @@ Decoding runs one batch ahead of the model in a background thread by default: Pi
 GIL while it decodes and resamples, so on a small CPU most of the decode hides behind the forward
 pass without a worker process (which would fight torch's own threads and copy every image between
 processes). Not all of it: with EfficientNet-Lite0 in bf16 at 5-6 ms per image on 2 cores, graft
-extracts at 0.89 of the bare forward (docs/performance.md). `workers > 0` uses DataLoader worker
+extracts at 0.88-0.90 of the bare forward, and at 0.93 where the model is slower (docs/performance.md). `workers > 0` uses DataLoader worker
 processes instead (on a GPU machine with cores to spare, where the model is much faster than
 one decoding thread; `extraction_workers` picks). On a GPU every batch, for training and for
 inference, crosses to the device as uint8 and is normalised there (`SplitTransform.normalizer_on`).
@@ -179,8 +179,8 @@ class ResizeCenterCrop:
     same weights in another order give other pixels (seen on a 184 × 230 picture); a square keeps
     the two passes alike. Other modes than L and RGB, a crop larger than the resized picture
     (padding) and a resize to the same size (none at all) take the two steps too. Measured on
-    20-shot Fashion-MNIST (28 px to 256, crop 224; one thread): 0.27 → 0.20 ms per image for the
-    PIL part.
+    20-shot Fashion-MNIST (28 px to 256, crop 224; one thread; `bench/decode.py`): 0.82x the time
+    per image with the file's decode.
     """
 
     def __init__(self, size: int | tuple[int, int], crop: tuple[int, int], resample: Image.Resampling,
@@ -233,13 +233,12 @@ class ResizeCenterCrop:
         return image.resize((crop_width, crop_height), self.resample, box=box)
 
     def _resized(self, height: int, width: int) -> tuple[int, int]:
-        """(height, width) after torchvision's Resize (`_compute_resized_output_size`, no max_size)."""
-        if isinstance(self.size, tuple):
-            return self.size
-        short, long = (width, height) if width <= height else (height, width)
-        new_short, new_long = self.size, int(self.size * long / short)
-        return (new_long, new_short) if width <= height else (new_short, new_long)
+        """(height, width) after the Resize step: torchvision's own rule, so the two cannot differ."""
+        from torchvision.transforms.functional import _compute_resized_output_size
 
+        size = [self.size] if isinstance(self.size, int) else list(self.size)
+        resized_height, resized_width = _compute_resized_output_size((height, width), size)
+        return resized_height, resized_width
 
 def _same_centres(in_size: int, resized: int, offset: int, crop: int) -> bool:
     """Whether Pillow samples output pixel `i` of the box resize at the same source position, in
