@@ -190,6 +190,9 @@ class ResizeCenterCrop:
         self.resample = resample
         self.fallback = fallback
         self._exact: dict[tuple[int, int], bool] = {}
+        from torchvision.transforms.functional import _compute_resized_output_size
+
+        self._size_rule = _compute_resized_output_size  # torchvision's own, so the two cannot differ
 
     # The filters timm's evaluation transforms use; Pillow computes their weights in one function.
     FILTERS = ("bilinear", "bicubic")
@@ -233,11 +236,9 @@ class ResizeCenterCrop:
         return image.resize((crop_width, crop_height), self.resample, box=box)
 
     def _resized(self, height: int, width: int) -> tuple[int, int]:
-        """(height, width) after the Resize step: torchvision's own rule, so the two cannot differ."""
-        from torchvision.transforms.functional import _compute_resized_output_size
-
+        """(height, width) after the Resize step."""
         size = [self.size] if isinstance(self.size, int) else list(self.size)
-        resized_height, resized_width = _compute_resized_output_size((height, width), size)
+        resized_height, resized_width = self._size_rule((height, width), size)
         return resized_height, resized_width
 
 def _same_centres(in_size: int, resized: int, offset: int, crop: int) -> bool:
