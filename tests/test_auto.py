@@ -1,5 +1,7 @@
 """`auto`: the rule, and the measurements on real images."""
 
+import dataclasses
+
 import pytest
 
 import graft
@@ -9,7 +11,7 @@ from graft.strategies.auto import (
     ViewScore,
     accuracy_difference_se,
     choose,
-    whole_frame_wins,
+    first_wins,
 )
 
 
@@ -43,20 +45,32 @@ def test_framing_uses_accuracy_beyond_one_standard_error_and_log_loss_within_it(
     # against 0.802 with the crop that the accuracy alone had picked).
     whole, center = _views(1000, 730, 63, 65, (0.5697, 0.6114))
     assert accuracy_difference_se(whole, center) == pytest.approx(0.0113, abs=1e-4)
-    assert whole_frame_wins(whole, center) == (True, "log-loss")
+    assert first_wins(whole, center) == (True, "log-loss")
     # Seed 0: 0.794 vs 0.783 (50 and 39): more than one standard error, so accuracy decides,
     # though the crop's log-loss was a little lower.
     whole, center = _views(1000, 744, 50, 39, (0.6493, 0.6434))
-    assert whole_frame_wins(whole, center) == (True, "accuracy")
-    assert whole_frame_wins(center, whole) == (False, "accuracy")
+    assert first_wins(whole, center) == (True, "accuracy")
+    assert first_wins(center, whole) == (False, "accuracy")
     # Seed 1: an accuracy tie; the whole frame's loss was lower.
     whole, center = _views(1000, 733, 46, 46, (0.6393, 0.6814))
-    assert whole_frame_wins(whole, center) == (True, "log-loss")
-    assert whole_frame_wins(center, whole) == (False, "log-loss")
+    assert first_wins(whole, center) == (True, "log-loss")
+    assert first_wins(center, whole) == (False, "log-loss")
     # The same predictions and the same loss: an exact tie keeps the crop.
     whole, center = _views(6, 5, 0, 0, (0.64, 0.64))
     assert accuracy_difference_se(whole, center) == 0.0
-    assert whole_frame_wins(whole, center) == (False, "log-loss")
+    assert first_wins(whole, center) == (False, "log-loss")
+
+
+@pytest.mark.parametrize("per_class, confidence", [(5, 0.2), (20, 0.2), (20, 0.8), (49, 0.2)])
+def test_few_images_whose_grid_won_keep_the_frozen_grid_without_augmented_views(per_class, confidence):
+    choice = choose(dataclasses.replace(_measured(per_class, confidence), pooling="grid"))
+    assert choice.strategy == "feature-extract" and choice.options == {"augment_views": 0}
+    assert choice.rule == "few + the grid's layout -> feature-extract" and "grid" in choice.reason
+
+
+def test_the_grid_does_not_change_the_choice_for_more_images():
+    for per_class, confidence, expected in ((60, 0.2, "partial"), (500, 0.8, "discriminative")):
+        assert choose(dataclasses.replace(_measured(per_class, confidence), pooling="grid")).strategy == expected
 
 
 def test_few_distant_images_get_lp_ft_on_the_top_stages_from_cached_prefix_outputs():
@@ -87,8 +101,12 @@ def test_auto_measures_real_images_and_says_why(fashion_folder, tmp_path, monkey
     # Grayscale product thumbnails are far from ImageNet's photos: the pretrained head is unsure.
     assert measured["imagenet_confidence"] < DISTANT_CONFIDENCE
     assert 0.0 <= measured["probe_accuracy"] <= 1.0
-    assert auto["chose"] == "feature-extract" and auto["rule"] == "very few + distant -> feature-extract"
-    assert auto["options"] == {"augment_views": 2}
+    grid = auto["pooling"]["chose"] == "grid"  # measured below
+    assert auto["chose"] == "feature-extract" and measured["pooling"] == auto["pooling"]["chose"]
+    if grid:  # where the objects sit told the classes apart: the frozen grid, no augmented views
+        assert auto["rule"] == "few + the grid's layout -> feature-extract" and auto["options"] == {"augment_views": 0}
+    else:
+        assert auto["rule"] == "very few + distant -> feature-extract" and auto["options"] == {"augment_views": 2}
     # Framing: a probe per view (the backbone's 0.875 crop, the whole frame), scored on validation.
     framing = auto["framing"]
     assert framing["center_crop"] == 0.875 and framing["images"] == [30, 6]
@@ -106,17 +124,30 @@ def test_auto_measures_real_images_and_says_why(fashion_folder, tmp_path, monkey
     # The chosen view's validation probe is the reported probe accuracy (no second probe fitted).
     assert measured["probe_accuracy"] == framing["full_accuracy" if expected_crop == 1.0 else "center_accuracy"]
     # The bundle records the view the head was trained on, so predict sees what training saw.
-    assert graft.load_bundle(run.bundle_dir).preprocessing.crop_pct == expected_crop
+    bundle = graft.load_bundle(run.bundle_dir)
+    assert bundle.preprocessing.crop_pct == expected_crop
+    # Pooling: a probe on the chosen view's average and on its grid, by the same rule.
+    pooling = auto["pooling"]
+    assert pooling["images"] == [30, 6] and pooling["grid_size"] == 3
+    difference, se = pooling["grid_accuracy"] - pooling["avg_accuracy"], pooling["accuracy_difference_se"]
+    if pooling["decided_by"] == "accuracy":
+        assert abs(difference) > se - 1e-4
+        expected_pooling = "grid" if difference > 0 else "avg"
+    else:
+        assert pooling["decided_by"] == "log-loss" and abs(difference) <= se + 1e-4
+        expected_pooling = "grid" if pooling["grid_loss"] < pooling["avg_loss"] else "avg"
+    assert pooling["chose"] == expected_pooling == bundle.meta["backbone"]["pooling"]
+    assert bundle.meta["head"]["in_features"] == 1280 * (9 if expected_pooling == "grid" else 1)
     # The measuring passes' features (training and validation) are the ones feature-extract reads
     # from the cache; only the augmented views are new.
     assert run.metrics["strategy"] == "auto" and run.metrics["features_from_cache"] == 30 + 6
-    assert run.metrics["features_computed"] == 2 * 30
+    assert run.metrics["features_computed"] == (0 if grid else 2 * 30)
 
 
 def test_an_explicit_crop_is_used_everywhere_and_not_measured(fashion_folder, holdout_folder, tmp_path):
     import torch
 
-    from graft.backbones import load_backbone, with_crop
+    from graft.backbones import load_backbone, with_crop, with_pooling
     from graft.data import load_labelled_folder
     from graft.features import extract_features
 
@@ -127,7 +158,7 @@ def test_an_explicit_crop_is_used_everywhere_and_not_measured(fashion_folder, ho
     assert bundle.preprocessing.crop_pct == 1.0
     # The bundle's predictions are its head on whole-frame features, not on center-cropped ones.
     images = load_labelled_folder(holdout_folder)[0]
-    backbone = load_backbone()
+    backbone = with_pooling(load_backbone(), bundle.meta["backbone"]["pooling"])  # auto measured the pooling
     logits = {}
     for crop in (1.0, 0.875):
         features = extract_features(with_crop(backbone, crop), images.paths, images.digests, cache=None, precision=bundle.precision)
@@ -144,6 +175,11 @@ def test_auto_lets_explicit_options_win(fashion_folder, tmp_path):
     run = graft.train(fashion_folder, out=tmp_path / "auto2", strategy="auto", epochs=2, augment_views=1, verbose=False, cache_dir=str(tmp_path / "c"))
     assert run.metrics["auto"]["options"]["augment_views"] == 1  # the user's, not the rule's 2
     assert run.metrics["features_computed"] == 30 and run.metrics["epochs_run"] <= 2  # one augmented view
+    # An explicit pooling is used as given, not measured.
+    run = graft.train(fashion_folder, out=tmp_path / "auto3", strategy="auto", epochs=2, pooling="grid", verbose=False,
+                      cache_dir=str(tmp_path / "c"))
+    assert run.metrics["auto"]["pooling"] == {}
+    assert graft.load_bundle(run.bundle_dir).meta["backbone"]["pooling"] == "grid"
 
 
 def _few_per_class(tmp_path):
@@ -163,8 +199,10 @@ def _few_per_class(tmp_path):
 def test_auto_runs_lp_ft_on_the_top_stages_for_a_few_distant_images_per_class(tmp_path):
     """15 real Fashion-MNIST images per class (12 train): the lp-ft cell, end to end."""
     root = _few_per_class(tmp_path)
-    run = graft.train(root, out=tmp_path / "auto", strategy="auto", epochs=2, verbose=False, cache_dir=str(tmp_path / "c"))
+    # The average pinned: where a 3x3 grid wins, few images per class are not fine-tuned at all.
+    run = graft.train(root, out=tmp_path / "auto", strategy="auto", epochs=2, pooling="avg", verbose=False, cache_dir=str(tmp_path / "c"))
     auto = run.metrics["auto"]
+    assert auto["pooling"] == {} and auto["measured"]["pooling"] == "avg"
     assert auto["measured"]["images_per_class"] == 12
     assert auto["chose"] == "lp-ft" and auto["rule"] == "few + distant -> lp-ft on the top stages"
     assert auto["options"]["train_stages"] == 2 and auto["options"]["epochs"] == 2  # the user's epochs win
@@ -225,7 +263,7 @@ def test_auto_drops_the_kept_prefix_outputs_when_it_chooses_no_cached_prefix(tmp
 
     monkeypatch.setattr(auto_module, "choose", choose)
     root = _few_per_class(tmp_path)
-    run = graft.train(root, out=tmp_path / "auto", strategy="auto", epochs=2, verbose=False, cache_dir=str(tmp_path / "c"))
+    run = graft.train(root, out=tmp_path / "auto", strategy="auto", epochs=2, pooling="avg", verbose=False, cache_dir=str(tmp_path / "c"))
     auto = run.metrics["auto"]
     assert auto["chose"] == "feature-extract" and auto["rule"] == "small + similar -> feature-extract"
     # The framing's passes did keep the prefix's outputs (for the lp-ft of distant data)...

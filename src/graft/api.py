@@ -18,7 +18,7 @@ import torch
 
 from graft import distributed
 from graft.atomic import write_json, write_text
-from graft.backbones import DEFAULT_BACKBONE, load_backbone, with_crop
+from graft.backbones import DEFAULT_BACKBONE, load_backbone, with_crop, with_pooling
 from graft.bundle import Bundle, Prediction, load_bundle, save_bundle
 from graft.config import TrainConfig
 from graft.console import QUIET, Reporter
@@ -93,6 +93,8 @@ def train_with_config(config: TrainConfig, *, reporter: Reporter = QUIET, resume
             "(mean, std, size and interpolation stay the backbone's); the bundle records it"
         )
         backbone = with_crop(backbone, config.crop_pct)
+    if config.pooling is not None:
+        backbone = with_pooling(backbone, config.pooling)
     device = resolve_device(config.device)
     distributed.setup(device)  # joins torchrun's process group when there is one
     device = distributed.local_device(device)
@@ -169,10 +171,11 @@ def train_with_config(config: TrainConfig, *, reporter: Reporter = QUIET, resume
             "architecture": backbone.architecture,
             "weights_source": backbone.weights_source,
             "weights_id": backbone.weights_id,
+            "pooling": outcome.pooling or backbone.pooling,
         },
         "class_names": dataset.class_names,
         "preprocessing": (outcome.preprocessing or backbone.preprocessing).to_dict(),
-        "head": head_spec.to_dict(),
+        "head": (outcome.head_spec or head_spec).to_dict(),
         "strategy": config.strategy,
         "precision": precision,
         "val_accuracy": metrics["accuracy"],
@@ -308,6 +311,8 @@ def inspect(
     audit = None
     if strategy is not None:
         config = TrainConfig(data=".", out=".", backbone=name, strategy=strategy, **options)
+        if config.pooling is not None:
+            backbone = with_pooling(backbone, config.pooling)
         head = make_head(HeadSpec(config.head, backbone.num_features, num_classes, config.hidden, config.dropout))
         audit = get_strategy(strategy).audit(backbone.model, stages, head, config)
     return Inspection(

@@ -71,8 +71,25 @@ class Backbone:
     preprocessing: Preprocessing
     weights_source: str  # human-readable: which package, file or Hub id the weights came from
     weights_id: str  # content hash of the weights, part of every feature-cache key
-    num_features: int
-    imagenet_classifier: nn.Module | None = field(default=None, repr=False)
+    num_features: int  # the width of what `model` returns (its pooling's)
+    imagenet_classifier: nn.Module | None = field(default=None, repr=False)  # takes the average-pooled features
+    pooling: str = "avg"  # graft.pooling: the model's own global average, or a grid
+
+
+def with_pooling(backbone: Backbone, pooling: str) -> Backbone:
+    """The same backbone pooling its last feature map by `pooling` ("avg" or "grid", `graft.pooling`).
+
+    The weights are shared, not copied; only the pooling module and the feature width change.
+    """
+    import dataclasses
+
+    from graft.pooling import feature_multiplier, pooled_model
+
+    if pooling == backbone.pooling:
+        return backbone
+    model = pooled_model(backbone.model, pooling, name=f"--backbone {backbone.name}")
+    return dataclasses.replace(backbone, model=model, pooling=pooling,
+                               num_features=int(model.num_features) * feature_multiplier(pooling))
 
 
 def with_crop(backbone: Backbone, crop_pct: float) -> Backbone:

@@ -163,6 +163,7 @@ def load_bundle(path: str | Path) -> Bundle:
 
     from graft.allocator import reuse_freed_memory
     from graft.backbones import create_architecture
+    from graft.pooling import POOLINGS, pooled_model
 
     reuse_freed_memory()  # see graft.allocator
     path = Path(path)
@@ -191,7 +192,10 @@ def load_bundle(path: str | Path) -> Bundle:
         meta["class_names"]
     except (KeyError, TypeError, ValueError) as exc:
         raise BundleError(f"{meta_path}: required field missing or malformed ({exc}); the bundle is damaged") from None
-    model = GraftModel(create_architecture(architecture), make_head(head_spec))
+    pooling = meta["backbone"].get("pooling", "avg")  # bundles from before graft.pooling averaged
+    if pooling not in POOLINGS:
+        raise BundleError(f"{meta_path}: unknown pooling {pooling!r} (expected one of {', '.join(POOLINGS)}); upgrade graft")
+    model = GraftModel(pooled_model(create_architecture(architecture), pooling, name=architecture), make_head(head_spec))
     adapters = meta.get("adapters")
     if adapters:
         if adapters.get("kind") != "lora":

@@ -11,10 +11,12 @@ from graft.backbones import DEFAULT_BACKBONE
 from graft.errors import ConfigError
 from graft.heads import HEAD_KINDS
 from graft.numerics import COMPILE_SETTINGS, PRECISIONS
+from graft.pooling import POOLINGS
 from graft.preprocessing import AUGMENT_LEVELS
 
 CLASS_WEIGHTINGS = ("none", "balanced")
 BN_STATS = ("auto", "frozen", "update")
+HEAD_SOLVERS = ("auto", "adamw", "lbfgs")
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,8 @@ class TrainConfig:
     bn_stats: str = "auto"  # BatchNorm statistics of trainable stages: frozen, update, or auto (by data size)
     lora_rank: int = 8
     crop_pct: float | None = None  # None: the backbone's own evaluation crop (auto may measure a full-frame view)
+    pooling: str | None = None  # "avg" or "grid" (graft.pooling); None: the backbone's average (auto measures both)
+    head_solver: str = "auto"  # adamw, lbfgs (linear head on cached features), or auto (lbfgs for grid pooling)
     precision: str = "auto"  # bf16 autocast where the hardware runs it natively, else fp32
     device: str = "auto"
     compile: str = "auto"  # torch.compile the frozen backbone and the training step: on, off, or auto (graft.compiling)
@@ -66,6 +70,7 @@ class TrainConfig:
             ("--class-weighting", self.class_weighting, CLASS_WEIGHTINGS),
             ("--bn-stats", self.bn_stats, BN_STATS),
             ("--on-bad-image", self.on_bad_image, ("error", "skip")),
+            ("--head-solver", self.head_solver, HEAD_SOLVERS),
         ]
         for option, value, choices in checks:
             if value not in choices:
@@ -84,6 +89,8 @@ class TrainConfig:
             raise ConfigError(f"--dropout: expected a number in [0, 1), got {self.dropout}")
         if self.crop_pct is not None and not 0.0 < self.crop_pct <= 1.0:
             raise ConfigError(f"--crop-pct: expected a share of the image in (0, 1] (1 keeps the whole frame), got {self.crop_pct}")
+        if self.pooling is not None and self.pooling not in POOLINGS:
+            raise ConfigError(f"--pooling: {self.pooling!r} is not one of {', '.join(POOLINGS)}")
         if self.augment_views is not None and self.augment_views < 0:
             raise ConfigError(f"--augment-views: expected 0 or more, got {self.augment_views}")
         if not 0.0 < self.lr_decay <= 1.0:

@@ -59,6 +59,8 @@ def backbone_key(backbone: Backbone, preprocessing: Preprocessing, precision: st
     }
     if part == "pooled":
         del payload["part"]  # keeps the keys of caches written before prefixes were cached
+        if backbone.pooling != "avg":
+            payload["pooling"] = backbone.pooling  # the average's keys stay those of caches written before
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
 
 

@@ -25,6 +25,7 @@ def inspect(
     train_bn: bool = options.TRAIN_BN,
     lora_rank: int = options.LORA_RANK,
     bn_stats: str = options.BN_STATS,
+    pooling: Optional[str] = options.POOLING,
 ) -> None:
     """Show a backbone's stages (name, parameters, output channels and stride) and preprocessing."""
     from rich.console import Console
@@ -35,7 +36,7 @@ def inspect(
     found = inspect_backbone(name, pretrained=pretrained, weights=str(weights) if weights else None,
                              strategy=strategy, num_classes=num_classes, head=head, lr=lr,
                              train_stages=train_stages, lr_decay=lr_decay, thaw_every=thaw_every, train_bn=train_bn,
-                             lora_rank=lora_rank, bn_stats=bn_stats)
+                             lora_rank=lora_rank, bn_stats=bn_stats, pooling=pooling)
     console = Console(highlight=False)
     console.print(f"{found.architecture}: {found.total_params:,} parameters, {found.num_features} features; weights: {found.weights_source}")
     p = found.preprocessing

@@ -39,6 +39,8 @@ def train(
     lora_rank: int = options.LORA_RANK,
     bn_stats: str = options.BN_STATS,
     crop_pct: Optional[float] = typer.Option(None, help="Evaluation crop as a share of the image (1 = whole frame); default: the backbone's own (auto measures both)."),
+    pooling: Optional[str] = options.POOLING,
+    head_solver: str = typer.Option("auto", help="How a head on cached features is fitted: adamw (epochs, early stopping), lbfgs (linear head: L2-regularised logistic regression solved to convergence), or auto (lbfgs for grid pooling, else adamw)."),
     class_weighting: str = typer.Option("none", help="none or balanced (inverse class frequency)."),
     precision: str = typer.Option("auto", help="auto (bf16 on a GPU that runs it natively; on a CPU with native bf16, whichever of fp32 and bf16 ran the backbone faster, measured once and kept in the cache folder; else fp32), fp32 or bf16. Training in bf16 on a CPU keeps the trained depthwise convolutions in fp32 (faster there)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
@@ -59,7 +61,7 @@ def train(
         label_smoothing=label_smoothing, patience=patience, seed=seed, val_fraction=val_fraction,
         on_bad_image=on_bad_image, augment=augment, augment_views=augment_views,
         train_stages=train_stages, lr_decay=lr_decay, thaw_every=thaw_every, train_bn=train_bn, lora_rank=lora_rank, bn_stats=bn_stats,
-        class_weighting=class_weighting, crop_pct=crop_pct, precision=precision, device=device, compile=compile_mode,
+        class_weighting=class_weighting, crop_pct=crop_pct, pooling=pooling, head_solver=head_solver, precision=precision, device=device, compile=compile_mode,
         cache_dir=str(cache_dir) if cache_dir else None,
     )
     result = train_with_config(config, reporter=Reporter(verbose=not quiet), resume=resume)

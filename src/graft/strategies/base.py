@@ -73,6 +73,8 @@ class TrainOutcome:
     notes: dict[str, object] = field(default_factory=dict)
     adapters: dict[str, object] | None = None  # recorded in the bundle so that it reloads them
     preprocessing: Preprocessing | None = None  # set when the strategy chose another view (auto's framing)
+    pooling: str | None = None  # set when the strategy chose another pooling (auto), with its head:
+    head_spec: HeadSpec | None = None
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,102 @@
+"""Grid pooling: the module, the backbone view, training, the bundle and the ONNX export."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import graft
+from graft.backbones import load_backbone, with_crop, with_pooling
+from graft.bundle import load_bundle
+from graft.features import backbone_key
+from graft.pooling import GRID_SIZE, GridPool, pooled_model
+
+
+@pytest.mark.parametrize("height, width", [(7, 7), (8, 8), (9, 7), (5, 6), (3, 3), (2, 2)])
+def test_grid_cells_are_torchs_adaptive_average_bins(height, width):
+    maps = torch.randn(2, 4, height, width, generator=torch.Generator().manual_seed(0))
+    expected = F.adaptive_avg_pool2d(maps, GRID_SIZE).flatten(1)
+    assert torch.allclose(GridPool()(maps), expected, atol=1e-6)
+
+
+def test_a_grid_view_shares_the_weights_and_widens_the_features(lite0):
+    grid = with_pooling(lite0, "grid")
+    assert grid.pooling == "grid" and lite0.pooling == "avg"
+    assert grid.num_features == lite0.num_features * GRID_SIZE**2
+    assert all(a is b for a, b in zip(grid.model.parameters(), lite0.model.parameters()))
+    assert lite0.model.global_pool is not grid.model.global_pool  # the original still averages
+    images = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        pooled, cells = lite0.model(images), grid.model(images)
+        maps = lite0.model.forward_features(images)
+    assert cells.shape == (2, grid.num_features)
+    assert torch.allclose(cells, F.adaptive_avg_pool2d(maps, GRID_SIZE).flatten(1), atol=1e-5)
+    back = with_pooling(grid, "avg")
+    with torch.no_grad():
+        assert torch.equal(back.model(images), pooled)
+    # Cached features of the two poolings never mix; the average's key is the one it always had.
+    key = backbone_key(lite0, lite0.preprocessing, "fp32")
+    assert backbone_key(grid, grid.preprocessing, "fp32") != key
+    assert backbone_key(back, back.preprocessing, "fp32") == key
+
+
+@pytest.mark.parametrize("architecture", ["vit_tiny_patch16_224", "convnext_atto"])
+def test_a_backbone_that_does_not_pool_a_map_last_refuses_a_grid(architecture):
+    backbone = load_backbone(architecture, pretrained=False)
+    with pytest.raises(graft.ConfigError, match="--pooling grid.*use --pooling avg"):
+        with_pooling(backbone, "grid")
+    assert pooled_model(backbone.model, "avg") is backbone.model
+
+
+def test_bad_pooling_and_solver_options_are_named(fashion_folder, tmp_path):
+    with pytest.raises(graft.ConfigError, match="--pooling: 'max'"):
+        graft.TrainConfig(data=str(fashion_folder), out=str(tmp_path), pooling="max")
+    with pytest.raises(graft.ConfigError, match="--head-solver lbfgs: fits a linear head only"):
+        graft.train(fashion_folder, out=tmp_path / "mlp", head="mlp", head_solver="lbfgs", verbose=False)
+
+
+@pytest.fixture(scope="module")
+def grid_run(fashion_folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("grid") / "run"
+    return graft.train(fashion_folder, out=out, pooling="grid", crop_pct=1.0, verbose=False)
+
+
+def test_grid_head_is_scikit_learns_logistic_regression_and_reloads_identically(grid_run, fashion_folder, holdout_folder, lite0):
+    from sklearn.linear_model import LogisticRegression
+
+    from graft.data import load_dataset
+    from graft.features import extract_features
+    from graft.images import load_image
+
+    bundle = load_bundle(grid_run.bundle_dir)
+    assert bundle.meta["backbone"]["pooling"] == "grid"
+    assert bundle.meta["head"]["in_features"] == lite0.num_features * GRID_SIZE**2
+    assert isinstance(bundle.model.backbone.global_pool, GridPool)
+    assert len(grid_run.history) == 1  # solved once by L-BFGS, not in epochs
+    # The same objective as scikit-learn's probe: its predictions on held-out images agree.
+    dataset = load_dataset(str(fashion_folder), val_fraction=0.2, seed=0)
+    grid = with_pooling(load_backbone("efficientnet_lite0"), "grid")
+    grid = with_crop(grid, 1.0)
+    train = extract_features(grid, dataset.train.paths, dataset.train.digests, cache=None, precision="fp32").numpy()
+    holdout = sorted(holdout_folder.rglob("*.png"))
+    probe = LogisticRegression(max_iter=2000).fit(train, dataset.train.labels)
+    ours = bundle.logits([load_image(p) for p in holdout]).argmax(1).numpy()
+    theirs = probe.predict(extract_features(grid, holdout, [str(p) for p in holdout], cache=None, precision="fp32").numpy())
+    assert np.mean(ours == theirs) >= 0.94
+    # Reloaded, it predicts the same.
+    first = [p.to_dict() for p in bundle.predict(holdout)]
+    assert first == [p.to_dict() for p in load_bundle(grid_run.bundle_dir).predict(holdout)]
+
+
+def test_a_grid_bundle_exports_to_onnx_with_the_same_logits(grid_run, holdout_folder, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from graft.export import export_onnx
+    from graft.images import load_image
+
+    images = [load_image(p) for p in sorted(holdout_folder.rglob("*.png"))]
+    # export_onnx checks ONNX Runtime's logits against PyTorch's on these images and refuses otherwise.
+    result = export_onnx(load_bundle(grid_run.bundle_dir), out=tmp_path / "grid.onnx", opset=17, check_images=images)
+    assert result.path.is_file() and result.num_check_images == len(images)
+    assert result.max_abs_diff < result.tolerance
