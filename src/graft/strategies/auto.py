@@ -108,8 +108,8 @@ def choose(measured: Measurements) -> Choice:
                       f"{measured.images_per_class:g} images per class < {LP_FT_PER_CLASS} and the 3x3 grid of the frozen "
                       "features separated the classes better than their average: where the objects sit matters, and "
                       "the frozen grid already holds it (measured on 20-shot Fashion-MNIST, five seeds: 0.819 on average "
-                      "against 0.813 for lp-ft on the averaged features; lp-ft on the grid, whose augmented views move the "
-                      "objects, and augmented views for the grid's head both scored lower)")
+                      "against 0.813 for lp-ft on the averaged features and 0.816 for lp-ft on the grid, whose augmented "
+                      "views move the objects, in several times the time; augmented views under the grid's head scored lower)")
     if small and not distant:
         return Choice("feature-extract", {"augment_views": 2, **imbalance}, "small + similar -> feature-extract",
                       f"{size} and {distance}: the pretrained features already fit; training more would overfit")
