@@ -110,7 +110,7 @@ def train_head(
 ) -> tuple[nn.Module, "FitResult", torch.Tensor]:  # noqa: F821
     """Train a new head on cached features; returns (head at its best epoch, fit result, val logits).
 
-    The solver is `head_solver(context)`: epochs of AdamW with early stopping on validation, or,
+    The solver is `head_solver(config, pooling)`: epochs of AdamW with early stopping on validation, or,
     for a linear head on grid-pooled features, L2-regularised logistic regression solved by L-BFGS
     (`fit_logistic_regression`).
     """
@@ -179,10 +179,10 @@ LBFGS_ITERATIONS = 500
 def head_solver(config: TrainConfig, pooling: str) -> str:
     """`--head-solver auto`: L-BFGS for a linear head on grid-pooled features, else AdamW.
 
-    On 3x3 grid features (11 520 wide for EfficientNet-Lite0) the AdamW epochs that fit the
-    average-pooled features well overfit 200 training images: test accuracy 0.770 against 0.812 for
-    the same features solved as an L2-regularised logistic regression (20-shot Fashion-MNIST, seed
-    0, docs/benchmarks.md). On the 1 280 average-pooled ones the two are within noise, and AdamW
+    On grid features (11 520 wide for EfficientNet-Lite0 at 3x3) the AdamW epochs that fit the
+    average-pooled features well overfit 200 training images: test accuracy 0.770 on a 5x5 grid,
+    against 0.812 for the 3x3 grid's features solved as an L2-regularised logistic regression
+    (20-shot Fashion-MNIST, seed 0, docs/benchmarks.md). On the 1 280 average-pooled ones the two are within noise, and AdamW
     keeps its per-epoch history.
     """
     if config.head_solver != "auto":
