@@ -9,9 +9,10 @@ the map's layout at GRID_SIZE**2 times the width.
 
 Measured on 20-shot Fashion-MNIST (five seeds, the whole frame, frozen EfficientNet-Lite0,
 scikit-learn's `LogisticRegression` at its default C on 200 training images; docs/benchmarks.md):
-mean test accuracy 0.797 with the average, 0.813 / 0.817 with 2x2 / 3x3 grids. On photos of
-ImageNet-like things an object can be anywhere and the average is the better summary; `auto`
-measures which fits the data (`graft.strategies.auto.choose_pooling`).
+mean test accuracy 0.797 with the average, 0.813 / 0.817 with 2x2 / 3x3 grids. Where an object
+can be anywhere in the frame (photos of ImageNet-like things) the average may be the better
+summary (not measured: nothing offline is such a labelled set), so `auto` measures which fits the
+data (`graft.strategies.auto.choose_pooling`).
 
 The grid's cells are torch's adaptive-average-pooling bins, computed with slices and means so
 that the ONNX export (which has no adaptive pooling to a size that does not divide the map's)
