@@ -25,6 +25,9 @@ features land in the feature cache that `feature-extract` reuses):
   an exact tie keeps the backbone's crop (the one-standard-error rule). Only the crop can change;
   mean, std, size and interpolation stay the pretrained config's, and the bundle records the view
   it was trained on.
+- **pooling** (fewer than `LP_FT_PER_CLASS` images per class): on the chosen view, a probe on the
+  backbone's average-pooled features against one on a 3x3 grid of them (`graft.pooling`), by the
+  same rule with the grid as the challenger. Where the grid wins, the rule keeps the frozen grid.
 
 The rule starts from the classic table (small/large × similar/distant) and is written out below
 in `choose`; `docs/strategies.md` has the measurements it was checked against.
