@@ -129,6 +129,7 @@ def test_auto_measures_real_images_and_says_why(fashion_folder, tmp_path, monkey
     # Pooling: a probe on the chosen view's average and on its grid, by the same rule.
     pooling = auto["pooling"]
     assert pooling["images"] == [30, 6] and pooling["grid_size"] == 3
+    assert pooling["computed"] == 0  # the framing's passes pooled their maps both ways: no pass of its own
     difference, se = pooling["grid_accuracy"] - pooling["avg_accuracy"], pooling["accuracy_difference_se"]
     if pooling["decided_by"] == "accuracy":
         assert abs(difference) > se - 1e-4
@@ -153,6 +154,9 @@ def test_an_explicit_crop_is_used_everywhere_and_not_measured(fashion_folder, ho
 
     run = graft.train(fashion_folder, out=tmp_path / "crop", strategy="auto", epochs=2, crop_pct=1.0, verbose=False, cache_dir=str(tmp_path / "c"))
     assert run.metrics["auto"]["framing"] == {}
+    # No framing passes to pool by the grid too: the measurement's pass over the training images
+    # and the average's pass over the validation images pool by both; the grid's runs nothing.
+    assert run.metrics["auto"]["pooling"]["computed"] == 6
     assert 0.0 <= run.metrics["auto"]["measured"]["probe_accuracy"] <= 1.0  # cross-validated: no framing probe
     bundle = graft.load_bundle(run.bundle_dir)
     assert bundle.preprocessing.crop_pct == 1.0

@@ -42,12 +42,45 @@ def test_a_grid_view_shares_the_weights_and_widens_the_features(lite0):
     assert backbone_key(back, back.preprocessing, "fp32") == key
 
 
+def test_a_grid_pooled_on_the_side_of_the_averages_pass_is_the_grid_backbones_features(lite0, holdout_folder, tmp_path):
+    from graft.features import FeatureCache, SidePooling, extract_features
+
+    paths = sorted(holdout_folder.rglob("*.png"))[:8]
+    digests = [p.stem for p in paths]
+    grid = with_pooling(lite0, "grid")
+    side = FeatureCache(tmp_path, backbone_key(grid, grid.preprocessing, "fp32"))
+    averages = extract_features(lite0, paths, digests, cache=None, precision="fp32", batch_size=3,
+                                side_poolings=[SidePooling(GridPool(), side)])
+    assert averages.shape == (8, lite0.num_features)
+    cached = FeatureCache(tmp_path, side.key).get(digests)  # from disk, as auto's next step reads them
+    assert sorted(cached) == sorted(digests)
+    own = extract_features(grid, paths, digests, cache=None, precision="fp32", batch_size=3)
+    assert torch.allclose(torch.stack([cached[d] for d in digests]), own, atol=1e-5)
+    # Nothing computed, nothing pooled on the side: the cached averages' pass adds no grid rows.
+    again = FeatureCache(tmp_path, "elsewhere")
+    extract_features(lite0, paths, digests, cache=FeatureCache(tmp_path, "avg-cached"), precision="fp32")
+    extract_features(lite0, paths, digests, cache=FeatureCache(tmp_path, "avg-cached"), precision="fp32",
+                     side_poolings=[SidePooling(GridPool(), again)])
+    assert not again.folder.exists()
+
+
 @pytest.mark.parametrize("architecture", ["vit_tiny_patch16_224", "convnext_atto"])
 def test_a_backbone_that_does_not_pool_a_map_last_refuses_a_grid(architecture):
     backbone = load_backbone(architecture, pretrained=False)
     with pytest.raises(graft.ConfigError, match="--pooling grid.*use --pooling avg"):
         with_pooling(backbone, "grid")
     assert pooled_model(backbone.model, "avg") is backbone.model
+
+
+def test_the_audit_of_a_grid_head_names_its_solver_instead_of_a_learning_rate():
+    grid = graft.inspect("efficientnet_lite0", pretrained=False, strategy="feature-extract", pooling="grid").audit[-1]
+    assert (grid.stage, grid.lr) == ("head (L-BFGS)", None)
+    assert grid.trainable_params == 1280 * GRID_SIZE**2 * 2 + 2
+    average = graft.inspect("efficientnet_lite0", pretrained=False, strategy="feature-extract").audit[-1]
+    assert (average.stage, average.lr) == ("head", 1e-3)
+    epochs = graft.inspect("efficientnet_lite0", pretrained=False, strategy="feature-extract", pooling="grid",
+                           head_solver="adamw").audit[-1]
+    assert (epochs.stage, epochs.lr) == ("head", 1e-3)
 
 
 def test_bad_pooling_and_solver_options_are_named(fashion_folder, tmp_path):

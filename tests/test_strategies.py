@@ -1,5 +1,6 @@
 """Each strategy on a small real folder: what must stay frozen stays bitwise frozen, the rest moves."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -174,3 +175,28 @@ def test_lora_on_a_vision_transformer(fashion_folder, tmp_path):
 def test_train_stages_larger_than_the_backbone_is_refused_before_work(fashion_folder, tmp_path):
     with pytest.raises(graft.ConfigError, match="1 to 8"):
         graft.inspect("efficientnet_lite0", strategy="partial", train_stages=9)
+
+
+@pytest.mark.parametrize("class_weighting", ["none", "balanced"])
+def test_the_lbfgs_head_solves_scikit_learns_logistic_regression(class_weighting):
+    # A numerical check of the solver against the reference on the same (random, imbalanced) rows;
+    # that the grid's head predicts like scikit-learn's probe on real images is in test_pooling.
+    from sklearn.linear_model import LogisticRegression
+
+    from graft.strategies.feature_extract import class_weights, solve_logistic_regression
+
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.cat([torch.full((n,), k) for k, n in enumerate((40, 12, 5))])
+    inputs = torch.randn(len(labels), 30, generator=generator) + labels[:, None].float() * 0.3
+    linear = torch.nn.Linear(30, 3)
+    solve_logistic_regression(linear, inputs, labels, class_weight=class_weights(labels, 3, class_weighting))
+    reference = LogisticRegression(C=1.0, class_weight=None if class_weighting == "none" else "balanced", tol=1e-8,
+                                   max_iter=10_000).fit(inputs.numpy(), labels.numpy())
+    with torch.no_grad():
+        ours = torch.softmax(linear(inputs), 1).numpy()
+    assert np.abs(ours - reference.predict_proba(inputs.numpy())).max() < 1e-3
+    if class_weighting == "balanced":  # the weights matter: unweighted, the smallest class gets less
+        unweighted = torch.nn.Linear(30, 3)
+        solve_logistic_regression(unweighted, inputs, labels)
+        with torch.no_grad():
+            assert torch.softmax(unweighted(inputs), 1)[:, 2].mean() < ours[:, 2].mean()

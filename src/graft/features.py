@@ -152,6 +152,20 @@ class Tap:
 
 
 @dataclass
+class SidePooling:
+    """Another pooling of the same last feature map, computed in the same pass and cached.
+
+    auto compares the backbone's average with a grid of it (`graft.pooling`) on the same images;
+    pooling the map the average pass already computed spares a second pass of the whole backbone
+    over them. `pool` runs on the input of the backbone's `global_pool` (the last feature map);
+    its outputs go into `cache` under the same item keys as the pass's own features.
+    """
+
+    pool: nn.Module
+    cache: FeatureCache
+
+
+@dataclass
 class ExtractionStats:
     computed: int = 0
     from_cache: int = 0
@@ -176,6 +190,7 @@ def extract_features(
     model: nn.Module | None = None,
     compile: bool = False,
     tap: Tap | None = None,
+    side_poolings: Sequence[SidePooling] = (),
 ) -> torch.Tensor:
     """Pooled features (N, D) of the images, from the cache where present, else computed.
 
@@ -189,6 +204,8 @@ def extract_features(
     `compile=True` runs the batches through `torch.compile` (see `numerics.should_compile`).
     `tap` keeps the output of one of the backbone's modules for every computed image (eager runs
     of the whole backbone only: with `model` or `compile` nothing is tapped).
+    `side_poolings` pool the last feature map of every computed image another way too and cache
+    the results (eager runs of the whole backbone only, like `tap`; `SidePooling`).
     """
     device = device or torch.device("cpu")
     keys = [item_key(d, augment, view, seed) for d in digests]
@@ -228,7 +245,7 @@ def extract_features(
             network.eval().to(device)  # as forward_batches leaves it; the folded copy is made there
         network = inference_network(network, backbone.preprocessing.input_size, precision)
         tapped: list[torch.Tensor] = []
-        hook = None
+        hooks = []
         if tap is not None and model is None and not compile:
             # By name on the network that runs (the folded copy in fp32, whose module of that name
             # computes the same output: folding keeps the module tree and changes only the weights).
@@ -236,15 +253,29 @@ def extract_features(
             def keep(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
                 tapped.append(output.to("cpu", copy=True))
 
-            hook = network.get_submodule(tap.module_name).register_forward_hook(keep)
+            hooks.append(network.get_submodule(tap.module_name).register_forward_hook(keep))
+        side_outputs: list[list[torch.Tensor]] = [[] for _ in side_poolings]
+        if side_poolings and model is None and not compile:
+            # Inside the forward pass, so under its autocast: the same arithmetic as a backbone
+            # whose global_pool is that pooling.
+            def pool_sideways(_module: nn.Module, inputs: tuple) -> None:
+                for side, kept in zip(side_poolings, side_outputs):
+                    kept.append(side.pool(inputs[0]).float().cpu())
+
+            hooks.append(network.get_submodule("global_pool").register_forward_pre_hook(pool_sideways))
         try:
             outputs = forward_batches(network, loader, precision=precision, device=device, progress=progress, compile=compile)
         finally:
-            if hook is not None:
+            for hook in hooks:
                 hook.remove()
         if tapped:
             for index, output in zip(mine, torch.cat(tapped)):
                 tap.outputs[keys[index]] = output
+        for side, kept in zip(side_poolings, side_outputs):
+            if kept:
+                pooled = distributed.gather_shards({keys[index]: row for index, row in zip(mine, torch.cat(kept))})
+                if distributed.is_main():
+                    side.cache.put(pooled)
         if stats is not None and compile:
             used = compiled_forward(network)
             stats.compiled = stats.compiled or (used is not None and used.batch_size is not None)  # it ran compiled

@@ -61,6 +61,11 @@ def feature_multiplier(pooling: str) -> int:
     return GRID_SIZE * GRID_SIZE if pooling == "grid" else 1
 
 
+def pooling_of(model: nn.Module) -> str:
+    """How `model` pools its last feature map: "grid" under a `GridPool`, else "avg"."""
+    return "grid" if isinstance(getattr(model, "global_pool", None), GridPool) else "avg"
+
+
 def supports_grid(model: nn.Module) -> bool:
     """Whether `model` pools its last feature map with a top-level timm global pool (EfficientNet,
     ResNet, MobileNet, RegNet...), which a grid can replace. Models that pool inside a head with

@@ -44,7 +44,7 @@ from torch import nn
 
 from graft.config import TrainConfig
 from graft.backbones import Backbone
-from graft.features import ExtractionStats, FeatureCache, Tap, backbone_key, extract_features
+from graft.features import ExtractionStats, FeatureCache, SidePooling, Tap, backbone_key, extract_features
 from graft.pooling import GRID_SIZE
 from graft.stages import Stage
 from graft.strategies.base import AuditRow, TrainContext, TrainOutcome, with_prefix_tap
@@ -188,9 +188,7 @@ class Auto:
         if framing:
             chosen_accuracy = framing["full_accuracy" if framing["crop_pct"] == 1.0 else "center_accuracy"]
         measured = measure(context, probe_accuracy=chosen_accuracy)
-        pooling: dict[str, Any] = {}
-        if measured.images_per_class < LP_FT_PER_CLASS:  # where the grid was measured (graft.pooling)
-            context, pooling = choose_pooling(context)
+        context, pooling = choose_pooling(context)
         measured = replace(measured, pooling=context.backbone.pooling)
         if pooling:
             reporter.say(
@@ -275,7 +273,9 @@ def choose_framing(context: TrainContext) -> tuple[TrainContext, dict[str, Any]]
         # Each view keeps its own prefix outputs: the chosen one's go on with the context.
         tap = Tap(context.tap.module_name) if context.tap is not None and cache is not None else None
         contexts[crop] = TrainContext(**{**context.__dict__, "backbone": backbone, "cache": cache, "tap": tap})
-        scores[crop] = _validation_probe(contexts[crop], f"framing, crop {crop:g}", train_rows, val_rows)
+        # The pooling measured next reads this pass's feature maps too (`grid_on_the_side`).
+        scores[crop] = _validation_probe(contexts[crop], f"framing, crop {crop:g}", train_rows, val_rows,
+                                         side_poolings=grid_on_the_side(contexts[crop]))
     full, middle = scores[1.0], scores[center]
     wins, decided_by = first_wins(full, middle)
     chosen = 1.0 if wins else center
@@ -294,26 +294,27 @@ def choose_pooling(context: TrainContext) -> tuple[TrainContext, dict[str, Any]]
     than a standard error of the difference in accuracy, or within it by a lower log-loss.
 
     Returns the context to train in (backbone, feature cache and head width of the chosen pooling)
-    and what was measured; an empty dict when nothing was measured (the user gave `--pooling`,
-    the backbone cannot pool by a grid, or there are no validation images). It costs one more
-    pass over the framing's images (the grid's features; the average's come from the cache).
+    and what was measured; an empty dict when nothing was measured (`measures_pooling`). It costs
+    no pass of the backbone where the framing's passes pooled their maps by the grid as well
+    (`grid_on_the_side`); otherwise the average's pass (if not cached) pools by both.
     """
     from graft.backbones import with_pooling
-    from graft.pooling import supports_grid
 
-    train, val = context.dataset.train, context.dataset.val
-    if context.config.pooling is not None or not supports_grid(context.backbone.model) or len(val) == 0:
+    if not measures_pooling(context):
         return context, {}
-    train_rows = _spread(len(train), FRAMING_SAMPLE)
-    val_rows = _spread(len(val), FRAMING_SAMPLE)
+    train_rows = _spread(len(context.dataset.train), FRAMING_SAMPLE)
+    val_rows = _spread(len(context.dataset.val), FRAMING_SAMPLE)
     scores: dict[str, ViewScore] = {}
     contexts: dict[str, TrainContext] = {}
-    for pooling in ("avg", "grid"):
+    stats = ExtractionStats()
+    for pooling in ("avg", "grid"):  # the average first: its pass, if it runs, pools by the grid too
         backbone = with_pooling(context.backbone, pooling)
         contexts[pooling] = replace(context, backbone=backbone, cache=_cache_for(context, backbone),
                                     head_spec=replace(context.head_spec, in_features=backbone.num_features))
         # The prefix's outputs, if kept, came with the framing's passes: none to keep here.
-        scores[pooling] = _validation_probe(replace(contexts[pooling], tap=None), f"pooling, {pooling}", train_rows, val_rows)
+        scores[pooling] = _validation_probe(replace(contexts[pooling], tap=None), f"pooling, {pooling}", train_rows, val_rows,
+                                            side_poolings=grid_on_the_side(contexts[pooling]) if pooling == "avg" else (),
+                                            stats=stats)
     grid, average = scores["grid"], scores["avg"]
     wins, decided_by = first_wins(grid, average)
     chosen = "grid" if wins else "avg"
@@ -322,7 +323,30 @@ def choose_pooling(context: TrainContext) -> tuple[TrainContext, dict[str, Any]]
         "avg_loss": round(average.loss, 4), "grid_loss": round(grid.loss, 4), "grid_size": GRID_SIZE,
         "accuracy_difference_se": round(accuracy_difference_se(grid, average), 4), "decided_by": decided_by,
         "chose": chosen, "images": [len(train_rows), len(val_rows)],
+        "computed": stats.computed,  # images the backbone ran for it (none where the framing's passes pooled both)
     }
+
+
+def measures_pooling(context: TrainContext) -> bool:
+    """Whether auto compares the average with the grid: fewer than `LP_FT_PER_CLASS` images per
+    class (where the grid was measured), no `--pooling` given, a backbone that can pool by a grid
+    (`graft.pooling.supports_grid`) and validation images to score on."""
+    from graft.pooling import supports_grid
+
+    return (context.config.pooling is None and context.dataset.train.images_per_class() < LP_FT_PER_CLASS
+            and supports_grid(context.backbone.model) and len(context.dataset.val) > 0)
+
+
+def grid_on_the_side(context: TrainContext) -> tuple[SidePooling, ...]:
+    """For a pass of `context`'s average-pooled backbone whose pooling auto will measure next: the
+    grid of the same feature maps, cached where `choose_pooling` looks for it (nothing without a
+    feature cache to hand it over through)."""
+    from graft.backbones import with_pooling
+    from graft.pooling import GridPool
+
+    if context.cache is None or context.backbone.pooling != "avg" or not measures_pooling(context):
+        return ()
+    return (SidePooling(GridPool(), _cache_for(context, with_pooling(context.backbone, "grid"))),)
 
 
 def _cache_for(context: TrainContext, backbone: Backbone) -> FeatureCache | None:
@@ -330,8 +354,10 @@ def _cache_for(context: TrainContext, backbone: Backbone) -> FeatureCache | None
     return FeatureCache(context.cache.root, backbone_key(backbone, backbone.preprocessing, context.precision)) if context.cache else None
 
 
-def _validation_probe(context: TrainContext, what: str, train_rows: list[int], val_rows: list[int]) -> ViewScore:
-    """The validation score of a probe fitted on `context`'s features of the sampled training images."""
+def _validation_probe(context: TrainContext, what: str, train_rows: list[int], val_rows: list[int],
+                      side_poolings: tuple[SidePooling, ...] = (), stats: ExtractionStats | None = None) -> ViewScore:
+    """The validation score of a probe fitted on `context`'s features of the sampled training images
+    (`side_poolings`: other poolings of the same passes' maps, cached for later)."""
     train, val = context.dataset.train, context.dataset.val
     features = {}
     for name, images, rows in (("training", train, train_rows), ("validation", val, val_rows)):
@@ -339,7 +365,7 @@ def _validation_probe(context: TrainContext, what: str, train_rows: list[int], v
             features[name] = extract_features(
                 context.backbone, [images.paths[i] for i in rows], [images.digests[i] for i in rows], cache=context.cache,
                 precision=context.precision, device=context.device, progress=advance, compile=context.compile_backbone,
-                tap=context.tap,
+                tap=context.tap, side_poolings=side_poolings, stats=stats,
             ).numpy()
     return _holdout_probe_scores(
         features["training"], [train.labels[i] for i in train_rows], features["validation"], [val.labels[i] for i in val_rows]
@@ -416,6 +442,7 @@ def measure(context: TrainContext, probe_accuracy: float | None = None) -> Measu
         features = extract_features(
             backbone, train.paths, train.digests, cache=cache, precision=context.precision,
             device=context.device, progress=advance, stats=ExtractionStats(), compile=context.compile_backbone, tap=context.tap,
+            side_poolings=grid_on_the_side(context),  # for choose_pooling, next
         )
     confidence = None
     classifier = context.backbone.imagenet_classifier

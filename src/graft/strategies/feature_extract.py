@@ -20,6 +20,7 @@ from graft.heads import make_head
 from graft.loop import evaluate_logits, fit, optimizer_step, view_batches, warmup_cosine_schedule
 from graft.model import GraftModel
 from graft.numerics import intra_op_threads
+from graft.pooling import pooling_of
 from graft.stages import Stage
 from graft.strategies.base import AuditRow, TrainContext, TrainOutcome, count_params, has_batchnorm
 
@@ -35,7 +36,10 @@ class FeatureExtract:
             AuditRow(stage.name, 0, stage.num_params, None, "eval" if has_batchnorm(backbone, stage) else "-")
             for stage in stages
         ]
-        rows.append(AuditRow("head", count_params(head), count_params(head), config.lr or self.default_lr, "-"))
+        # A head that L-BFGS solves has no learning rate (`head_solver`).
+        solver = head_solver(config, pooling_of(backbone))
+        rows.append(AuditRow("head" if solver == "adamw" else "head (L-BFGS)", count_params(head), count_params(head),
+                             config.lr or self.default_lr if solver == "adamw" else None, "-"))
         return rows
 
     def train(self, context: TrainContext) -> TrainOutcome:
@@ -221,21 +225,7 @@ def fit_logistic_regression(
     inputs = train_views.reshape(views * count, -1).float()
     targets = train_labels.repeat(views)
     weights = class_weights(train_labels, context.head_spec.num_classes, config.class_weighting)
-    with torch.no_grad():
-        linear.weight.zero_()
-        linear.bias.zero_()
-    optimizer = torch.optim.LBFGS([linear.weight, linear.bias], lr=1, max_iter=LBFGS_ITERATIONS, history_size=10,
-                                  line_search_fn="strong_wolfe")
-
-    def closure() -> torch.Tensor:
-        optimizer.zero_grad()
-        loss = nn.functional.cross_entropy(inputs @ linear.weight.T + linear.bias, targets, weight=weights, reduction="sum") / views
-        loss = loss + (linear.weight * linear.weight).sum() / (2 * LOGISTIC_C)
-        loss.backward()
-        return loss
-
-    with intra_op_threads(1):
-        optimizer.step(closure)
+    solve_logistic_regression(linear, inputs, targets, views=views, class_weight=weights)
     head.eval()
     with torch.no_grad():
         train_logits = head(inputs)
@@ -249,3 +239,27 @@ def fit_logistic_regression(
     result = FitResult(history=[record], best_epoch=0, best_val_accuracy=val_accuracy, best_val_loss=val_loss,
                        stopped_early=False, best_state={k: v.clone() for k, v in head.state_dict().items()})
     return head, result, val_logits
+
+
+def solve_logistic_regression(linear: nn.Linear, inputs: torch.Tensor, targets: torch.Tensor, *, views: int = 1,
+                              class_weight: torch.Tensor | None = None, c: float = LOGISTIC_C) -> None:
+    """Set `linear` to the minimiser of scikit-learn's multinomial `LogisticRegression(C=c,
+    class_weight=...)` objective on `inputs` (N, D) -> `targets` (N,): the class-weighted
+    cross-entropy summed over the rows (divided by `views` when each image is `views` rows) plus
+    ||W||^2 / (2 c), the bias not penalised. From zero, by L-BFGS with a strong-Wolfe line search."""
+    with torch.no_grad():
+        linear.weight.zero_()
+        linear.bias.zero_()
+    optimizer = torch.optim.LBFGS([linear.weight, linear.bias], lr=1, max_iter=LBFGS_ITERATIONS, history_size=10,
+                                  line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        logits = inputs @ linear.weight.T + linear.bias
+        loss = nn.functional.cross_entropy(logits, targets, weight=class_weight, reduction="sum") / views
+        loss = loss + (linear.weight * linear.weight).sum() / (2 * c)
+        loss.backward()
+        return loss
+
+    with intra_op_threads(1):
+        optimizer.step(closure)
