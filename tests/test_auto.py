@@ -61,16 +61,18 @@ def test_framing_uses_accuracy_beyond_one_standard_error_and_log_loss_within_it(
     assert first_wins(whole, center) == (False, "log-loss")
 
 
-@pytest.mark.parametrize("per_class, confidence", [(5, 0.2), (20, 0.2), (20, 0.8), (49, 0.2)])
-def test_few_images_whose_grid_won_keep_the_frozen_grid_without_augmented_views(per_class, confidence):
-    choice = choose(dataclasses.replace(_measured(per_class, confidence), pooling="grid"))
+@pytest.mark.parametrize("per_class, confidence, pooling", [(5, 0.2, "grid"), (20, 0.2, "grid"), (20, 0.8, "grid"),
+                                                       (49, 0.2, "grid"), (20, 0.2, "grid-2"), (8, 0.8, "grid-2")])
+def test_few_images_whose_grid_won_keep_the_frozen_grid_without_augmented_views(per_class, confidence, pooling):
+    choice = choose(dataclasses.replace(_measured(per_class, confidence), pooling=pooling))
     assert choice.strategy == "feature-extract" and choice.options == {"augment_views": 0}
-    assert choice.rule == "few + the grid's layout -> feature-extract" and "grid" in choice.reason
+    assert choice.rule == "few + the grid's layout -> feature-extract" and f"{pooling} pooling" in choice.reason
 
 
 def test_the_grid_does_not_change_the_choice_for_more_images():
     for per_class, confidence, expected in ((60, 0.2, "partial"), (500, 0.8, "discriminative")):
-        assert choose(dataclasses.replace(_measured(per_class, confidence), pooling="grid")).strategy == expected
+        for pooling in ("grid", "grid-2"):
+            assert choose(dataclasses.replace(_measured(per_class, confidence), pooling=pooling)).strategy == expected
 
 
 def test_few_distant_images_get_lp_ft_on_the_top_stages_from_cached_prefix_outputs():
@@ -101,7 +103,7 @@ def test_auto_measures_real_images_and_says_why(fashion_folder, tmp_path, monkey
     # Grayscale product thumbnails are far from ImageNet's photos: the pretrained head is unsure.
     assert measured["imagenet_confidence"] < DISTANT_CONFIDENCE
     assert 0.0 <= measured["probe_accuracy"] <= 1.0
-    grid = auto["pooling"]["chose"] == "grid"  # measured below
+    grid = auto["pooling"]["chose"] != "avg"  # measured below
     assert auto["chose"] == "feature-extract" and measured["pooling"] == auto["pooling"]["chose"]
     if grid:  # where the objects sit told the classes apart: the frozen grid, no augmented views
         assert auto["rule"] == "few + the grid's layout -> feature-extract" and auto["options"] == {"augment_views": 0}
@@ -126,19 +128,26 @@ def test_auto_measures_real_images_and_says_why(fashion_folder, tmp_path, monkey
     # The bundle records the view the head was trained on, so predict sees what training saw.
     bundle = graft.load_bundle(run.bundle_dir)
     assert bundle.preprocessing.crop_pct == expected_crop
-    # Pooling: a probe on the chosen view's average and on its grid, by the same rule.
+    # Pooling: probes on the chosen view's average, its grid and its two-stage grid, by the same
+    # rule as a ladder.
     pooling = auto["pooling"]
     assert pooling["images"] == [30, 6] and pooling["grid_size"] == 3
-    assert pooling["computed"] == 0  # the framing's passes pooled their maps both ways: no pass of its own
-    difference, se = pooling["grid_accuracy"] - pooling["avg_accuracy"], pooling["accuracy_difference_se"]
-    if pooling["decided_by"] == "accuracy":
-        assert abs(difference) > se - 1e-4
-        expected_pooling = "grid" if difference > 0 else "avg"
-    else:
-        assert pooling["decided_by"] == "log-loss" and abs(difference) <= se + 1e-4
-        expected_pooling = "grid" if pooling["grid_loss"] < pooling["avg_loss"] else "avg"
+    assert pooling["computed"] == 0  # the framing's passes pooled their maps every way: no pass of its own
+    assert list(pooling["accuracy"]) == ["avg", "grid", "grid-2"]
+    expected_pooling = "avg"
+    for step, challenger in zip(pooling["steps"], ("grid", "grid-2"), strict=True):
+        assert (step["challenger"], step["holder"]) == (challenger, expected_pooling)
+        difference = pooling["accuracy"][challenger] - pooling["accuracy"][expected_pooling]
+        if step["decided_by"] == "accuracy":
+            assert abs(difference) > step["accuracy_difference_se"] - 1e-4
+            wins = difference > 0
+        else:
+            assert step["decided_by"] == "log-loss" and abs(difference) <= step["accuracy_difference_se"] + 1e-4
+            wins = pooling["loss"][challenger] < pooling["loss"][expected_pooling]
+        assert step["won"] == wins
+        expected_pooling = challenger if wins else expected_pooling
     assert pooling["chose"] == expected_pooling == bundle.meta["backbone"]["pooling"]
-    assert bundle.meta["head"]["in_features"] == 1280 * (9 if expected_pooling == "grid" else 1)
+    assert bundle.meta["head"]["in_features"] == {"avg": 1280, "grid": 1280 * 9, "grid-2": (1280 + 192) * 9}[expected_pooling]
     # The measuring passes' features (training and validation) are the ones feature-extract reads
     # from the cache; only the augmented views are new.
     assert run.metrics["strategy"] == "auto" and run.metrics["features_from_cache"] == 30 + 6
@@ -154,8 +163,8 @@ def test_an_explicit_crop_is_used_everywhere_and_not_measured(fashion_folder, ho
 
     run = graft.train(fashion_folder, out=tmp_path / "crop", strategy="auto", epochs=2, crop_pct=1.0, verbose=False, cache_dir=str(tmp_path / "c"))
     assert run.metrics["auto"]["framing"] == {}
-    # No framing passes to pool by the grid too: the measurement's pass over the training images
-    # and the average's pass over the validation images pool by both; the grid's runs nothing.
+    # No framing passes to pool by the grids too: the measurement's pass over the training images
+    # and the average's pass over the validation images pool every way; the grids' run nothing.
     assert run.metrics["auto"]["pooling"]["computed"] == 6
     assert 0.0 <= run.metrics["auto"]["measured"]["probe_accuracy"] <= 1.0  # cross-validated: no framing probe
     bundle = graft.load_bundle(run.bundle_dir)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -11,7 +13,7 @@ import graft
 from graft.backbones import load_backbone, with_crop, with_pooling
 from graft.bundle import load_bundle
 from graft.features import backbone_key
-from graft.pooling import GRID_SIZE, GridPool, pooled_model
+from graft.pooling import GRID_SIZE, GridPool, LevelPool, earlier_module_name, pooled_model, supports_grid
 
 
 @pytest.mark.parametrize("height, width", [(7, 7), (8, 8), (9, 7), (5, 6), (3, 3), (2, 2)])
@@ -42,15 +44,49 @@ def test_a_grid_view_shares_the_weights_and_widens_the_features(lite0):
     assert backbone_key(back, back.preprocessing, "fp32") == key
 
 
-def test_a_grid_pooled_on_the_side_of_the_averages_pass_is_the_grid_backbones_features(lite0, holdout_folder, tmp_path):
+def test_two_stage_grids_read_the_stage_before_the_last_beside_the_last_map(lite0):
+    grid2 = with_pooling(lite0, "grid-2")
+    assert earlier_module_name(lite0.model) == "blocks.5"  # graft.stages: the stage before blocks.6+conv_head+bn2
+    assert grid2.num_features == (1280 + 192) * GRID_SIZE**2
+    # The same weights under the same names (a bundle's state dict loads either way); the original untouched.
+    assert list(grid2.model.state_dict()) == list(lite0.model.state_dict())
+    assert all(a is b for a, b in zip(grid2.model.parameters(), lite0.model.parameters()))
+    assert type(lite0.model.blocks) is torch.nn.Sequential and lite0.model.global_pool is not grid2.model.global_pool
+    images = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(2))
+    kept = {}
+    hook = lite0.model.blocks[5].register_forward_hook(lambda _m, _i, output: kept.setdefault("earlier", output))
+    with torch.no_grad():
+        maps = lite0.model.forward_features(images)
+        hook.remove()
+        both = grid2.model.eval()(images)
+    expected = torch.cat([F.adaptive_avg_pool2d(maps, GRID_SIZE).flatten(1), F.adaptive_avg_pool2d(kept["earlier"], GRID_SIZE).flatten(1)], 1)
+    assert torch.allclose(both, expected, atol=1e-5)
+    assert grid2.model.blocks.recorded is None  # read and let go within the pass
+    assert with_pooling(grid2, "avg").model is lite0.model and with_pooling(grid2, "grid").num_features == 1280 * GRID_SIZE**2
+    assert len({backbone_key(b, b.preprocessing, "fp32") for b in (lite0, grid2, with_pooling(lite0, "grid"))}) == 3
+
+
+def test_grids_of_a_resnet_read_its_third_layer_and_a_mobilenet_refuses_them():
+    resnet = load_backbone("resnet18", pretrained=False)
+    assert earlier_module_name(resnet.model) == "layer3.1"
+    assert with_pooling(resnet, "grid-2").num_features == (512 + 256) * GRID_SIZE**2
+    mobilenet = load_backbone("mobilenetv3_small_100", pretrained=False)  # pools, then a 1x1 convolution
+    assert not supports_grid(mobilenet.model)
+    with pytest.raises(graft.ConfigError, match="--pooling grid-2.*MobileNetV3.*use --pooling avg"):
+        with_pooling(mobilenet, "grid-2")
+
+
+@pytest.mark.parametrize("pooling", ["grid", "grid-2"])
+def test_grids_pooled_on_the_side_of_the_averages_pass_are_the_grid_backbones_features(lite0, holdout_folder, tmp_path, pooling):
     from graft.features import FeatureCache, SidePooling, extract_features
 
     paths = sorted(holdout_folder.rglob("*.png"))[:8]
     digests = [p.stem for p in paths]
-    grid = with_pooling(lite0, "grid")
+    grid = with_pooling(lite0, pooling)
     side = FeatureCache(tmp_path, backbone_key(grid, grid.preprocessing, "fp32"))
+    earlier = earlier_module_name(lite0.model) if pooling == "grid-2" else None
     averages = extract_features(lite0, paths, digests, cache=None, precision="fp32", batch_size=3,
-                                side_poolings=[SidePooling(GridPool(), side)])
+                                side_poolings=[SidePooling(pooling, side, earlier)])
     assert averages.shape == (8, lite0.num_features)
     cached = FeatureCache(tmp_path, side.key).get(digests)  # from disk, as auto's next step reads them
     assert sorted(cached) == sorted(digests)
@@ -60,7 +96,7 @@ def test_a_grid_pooled_on_the_side_of_the_averages_pass_is_the_grid_backbones_fe
     again = FeatureCache(tmp_path, "elsewhere")
     extract_features(lite0, paths, digests, cache=FeatureCache(tmp_path, "avg-cached"), precision="fp32")
     extract_features(lite0, paths, digests, cache=FeatureCache(tmp_path, "avg-cached"), precision="fp32",
-                     side_poolings=[SidePooling(GridPool(), again)])
+                     side_poolings=[SidePooling(pooling, again, earlier)])
     assert not again.folder.exists()
 
 
@@ -90,10 +126,10 @@ def test_bad_pooling_and_solver_options_are_named(fashion_folder, tmp_path):
         graft.train(fashion_folder, out=tmp_path / "mlp", head="mlp", head_solver="lbfgs", verbose=False)
 
 
-@pytest.fixture(scope="module")
-def grid_run(fashion_folder, tmp_path_factory):
-    out = tmp_path_factory.mktemp("grid") / "run"
-    return graft.train(fashion_folder, out=out, pooling="grid", crop_pct=1.0, verbose=False)
+@pytest.fixture(scope="module", params=["grid", "grid-2"])
+def grid_run(fashion_folder, tmp_path_factory, request):
+    out = tmp_path_factory.mktemp(request.param) / "run"
+    return graft.train(fashion_folder, out=out, pooling=request.param, crop_pct=1.0, verbose=False)
 
 
 def test_grid_head_is_scikit_learns_logistic_regression_and_reloads_identically(grid_run, fashion_folder, holdout_folder, lite0):
@@ -104,13 +140,14 @@ def test_grid_head_is_scikit_learns_logistic_regression_and_reloads_identically(
     from graft.images import load_image
 
     bundle = load_bundle(grid_run.bundle_dir)
-    assert bundle.meta["backbone"]["pooling"] == "grid"
-    assert bundle.meta["head"]["in_features"] == lite0.num_features * GRID_SIZE**2
-    assert isinstance(bundle.model.backbone.global_pool, GridPool)
+    pooling = bundle.meta["backbone"]["pooling"]
+    assert pooling == json.loads((grid_run.run_dir / "config.json").read_text())["pooling"]
+    assert bundle.meta["head"]["in_features"] == (lite0.num_features + (192 if pooling == "grid-2" else 0)) * GRID_SIZE**2
+    assert isinstance(bundle.model.backbone.global_pool, GridPool if pooling == "grid" else LevelPool)
     assert len(grid_run.history) == 1  # solved once by L-BFGS, not in epochs
     # The same objective as scikit-learn's probe: its predictions on held-out images agree.
     dataset = load_dataset(str(fashion_folder), val_fraction=0.2, seed=0)
-    grid = with_pooling(load_backbone("efficientnet_lite0"), "grid")
+    grid = with_pooling(load_backbone("efficientnet_lite0"), pooling)
     grid = with_crop(grid, 1.0)
     train = extract_features(grid, dataset.train.paths, dataset.train.digests, cache=None, precision="fp32").numpy()
     holdout = sorted(holdout_folder.rglob("*.png"))

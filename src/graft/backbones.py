@@ -73,23 +73,23 @@ class Backbone:
     weights_id: str  # content hash of the weights, part of every feature-cache key
     num_features: int  # the width of what `model` returns (its pooling's)
     imagenet_classifier: nn.Module | None = field(default=None, repr=False)  # takes the average-pooled features
-    pooling: str = "avg"  # graft.pooling: the model's own global average, or a grid
+    pooling: str = "avg"  # graft.pooling: the model's own global average, or a grid (of the last 1 or 2 stages)
 
 
 def with_pooling(backbone: Backbone, pooling: str) -> Backbone:
-    """The same backbone pooling its last feature map by `pooling` ("avg" or "grid", `graft.pooling`).
+    """The same backbone pooling its last feature map by `pooling` ("avg", "grid", "grid-2"; `graft.pooling`).
 
     The weights are shared, not copied; only the pooling module and the feature width change.
     """
     import dataclasses
 
-    from graft.pooling import feature_multiplier, pooled_model
+    from graft.pooling import pooled_model, pooled_width
 
     if pooling == backbone.pooling:
         return backbone
     model = pooled_model(backbone.model, pooling, name=f"--backbone {backbone.name}")
-    return dataclasses.replace(backbone, model=model, pooling=pooling,
-                               num_features=int(model.num_features) * feature_multiplier(pooling))
+    width = int(model.num_features) if pooling == "avg" else pooled_width(model, backbone.preprocessing.input_size)
+    return dataclasses.replace(backbone, model=model, pooling=pooling, num_features=width)
 
 
 def with_crop(backbone: Backbone, crop_pct: float) -> Backbone:

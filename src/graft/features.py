@@ -155,14 +155,17 @@ class Tap:
 class SidePooling:
     """Another pooling of the same last feature map, computed in the same pass and cached.
 
-    auto compares the backbone's average with a grid of it (`graft.pooling`) on the same images;
-    pooling the map the average pass already computed spares a second pass of the whole backbone
-    over them. `pool` runs on the input of the backbone's `global_pool` (the last feature map);
-    its outputs go into `cache` under the same item keys as the pass's own features.
+    auto compares the backbone's average with grids of it (`graft.pooling`) on the same images;
+    pooling the maps the average pass already computed spares another pass of the whole backbone
+    over them. `pooling` ("grid", "grid-2") runs on the input of the backbone's `global_pool` (the
+    last feature map) and, for "grid-2", on the output of the module named `earlier`
+    (`graft.pooling.earlier_module_name`); its outputs go into `cache` under the same item keys as
+    the pass's own features.
     """
 
-    pool: nn.Module
+    pooling: str
     cache: FeatureCache
+    earlier: str | None = None
 
 
 @dataclass
@@ -256,12 +259,25 @@ def extract_features(
             hooks.append(network.get_submodule(tap.module_name).register_forward_hook(keep))
         side_outputs: list[list[torch.Tensor]] = [[] for _ in side_poolings]
         if side_poolings and model is None and not compile:
+            from graft.pooling import pool_maps
+
+            earlier: dict[str, torch.Tensor] = {}  # this batch's output of each module a side pooling reads
+
+            def keep_earlier(name: str) -> Callable:
+                def hook(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
+                    earlier[name] = output
+                return hook
+
             # Inside the forward pass, so under its autocast: the same arithmetic as a backbone
             # whose global_pool is that pooling.
             def pool_sideways(_module: nn.Module, inputs: tuple) -> None:
                 for side, kept in zip(side_poolings, side_outputs):
-                    kept.append(side.pool(inputs[0]).float().cpu())
+                    pooled = pool_maps(side.pooling, inputs[0], earlier[side.earlier] if side.earlier else None)
+                    kept.append(pooled.float().cpu())
+                earlier.clear()
 
+            for name in {side.earlier for side in side_poolings if side.earlier}:
+                hooks.append(network.get_submodule(name).register_forward_hook(keep_earlier(name)))
             hooks.append(network.get_submodule("global_pool").register_forward_pre_hook(pool_sideways))
         try:
             outputs = forward_batches(network, loader, precision=precision, device=device, progress=progress, compile=compile)

@@ -25,9 +25,11 @@ features land in the feature cache that `feature-extract` reuses):
   an exact tie keeps the backbone's crop (the one-standard-error rule). Only the crop can change;
   mean, std, size and interpolation stay the pretrained config's, and the bundle records the view
   it was trained on.
-- **pooling** (fewer than `LP_FT_PER_CLASS` images per class): on the chosen view, a probe on the
-  backbone's average-pooled features against one on a 3x3 grid of them (`graft.pooling`), by the
-  same rule with the grid as the challenger. Where the grid wins, the rule keeps the frozen grid.
+- **pooling** (fewer than `LP_FT_PER_CLASS` images per class): on the chosen view, probes on the
+  backbone's average-pooled features, on a 3x3 grid of its last map, and on 3x3 grids of its last
+  two stages' outputs (`graft.pooling`), by the same rule as a ladder: each wider one must beat
+  the one it challenges. Where a grid wins, the rule keeps the frozen grid. The framing's passes
+  pool their maps every way at once, so this costs probes, not passes.
 
 The rule starts from the classic table (small/large × similar/distant) and is written out below
 in `choose`; `docs/strategies.md` has the measurements it was checked against.
@@ -79,7 +81,7 @@ class Measurements:
     imagenet_confidence: float | None
     probe_accuracy: float | None
     image_side: float | None = None  # median shorter side of the training images, in pixels
-    pooling: str = "avg"  # what the head reads: "grid" where a probe on the 3x3 grid won (choose_pooling)
+    pooling: str = "avg"  # what the head reads: "grid" or "grid-2" where a probe on it won (choose_pooling)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(self).items()}
@@ -106,13 +108,14 @@ def choose(measured: Measurements) -> Choice:
         distant, distance = True, "no distance measure available: assumed distant"
     size = f"{measured.images_per_class:g} images per class {'<' if small else '>='} {SMALL_PER_CLASS}"
     imbalance = {"class_weighting": "balanced"} if measured.imbalance >= 3 else {}
-    if measured.pooling == "grid" and measured.images_per_class < LP_FT_PER_CLASS:
+    if measured.pooling != "avg" and measured.images_per_class < LP_FT_PER_CLASS:
         return Choice("feature-extract", {"augment_views": 0, **imbalance}, "few + the grid's layout -> feature-extract",
-                      f"{measured.images_per_class:g} images per class < {LP_FT_PER_CLASS} and the 3x3 grid of the frozen "
-                      "features separated the classes better than their average: where the objects sit matters, and "
-                      "the frozen grid already holds it (measured on 20-shot Fashion-MNIST, five seeds: 0.819 on average "
-                      "against 0.813 for lp-ft on the averaged features and 0.816 for lp-ft on the grid, whose augmented "
-                      "views move the objects, in several times the time; augmented views under the grid's head scored lower)")
+                      f"{measured.images_per_class:g} images per class < {LP_FT_PER_CLASS} and the frozen features' "
+                      f"{measured.pooling} pooling separated the classes better than their average: where the objects sit "
+                      "matters, and the frozen grid already holds it (measured on 20-shot Fashion-MNIST, five seeds: "
+                      "0.829 on average with the grid auto chose, 0.819 with the last stage's grid alone, against 0.813 "
+                      "for lp-ft on the averaged features and 0.816 for lp-ft on the grid, whose augmented views move the "
+                      "objects, in several times the time; augmented views under the grid's head scored lower)")
     if small and not distant:
         return Choice("feature-extract", {"augment_views": 2, **imbalance}, "small + similar -> feature-extract",
                       f"{size} and {distance}: the pretrained features already fit; training more would overfit")
@@ -191,11 +194,7 @@ class Auto:
         context, pooling = choose_pooling(context)
         measured = replace(measured, pooling=context.backbone.pooling)
         if pooling:
-            reporter.say(
-                f"auto pooling: validation probe {pooling['avg_accuracy']:.3f} with the average, {pooling['grid_accuracy']:.3f} "
-                f"with a {GRID_SIZE}x{GRID_SIZE} grid (standard error of the difference {pooling['accuracy_difference_se']:.3f}; "
-                f"log-loss {pooling['avg_loss']:.3f} vs {pooling['grid_loss']:.3f}); {pooling['decided_by']} chose {pooling['chose']}"
-            )
+            reporter.say(describe_pooling(pooling))
         choice = choose(measured)
         reporter.say("auto measured: " + ", ".join(f"{k} {v}" for k, v in measured.to_dict().items()))
         reporter.say(f"auto rule: {choice.rule}; because {choice.reason}")
@@ -273,9 +272,9 @@ def choose_framing(context: TrainContext) -> tuple[TrainContext, dict[str, Any]]
         # Each view keeps its own prefix outputs: the chosen one's go on with the context.
         tap = Tap(context.tap.module_name) if context.tap is not None and cache is not None else None
         contexts[crop] = TrainContext(**{**context.__dict__, "backbone": backbone, "cache": cache, "tap": tap})
-        # The pooling measured next reads this pass's feature maps too (`grid_on_the_side`).
+        # The pooling measured next reads this pass's feature maps too (`grids_on_the_side`).
         scores[crop] = _validation_probe(contexts[crop], f"framing, crop {crop:g}", train_rows, val_rows,
-                                         side_poolings=grid_on_the_side(contexts[crop]))
+                                         side_poolings=grids_on_the_side(contexts[crop]))
     full, middle = scores[1.0], scores[center]
     wins, decided_by = first_wins(full, middle)
     chosen = 1.0 if wins else center
@@ -289,14 +288,18 @@ def choose_framing(context: TrainContext) -> tuple[TrainContext, dict[str, Any]]
 
 
 def choose_pooling(context: TrainContext) -> tuple[TrainContext, dict[str, Any]]:
-    """The backbone's global average or a grid of averages (`graft.pooling`), whichever a probe
-    finds better on validation, by the framing's rule (`first_wins`): the grid must win by more
-    than a standard error of the difference in accuracy, or within it by a lower log-loss.
+    """What the head reads: the backbone's global average, a grid of its last map, or grids of its
+    last two stages' outputs (`graft.pooling`), whichever a probe finds better on validation.
+
+    A ladder by the framing's rule (`first_wins`): the average holds until the grid beats it by
+    more than a standard error of the difference in accuracy (or, within it, by a lower log-loss);
+    then `grid-2` must beat the holder the same way. The later rung is the wider, so each must
+    show a measured gain over what is simpler.
 
     Returns the context to train in (backbone, feature cache and head width of the chosen pooling)
     and what was measured; an empty dict when nothing was measured (`measures_pooling`). It costs
-    no pass of the backbone where the framing's passes pooled their maps by the grid as well
-    (`grid_on_the_side`); otherwise the average's pass (if not cached) pools by both.
+    no pass of the backbone where the framing's passes pooled their maps every way as well
+    (`grids_on_the_side`); otherwise the average's pass (if not cached) pools by all of them.
     """
     from graft.backbones import with_pooling
 
@@ -307,29 +310,54 @@ def choose_pooling(context: TrainContext) -> tuple[TrainContext, dict[str, Any]]
     scores: dict[str, ViewScore] = {}
     contexts: dict[str, TrainContext] = {}
     stats = ExtractionStats()
-    for pooling in ("avg", "grid"):  # the average first: its pass, if it runs, pools by the grid too
+    for pooling in pooling_candidates(context):  # the average first: its pass, if it runs, pools every way
         backbone = with_pooling(context.backbone, pooling)
         contexts[pooling] = replace(context, backbone=backbone, cache=_cache_for(context, backbone),
                                     head_spec=replace(context.head_spec, in_features=backbone.num_features))
         # The prefix's outputs, if kept, came with the framing's passes: none to keep here.
         scores[pooling] = _validation_probe(replace(contexts[pooling], tap=None), f"pooling, {pooling}", train_rows, val_rows,
-                                            side_poolings=grid_on_the_side(contexts[pooling]) if pooling == "avg" else (),
+                                            side_poolings=grids_on_the_side(contexts[pooling]) if pooling == "avg" else (),
                                             stats=stats)
-    grid, average = scores["grid"], scores["avg"]
-    wins, decided_by = first_wins(grid, average)
-    chosen = "grid" if wins else "avg"
+    chosen, steps = "avg", []
+    for challenger in list(scores)[1:]:
+        wins, decided_by = first_wins(scores[challenger], scores[chosen])
+        steps.append({"challenger": challenger, "holder": chosen, "decided_by": decided_by, "won": wins,
+                      "accuracy_difference_se": round(accuracy_difference_se(scores[challenger], scores[chosen]), 4)})
+        if wins:
+            chosen = challenger
     return contexts[chosen], {
-        "avg_accuracy": round(average.accuracy, 4), "grid_accuracy": round(grid.accuracy, 4),
-        "avg_loss": round(average.loss, 4), "grid_loss": round(grid.loss, 4), "grid_size": GRID_SIZE,
-        "accuracy_difference_se": round(accuracy_difference_se(grid, average), 4), "decided_by": decided_by,
-        "chose": chosen, "images": [len(train_rows), len(val_rows)],
-        "computed": stats.computed,  # images the backbone ran for it (none where the framing's passes pooled both)
+        "accuracy": {p: round(score.accuracy, 4) for p, score in scores.items()},
+        "loss": {p: round(score.loss, 4) for p, score in scores.items()},
+        "steps": steps, "grid_size": GRID_SIZE, "chose": chosen, "images": [len(train_rows), len(val_rows)],
+        "computed": stats.computed,  # images the backbone ran for it (none where the framing's passes pooled every way)
     }
 
 
+def describe_pooling(measured: dict[str, Any]) -> str:
+    """One line of what `choose_pooling` measured and why it chose."""
+    accuracy, loss = measured["accuracy"], measured["loss"]
+    scores = ", ".join(f"{accuracy[p]:.3f} ({loss[p]:.3f}) with {POOLING_WORDS[p]}" for p in accuracy)
+    steps = "; ".join(
+        f"{step['challenger']} {'beat' if step['won'] else 'did not beat'} {step['holder']} by {step['decided_by']} "
+        f"(standard error of the difference {step['accuracy_difference_se']:.3f})" for step in measured["steps"]
+    )
+    return f"auto pooling: validation probe accuracy (log-loss) {scores}; {steps}: chose {measured['chose']}"
+
+
+POOLING_WORDS = {"avg": "the average", "grid": f"a {GRID_SIZE}x{GRID_SIZE} grid",
+                 "grid-2": f"{GRID_SIZE}x{GRID_SIZE} grids of the last two stages"}
+
+
+def pooling_candidates(context: TrainContext) -> tuple[str, ...]:
+    """The poolings auto compares, simplest first: `grid-2` where the backbone has it."""
+    from graft.pooling import earlier_stage_output
+
+    return ("avg", "grid", "grid-2") if earlier_stage_output(context.backbone.model) is not None else ("avg", "grid")
+
+
 def measures_pooling(context: TrainContext) -> bool:
-    """Whether auto compares the average with the grid: fewer than `LP_FT_PER_CLASS` images per
-    class (where the grid was measured), no `--pooling` given, a backbone that can pool by a grid
+    """Whether auto compares the average with the grids: fewer than `LP_FT_PER_CLASS` images per
+    class (where the grids were measured), no `--pooling` given, a backbone that can pool by a grid
     (`graft.pooling.supports_grid`) and validation images to score on."""
     from graft.pooling import supports_grid
 
@@ -337,16 +365,20 @@ def measures_pooling(context: TrainContext) -> bool:
             and supports_grid(context.backbone.model) and len(context.dataset.val) > 0)
 
 
-def grid_on_the_side(context: TrainContext) -> tuple[SidePooling, ...]:
+def grids_on_the_side(context: TrainContext) -> tuple[SidePooling, ...]:
     """For a pass of `context`'s average-pooled backbone whose pooling auto will measure next: the
-    grid of the same feature maps, cached where `choose_pooling` looks for it (nothing without a
-    feature cache to hand it over through)."""
+    grids of the same feature maps, cached where `choose_pooling` looks for them (nothing without a
+    feature cache to hand them over through)."""
     from graft.backbones import with_pooling
-    from graft.pooling import GridPool
+    from graft.pooling import earlier_module_name
 
     if context.cache is None or context.backbone.pooling != "avg" or not measures_pooling(context):
         return ()
-    return (SidePooling(GridPool(), _cache_for(context, with_pooling(context.backbone, "grid"))),)
+    return tuple(
+        SidePooling(pooling, _cache_for(context, with_pooling(context.backbone, pooling)),
+                    earlier_module_name(context.backbone.model) if pooling == "grid-2" else None)
+        for pooling in pooling_candidates(context)[1:]
+    )
 
 
 def _cache_for(context: TrainContext, backbone: Backbone) -> FeatureCache | None:
@@ -442,7 +474,7 @@ def measure(context: TrainContext, probe_accuracy: float | None = None) -> Measu
         features = extract_features(
             backbone, train.paths, train.digests, cache=cache, precision=context.precision,
             device=context.device, progress=advance, stats=ExtractionStats(), compile=context.compile_backbone, tap=context.tap,
-            side_poolings=grid_on_the_side(context),  # for choose_pooling, next
+            side_poolings=grids_on_the_side(context),  # for choose_pooling, next
         )
     confidence = None
     classifier = context.backbone.imagenet_classifier

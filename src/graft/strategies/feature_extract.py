@@ -191,7 +191,7 @@ def head_solver(config: TrainConfig, pooling: str) -> str:
     """
     if config.head_solver != "auto":
         return config.head_solver
-    return "lbfgs" if pooling == "grid" and config.head == "linear" else "adamw"
+    return "lbfgs" if pooling != "avg" and config.head == "linear" else "adamw"
 
 
 def fit_logistic_regression(
