@@ -67,7 +67,11 @@ def _bin(index: int, cells: int, length: int) -> tuple[int, int]:
 
 class RecordingSequential(nn.Sequential):
     """An `nn.Sequential` over the same modules (same names, same weights) that also keeps the
-    output of its module at `index` for the `LevelPool` that reads it in the same forward pass."""
+    output of its module at `index` for the `LevelPool` that reads it in the same forward pass.
+
+    (timm's `forward_intermediates` returns only its `feature_info` levels, for EfficientNet the
+    ends of blocks 0, 1, 2, 4 and 6, not graft's stage before the last, `blocks.5`; and it is a
+    second forward path, where this keeps the model's own, which the bundle and ONNX export run.)"""
 
     def __init__(self, modules: nn.Sequential, index: int) -> None:
         super().__init__(OrderedDict(modules._modules))  # the same names
