@@ -99,13 +99,12 @@ class LevelPool(nn.Module):
     """The global pool of a `grid-2` model: a grid of the last map and of an earlier stage's output
     (recorded by `source` in the same forward pass), concatenated."""
 
-    def __init__(self, source: RecordingSequential, size: int = GRID_SIZE) -> None:
+    def __init__(self, source: RecordingSequential) -> None:
         super().__init__()
-        self.grid = GridPool(size)
         object.__setattr__(self, "source", source)  # a module of the same model, not a child of this one
 
     def forward(self, maps: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self.grid(maps), self.grid(self.source.take())], dim=1)
+        return pool_maps("grid-2", maps, self.source.take())
 
 
 def pool_maps(pooling: str, maps: torch.Tensor, earlier: torch.Tensor | None = None) -> torch.Tensor:
