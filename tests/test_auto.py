@@ -62,7 +62,7 @@ def test_framing_uses_accuracy_beyond_one_standard_error_and_log_loss_within_it(
 
 
 @pytest.mark.parametrize("per_class, confidence, pooling", [(5, 0.2, "grid"), (20, 0.2, "grid"), (20, 0.8, "grid"),
-                                                       (49, 0.2, "grid"), (20, 0.2, "grid-2"), (8, 0.8, "grid-2")])
+                                                       (49, 0.2, "grid"), (20, 0.2, "grid-2"), (8, 0.8, "grid-3")])
 def test_few_images_whose_grid_won_keep_the_frozen_grid_without_augmented_views(per_class, confidence, pooling):
     choice = choose(dataclasses.replace(_measured(per_class, confidence), pooling=pooling))
     assert choice.strategy == "feature-extract" and choice.options == {"augment_views": 0}
@@ -71,7 +71,7 @@ def test_few_images_whose_grid_won_keep_the_frozen_grid_without_augmented_views(
 
 def test_the_grid_does_not_change_the_choice_for_more_images():
     for per_class, confidence, expected in ((60, 0.2, "partial"), (500, 0.8, "discriminative")):
-        for pooling in ("grid", "grid-2"):
+        for pooling in ("grid", "grid-2", "grid-3"):
             assert choose(dataclasses.replace(_measured(per_class, confidence), pooling=pooling)).strategy == expected
 
 
@@ -128,14 +128,14 @@ def test_auto_measures_real_images_and_says_why(fashion_folder, tmp_path, monkey
     # The bundle records the view the head was trained on, so predict sees what training saw.
     bundle = graft.load_bundle(run.bundle_dir)
     assert bundle.preprocessing.crop_pct == expected_crop
-    # Pooling: probes on the chosen view's average, its grid and its two-stage grid, by the same
-    # rule as a ladder.
+    # Pooling: probes on the chosen view's average, its grid and its two- and three-stage grids, by
+    # the same rule as a ladder.
     pooling = auto["pooling"]
     assert pooling["images"] == [30, 6] and pooling["grid_size"] == 3
     assert pooling["computed"] == 0  # the framing's passes pooled their maps every way: no pass of its own
-    assert list(pooling["accuracy"]) == ["avg", "grid", "grid-2"]
+    assert list(pooling["accuracy"]) == ["avg", "grid", "grid-2", "grid-3"] and pooling["level_grids"] == [3, 3, 5]
     expected_pooling = "avg"
-    for step, challenger in zip(pooling["steps"], ("grid", "grid-2"), strict=True):
+    for step, challenger in zip(pooling["steps"], ("grid", "grid-2", "grid-3"), strict=True):
         assert (step["challenger"], step["holder"]) == (challenger, expected_pooling)
         difference = pooling["accuracy"][challenger] - pooling["accuracy"][expected_pooling]
         if step["decided_by"] == "accuracy":
@@ -147,7 +147,8 @@ def test_auto_measures_real_images_and_says_why(fashion_folder, tmp_path, monkey
         assert step["won"] == wins
         expected_pooling = challenger if wins else expected_pooling
     assert pooling["chose"] == expected_pooling == bundle.meta["backbone"]["pooling"]
-    assert bundle.meta["head"]["in_features"] == {"avg": 1280, "grid": 1280 * 9, "grid-2": (1280 + 192) * 9}[expected_pooling]
+    assert bundle.meta["head"]["in_features"] == {"avg": 1280, "grid": 1280 * 9, "grid-2": (1280 + 192) * 9,
+                                                 "grid-3": (1280 + 192) * 9 + 112 * 25}[expected_pooling]
     # The measuring passes' features (training and validation) are the ones feature-extract reads
     # from the cache; only the augmented views are new.
     assert run.metrics["strategy"] == "auto" and run.metrics["features_from_cache"] == 30 + 6

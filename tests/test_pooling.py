@@ -13,7 +13,7 @@ import graft
 from graft.backbones import load_backbone, with_crop, with_pooling
 from graft.bundle import load_bundle
 from graft.features import backbone_key
-from graft.pooling import GRID_SIZE, GridPool, LevelPool, earlier_module_name, pooled_model, supports_grid
+from graft.pooling import GRID_SIZE, LEVEL_GRIDS, GridPool, LevelPool, earlier_module_names, pooled_model, supports_grid
 
 
 @pytest.mark.parametrize("height, width", [(7, 7), (8, 8), (9, 7), (5, 6), (3, 3), (2, 2)])
@@ -46,7 +46,7 @@ def test_a_grid_view_shares_the_weights_and_widens_the_features(lite0):
 
 def test_two_stage_grids_read_the_stage_before_the_last_beside_the_last_map(lite0):
     grid2 = with_pooling(lite0, "grid-2")
-    assert earlier_module_name(lite0.model) == "blocks.5"  # graft.stages: the stage before blocks.6+conv_head+bn2
+    assert earlier_module_names(lite0.model, "grid-2") == ("blocks.5",)  # graft.stages: the stage before blocks.6+conv_head+bn2
     assert grid2.num_features == (1280 + 192) * GRID_SIZE**2
     # The same weights under the same names (a bundle's state dict loads either way); the original untouched.
     assert list(grid2.model.state_dict()) == list(lite0.model.state_dict())
@@ -61,22 +61,58 @@ def test_two_stage_grids_read_the_stage_before_the_last_beside_the_last_map(lite
         both = grid2.model.eval()(images)
     expected = torch.cat([F.adaptive_avg_pool2d(maps, GRID_SIZE).flatten(1), F.adaptive_avg_pool2d(kept["earlier"], GRID_SIZE).flatten(1)], 1)
     assert torch.allclose(both, expected, atol=1e-5)
-    assert grid2.model.blocks.recorded is None  # read and let go within the pass
+    assert grid2.model.blocks.recorded == {}  # read and let go within the pass
     assert with_pooling(grid2, "avg").model is lite0.model and with_pooling(grid2, "grid").num_features == 1280 * GRID_SIZE**2
     assert len({backbone_key(b, b.preprocessing, "fp32") for b in (lite0, grid2, with_pooling(lite0, "grid"))}) == 3
 
 
-def test_grids_of_a_resnet_read_its_third_layer_and_a_mobilenet_refuses_them():
+def _hooked_grids(model, images, names_and_sizes):
+    """The reference: each named module's output on a grid of its size, read by forward hooks."""
+    kept, hooks = {}, []
+    for name, _ in names_and_sizes:
+        hooks.append(model.get_submodule(name).register_forward_hook(lambda _m, _i, out, name=name: kept.setdefault(name, out)))
+    with torch.no_grad():
+        model.eval()(images)
+    for hook in hooks:
+        hook.remove()
+    return torch.cat([F.adaptive_avg_pool2d(kept[name], size).flatten(1) for name, size in names_and_sizes], 1)
+
+
+def test_three_stage_grids_add_a_finer_grid_of_the_stage_before_that(lite0):
+    grid3 = with_pooling(lite0, "grid-3")
+    assert earlier_module_names(lite0.model, "grid-3") == ("blocks.5", "blocks.4") and LEVEL_GRIDS == (3, 3, 5)
+    assert grid3.num_features == (1280 + 192) * 9 + 112 * 25  # blocks.4's 14x14 map on a 5x5 grid
+    assert list(grid3.model.state_dict()) == list(lite0.model.state_dict())
+    assert all(a is b for a, b in zip(grid3.model.parameters(), lite0.model.parameters()))
+    images = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(3))
+    expected = _hooked_grids(lite0.model, images, [("bn2", 3), ("blocks.5", 3), ("blocks.4", 5)])
+    with torch.no_grad():
+        assert torch.allclose(grid3.model.eval()(images), expected, atol=1e-5)
+    assert grid3.model.blocks.recorded == {} and grid3.model.blocks.indices == (5, 4)
+    assert with_pooling(grid3, "avg").model is lite0.model
+    assert len({backbone_key(b, b.preprocessing, "fp32") for b in (lite0, grid3, with_pooling(lite0, "grid-2"))}) == 3
+
+
+def test_grids_of_a_resnet_read_its_third_and_second_layers_and_a_mobilenet_refuses_them():
     resnet = load_backbone("resnet18", pretrained=False)
-    assert earlier_module_name(resnet.model) == "layer3.1"
+    assert earlier_module_names(resnet.model, "grid-2") == ("layer3.1",)
     assert with_pooling(resnet, "grid-2").num_features == (512 + 256) * GRID_SIZE**2
+    # Two earlier stages in two containers: each is recorded by its own copy.
+    grid3 = with_pooling(resnet, "grid-3")
+    assert earlier_module_names(resnet.model, "grid-3") == ("layer3.1", "layer2.1")
+    assert grid3.num_features == (512 + 256) * 9 + 128 * 25
+    images = torch.randn(2, 3, 160, 160, generator=torch.Generator().manual_seed(4))
+    expected = _hooked_grids(resnet.model, images, [("layer4", 3), ("layer3", 3), ("layer2", 5)])
+    with torch.no_grad():
+        assert torch.allclose(grid3.model.eval()(images), expected, atol=1e-5)
+    assert list(grid3.model.state_dict()) == list(resnet.model.state_dict())
     mobilenet = load_backbone("mobilenetv3_small_100", pretrained=False)  # pools, then a 1x1 convolution
     assert not supports_grid(mobilenet.model)
     with pytest.raises(graft.ConfigError, match="--pooling grid-2.*MobileNetV3.*use --pooling avg"):
         with_pooling(mobilenet, "grid-2")
 
 
-@pytest.mark.parametrize("pooling", ["grid", "grid-2"])
+@pytest.mark.parametrize("pooling", ["grid", "grid-2", "grid-3"])
 def test_grids_pooled_on_the_side_of_the_averages_pass_are_the_grid_backbones_features(lite0, holdout_folder, tmp_path, pooling):
     from graft.features import FeatureCache, SidePooling, extract_features
 
@@ -84,7 +120,7 @@ def test_grids_pooled_on_the_side_of_the_averages_pass_are_the_grid_backbones_fe
     digests = [p.stem for p in paths]
     grid = with_pooling(lite0, pooling)
     side = FeatureCache(tmp_path, backbone_key(grid, grid.preprocessing, "fp32"))
-    earlier = earlier_module_name(lite0.model) if pooling == "grid-2" else None
+    earlier = earlier_module_names(lite0.model, pooling)
     averages = extract_features(lite0, paths, digests, cache=None, precision="fp32", batch_size=3,
                                 side_poolings=[SidePooling(pooling, side, earlier)])
     assert averages.shape == (8, lite0.num_features)
@@ -126,7 +162,7 @@ def test_bad_pooling_and_solver_options_are_named(fashion_folder, tmp_path):
         graft.train(fashion_folder, out=tmp_path / "mlp", head="mlp", head_solver="lbfgs", verbose=False)
 
 
-@pytest.fixture(scope="module", params=["grid", "grid-2"])
+@pytest.fixture(scope="module", params=["grid", "grid-3"])
 def grid_run(fashion_folder, tmp_path_factory, request):
     out = tmp_path_factory.mktemp(request.param) / "run"
     return graft.train(fashion_folder, out=out, pooling=request.param, crop_pct=1.0, verbose=False)
@@ -142,7 +178,7 @@ def test_grid_head_is_scikit_learns_logistic_regression_and_reloads_identically(
     bundle = load_bundle(grid_run.bundle_dir)
     pooling = bundle.meta["backbone"]["pooling"]
     assert pooling == json.loads((grid_run.run_dir / "config.json").read_text())["pooling"]
-    assert bundle.meta["head"]["in_features"] == (lite0.num_features + (192 if pooling == "grid-2" else 0)) * GRID_SIZE**2
+    assert bundle.meta["head"]["in_features"] == {"grid": 1280 * 9, "grid-3": (1280 + 192) * 9 + 112 * 25}[pooling]
     assert isinstance(bundle.model.backbone.global_pool, GridPool if pooling == "grid" else LevelPool)
     assert len(grid_run.history) == 1  # solved once by L-BFGS, not in epochs
     # The same objective as scikit-learn's probe: its predictions on held-out images agree.

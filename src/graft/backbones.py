@@ -77,7 +77,7 @@ class Backbone:
 
 
 def with_pooling(backbone: Backbone, pooling: str) -> Backbone:
-    """The same backbone pooling its last feature map by `pooling` ("avg", "grid", "grid-2"; `graft.pooling`).
+    """The same backbone pooling its last feature map by `pooling` ("avg", "grid", "grid-2", "grid-3"; `graft.pooling`).
 
     The weights are shared, not copied; only the pooling module and the feature width change.
     """

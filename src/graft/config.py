@@ -51,7 +51,7 @@ class TrainConfig:
     bn_stats: str = "auto"  # BatchNorm statistics of trainable stages: frozen, update, or auto (by data size)
     lora_rank: int = 8
     crop_pct: float | None = None  # None: the backbone's own evaluation crop (auto may measure a full-frame view)
-    pooling: str | None = None  # "avg", "grid" or "grid-2" (graft.pooling); None: the backbone's average (auto measures them)
+    pooling: str | None = None  # "avg", "grid", "grid-2" or "grid-3" (graft.pooling); None: the backbone's average (auto measures them)
     head_solver: str = "auto"  # adamw, lbfgs (linear head on cached features), or auto (lbfgs for the grid poolings)
     precision: str = "auto"  # bf16 autocast where the hardware runs it natively, else fp32
     device: str = "auto"

@@ -157,15 +157,15 @@ class SidePooling:
 
     auto compares the backbone's average with grids of it (`graft.pooling`) on the same images;
     pooling the maps the average pass already computed spares another pass of the whole backbone
-    over them. `pooling` ("grid", "grid-2") runs on the input of the backbone's `global_pool` (the
-    last feature map) and, for "grid-2", on the output of the module named `earlier`
-    (`graft.pooling.earlier_module_name`); its outputs go into `cache` under the same item keys as
-    the pass's own features.
+    over them. `pooling` ("grid", "grid-2", "grid-3") runs on the input of the backbone's
+    `global_pool` (the last feature map) and, for "grid-2" and "grid-3", on the outputs of the
+    modules named `earlier` (`graft.pooling.earlier_module_names`); its outputs go into `cache`
+    under the same item keys as the pass's own features.
     """
 
     pooling: str
     cache: FeatureCache
-    earlier: str | None = None
+    earlier: tuple[str, ...] = ()
 
 
 @dataclass
@@ -272,11 +272,11 @@ def extract_features(
             # whose global_pool is that pooling.
             def pool_sideways(_module: nn.Module, inputs: tuple) -> None:
                 for side, kept in zip(side_poolings, side_outputs):
-                    pooled = pool_maps(side.pooling, inputs[0], earlier[side.earlier] if side.earlier else None)
+                    pooled = pool_maps(side.pooling, inputs[0], [earlier[name] for name in side.earlier])
                     kept.append(pooled.float().cpu())
                 earlier.clear()
 
-            for name in {side.earlier for side in side_poolings if side.earlier}:
+            for name in {name for side in side_poolings for name in side.earlier}:
                 hooks.append(network.get_submodule(name).register_forward_hook(keep_earlier(name)))
             hooks.append(network.get_submodule("global_pool").register_forward_pre_hook(pool_sideways))
         try:

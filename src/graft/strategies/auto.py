@@ -47,7 +47,7 @@ from torch import nn
 from graft.config import TrainConfig
 from graft.backbones import Backbone
 from graft.features import ExtractionStats, FeatureCache, SidePooling, Tap, backbone_key, extract_features
-from graft.pooling import GRID_SIZE
+from graft.pooling import GRID_SIZE, LEVEL_GRIDS
 from graft.stages import Stage
 from graft.strategies.base import AuditRow, TrainContext, TrainOutcome, with_prefix_tap
 
@@ -81,7 +81,7 @@ class Measurements:
     imagenet_confidence: float | None
     probe_accuracy: float | None
     image_side: float | None = None  # median shorter side of the training images, in pixels
-    pooling: str = "avg"  # what the head reads: "grid" or "grid-2" where a probe on it won (choose_pooling)
+    pooling: str = "avg"  # what the head reads: "grid", "grid-2" or "grid-3" where a probe on it won (choose_pooling)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(self).items()}
@@ -289,11 +289,11 @@ def choose_framing(context: TrainContext) -> tuple[TrainContext, dict[str, Any]]
 
 def choose_pooling(context: TrainContext) -> tuple[TrainContext, dict[str, Any]]:
     """What the head reads: the backbone's global average, a grid of its last map, or grids of its
-    last two stages' outputs (`graft.pooling`), whichever a probe finds better on validation.
+    last two or three stages' outputs (`graft.pooling`), whichever a probe finds better on validation.
 
     A ladder by the framing's rule (`first_wins`): the average holds until the grid beats it by
     more than a standard error of the difference in accuracy (or, within it, by a lower log-loss);
-    then `grid-2` must beat the holder the same way. The later rung is the wider, so each must
+    then `grid-2` must beat the holder the same way, then `grid-3`. The later rung is the wider, so each must
     show a measured gain over what is simpler.
 
     Returns the context to train in (backbone, feature cache and head width of the chosen pooling)
@@ -328,7 +328,7 @@ def choose_pooling(context: TrainContext) -> tuple[TrainContext, dict[str, Any]]
     return contexts[chosen], {
         "accuracy": {p: round(score.accuracy, 4) for p, score in scores.items()},
         "loss": {p: round(score.loss, 4) for p, score in scores.items()},
-        "steps": steps, "grid_size": GRID_SIZE, "chose": chosen, "images": [len(train_rows), len(val_rows)],
+        "steps": steps, "grid_size": GRID_SIZE, "level_grids": list(LEVEL_GRIDS), "chose": chosen, "images": [len(train_rows), len(val_rows)],
         "computed": stats.computed,  # images the backbone ran for it (none where the framing's passes pooled every way)
     }
 
@@ -345,14 +345,15 @@ def describe_pooling(measured: dict[str, Any]) -> str:
 
 
 POOLING_WORDS = {"avg": "the average", "grid": f"a {GRID_SIZE}x{GRID_SIZE} grid",
-                 "grid-2": f"{GRID_SIZE}x{GRID_SIZE} grids of the last two stages"}
+                 "grid-2": f"{GRID_SIZE}x{GRID_SIZE} grids of the last two stages",
+                 "grid-3": "grids of the last three stages ({})".format(", ".join(f"{n}x{n}" for n in LEVEL_GRIDS))}
 
 
 def pooling_candidates(context: TrainContext) -> tuple[str, ...]:
-    """The poolings auto compares, simplest first: `grid-2` where the backbone has it."""
-    from graft.pooling import earlier_stage_output
+    """The poolings auto compares, simplest first: `grid-2` and `grid-3` where the backbone has them."""
+    from graft.pooling import POOLINGS, earlier_module_names
 
-    return ("avg", "grid", "grid-2") if earlier_stage_output(context.backbone.model) is not None else ("avg", "grid")
+    return tuple(p for p in POOLINGS if earlier_module_names(context.backbone.model, p) is not None)
 
 
 def measures_pooling(context: TrainContext) -> bool:
@@ -370,13 +371,13 @@ def grids_on_the_side(context: TrainContext) -> tuple[SidePooling, ...]:
     grids of the same feature maps, cached where `choose_pooling` looks for them (nothing without a
     feature cache to hand them over through)."""
     from graft.backbones import with_pooling
-    from graft.pooling import earlier_module_name
+    from graft.pooling import earlier_module_names
 
     if context.cache is None or context.backbone.pooling != "avg" or not measures_pooling(context):
         return ()
     return tuple(
         SidePooling(pooling, _cache_for(context, with_pooling(context.backbone, pooling)),
-                    earlier_module_name(context.backbone.model) if pooling == "grid-2" else None)
+                    earlier_module_names(context.backbone.model, pooling) or ())
         for pooling in pooling_candidates(context)[1:]
     )
 
