@@ -153,6 +153,21 @@ def test_auto_measures_real_images_and_says_why(fashion_folder, tmp_path, monkey
     # from the cache; only the augmented views are new.
     assert run.metrics["strategy"] == "auto" and run.metrics["features_from_cache"] == 30 + 6
     assert run.metrics["features_computed"] == (0 if grid else 2 * 30)
+    # A cache that holds the averages and the grid but not the deeper grids (one an older graft
+    # wrote): the framing's passes find the averages and run nothing; the first grid pass that runs
+    # pools the later grid as well, so each image goes through the backbone once, not once per grid.
+    import shutil
+
+    from graft.backbones import load_backbone, with_crop, with_pooling
+    from graft.features import FeatureCache, backbone_key
+
+    view = with_crop(load_backbone(), expected_crop)
+    for missing in ("grid-2", "grid-3"):
+        grids = with_pooling(view, missing)
+        shutil.rmtree(FeatureCache(tmp_path / "c", backbone_key(grids, grids.preprocessing, bundle.meta["precision"])).folder)
+    again = graft.train(fashion_folder, out=tmp_path / "again", strategy="auto", epochs=2, verbose=False, cache_dir=str(tmp_path / "c"))
+    assert again.metrics["auto"]["pooling"]["computed"] == 30 + 6
+    assert again.metrics["auto"]["pooling"]["chose"] == pooling["chose"]
 
 
 def test_an_explicit_crop_is_used_everywhere_and_not_measured(fashion_folder, holdout_folder, tmp_path):

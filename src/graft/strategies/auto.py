@@ -113,7 +113,7 @@ def choose(measured: Measurements) -> Choice:
                       f"{measured.images_per_class:g} images per class < {LP_FT_PER_CLASS} and the frozen features' "
                       f"{measured.pooling} pooling separated the classes better than their average: where the objects sit "
                       "matters, and the frozen grid already holds it (measured on 20-shot Fashion-MNIST, five seeds: "
-                      "0.829 on average with the grid auto chose, 0.819 with the last stage's grid alone, against 0.813 "
+                      "0.839 on average with the grid auto chose, 0.819 with the last stage's grid alone, against 0.813 "
                       "for lp-ft on the averaged features and 0.816 for lp-ft on the grid, whose augmented views move the "
                       "objects, in several times the time; augmented views under the grid's head scored lower)")
     if small and not distant:
@@ -299,7 +299,7 @@ def choose_pooling(context: TrainContext) -> tuple[TrainContext, dict[str, Any]]
     Returns the context to train in (backbone, feature cache and head width of the chosen pooling)
     and what was measured; an empty dict when nothing was measured (`measures_pooling`). It costs
     no pass of the backbone where the framing's passes pooled their maps every way as well
-    (`grids_on_the_side`); otherwise the average's pass (if not cached) pools by all of them.
+    (`grids_on_the_side`); otherwise the first pass that runs pools by every later pooling too.
     """
     from graft.backbones import with_pooling
 
@@ -316,7 +316,7 @@ def choose_pooling(context: TrainContext) -> tuple[TrainContext, dict[str, Any]]
                                     head_spec=replace(context.head_spec, in_features=backbone.num_features))
         # The prefix's outputs, if kept, came with the framing's passes: none to keep here.
         scores[pooling] = _validation_probe(replace(contexts[pooling], tap=None), f"pooling, {pooling}", train_rows, val_rows,
-                                            side_poolings=grids_on_the_side(contexts[pooling]) if pooling == "avg" else (),
+                                            side_poolings=grids_on_the_side(context, pooling),
                                             stats=stats)
     chosen, steps = "avg", []
     for challenger in list(scores)[1:]:
@@ -366,19 +366,24 @@ def measures_pooling(context: TrainContext) -> bool:
             and supports_grid(context.backbone.model) and len(context.dataset.val) > 0)
 
 
-def grids_on_the_side(context: TrainContext) -> tuple[SidePooling, ...]:
-    """For a pass of `context`'s average-pooled backbone whose pooling auto will measure next: the
-    grids of the same feature maps, cached where `choose_pooling` looks for them (nothing without a
-    feature cache to hand them over through)."""
+def grids_on_the_side(context: TrainContext, pooling: str | None = None) -> tuple[SidePooling, ...]:
+    """For a pass of `context`'s backbone pooled by `pooling` (None: as it is), where auto will measure the pooling:
+    the poolings `choose_pooling` measures after that one, of the same feature maps, cached where
+    it looks for them (nothing without a feature cache to hand them over through). The framing's
+    passes are the average's and so pool every grid; in `choose_pooling` a grid's pass runs only
+    for images whose features no earlier pass cached, and it pools the later grids as well, so
+    the images go through the backbone once however many of the caches miss them."""
     from graft.backbones import with_pooling
     from graft.pooling import earlier_module_names
 
-    if context.cache is None or context.backbone.pooling != "avg" or not measures_pooling(context):
+    candidates = pooling_candidates(context)
+    pooling = pooling or context.backbone.pooling
+    if context.cache is None or pooling not in candidates or not measures_pooling(context):
         return ()
     return tuple(
-        SidePooling(pooling, _cache_for(context, with_pooling(context.backbone, pooling)),
-                    earlier_module_names(context.backbone.model, pooling) or ())
-        for pooling in pooling_candidates(context)[1:]
+        SidePooling(later, _cache_for(context, with_pooling(context.backbone, later)),
+                    earlier_module_names(context.backbone.model, later) or ())
+        for later in candidates[candidates.index(pooling) + 1:]
     )
 
 
