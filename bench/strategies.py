@@ -4,7 +4,7 @@ Accuracy is on the held-out test split (never used for a choice); graft may use 
 early stopping and for `auto`. Each row is one run: wall time from the call to graft.train (or the
 peer's training loop) to its end, trainable parameters, and validation/test accuracy.
 
-    python bench/strategies.py --shots 20 [--strategies auto feature-extract partial ...] [--peers probe probe-whole-frame probe-grid probe-grid-2 textbook-frozen textbook-full fastai]
+    python bench/strategies.py --shots 20 [--strategies auto feature-extract partial ...] [--peers probe probe-whole-frame probe-grid probe-grid-2 probe-grid-3 textbook-frozen textbook-full fastai]
     [--set crop_pct=1.0] [--set-for lp-ft:augment=strong]
 """
 
@@ -24,7 +24,7 @@ from common import RESULTS, max_rss_mb, print_table, task_folder, write_results 
 import graft  # noqa: E402
 
 ALL_STRATEGIES = ["feature-extract", "partial", "lp-ft", "gradual", "discriminative", "full", "lora", "auto"]
-ALL_PEERS = ["probe", "probe-whole-frame", "probe-grid", "probe-grid-2", "textbook-frozen", "textbook-full", "fastai"]
+ALL_PEERS = ["probe", "probe-whole-frame", "probe-grid", "probe-grid-2", "probe-grid-3", "textbook-frozen", "textbook-full", "fastai"]
 COLUMNS = ["method", "test_accuracy", "val_accuracy", "seconds", "trainable_params", "note"]
 
 
@@ -47,8 +47,8 @@ def run_probe(root: Path, cache: Path, crop_pct: float | None = None, pooling: s
     `crop_pct=1.0` is the protocol's probe: its peers resize to 224 px with no crop, and this view
     reproduces its 0.796 validation accuracy on seed 0. `crop_pct=None` uses the backbone's own
     evaluation crop (0.875), the view graft starts from before auto measures the framing.
-    `pooling="grid"` / `"grid-2"`: the same probe on graft's 3x3 grid features of the last one or two
-    stages (`graft.pooling`), for comparison.
+    `pooling="grid"` / `"grid-2"` / `"grid-3"`: the same probe on graft's grid features of the last
+    one, two or three stages (`graft.pooling`), for comparison.
     """
     from sklearn.linear_model import LogisticRegression
 
@@ -113,7 +113,7 @@ def main() -> None:
         record(run_probe(root, Path(tempfile.mkdtemp(prefix="graft-bench-"))), "probe")
     if "probe-whole-frame" in args.peers:
         record(run_probe(root, Path(tempfile.mkdtemp(prefix="graft-bench-")), crop_pct=1.0), "probe-whole-frame")
-    for pooling in ("grid", "grid-2"):
+    for pooling in ("grid", "grid-2", "grid-3"):
         if f"probe-{pooling}" in args.peers:
             record(run_probe(root, Path(tempfile.mkdtemp(prefix="graft-bench-")), crop_pct=1.0, pooling=pooling), f"probe-{pooling}")
     if "textbook-frozen" in args.peers:
@@ -142,7 +142,8 @@ def acceptance(rows: list[dict]) -> dict[str, str]:
     for role, label, goal in (("probe-whole-frame", "the protocol's probe (whole frame)", "required: >= +2"),
                               ("probe", "the probe on the backbone's crop", "for comparison"),
                               ("probe-grid", "the probe on the 3x3 grid features", "for comparison"),
-                              ("probe-grid-2", "the probe on the 3x3 grids of the last two stages", "for comparison")):
+                              ("probe-grid-2", "the probe on the 3x3 grids of the last two stages", "for comparison"),
+                              ("probe-grid-3", "the probe on the grids of the last three stages", "for comparison")):
         if role in by_role:
             margin = 100 * (best["test_accuracy"] - by_role[role]["test_accuracy"])
             lines[f"best - {label}"] = f"{margin:+.1f} points ({goal})"
