@@ -216,8 +216,8 @@ def earlier_module_names(model: nn.Module, pooling: str) -> tuple[str, ...] | No
 def pooled_model(model: nn.Module, pooling: str, *, name: str = "the backbone") -> nn.Module:
     """`model` pooling its last feature map by `pooling`: the original timm model for "avg", else a
     shallow copy whose `global_pool` is a `GridPool` (or, for "grid-2" and "grid-3", a `LevelPool`
-    reading `RecordingSequential` copies of the containers of the earlier stages' outputs), sharing every other
-    module (and so every weight, under the same parameter names) with `model`."""
+    reading `RecordingSequential` copies of the containers of the earlier stages' outputs), sharing
+    every other module (and so every weight, under the same parameter names) with `model`."""
     if pooling not in POOLINGS:
         raise ConfigError(f"--pooling: expected one of {', '.join(POOLINGS)}, got {pooling!r}")
     base = _base(model)

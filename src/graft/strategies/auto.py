@@ -293,8 +293,8 @@ def choose_pooling(context: TrainContext) -> tuple[TrainContext, dict[str, Any]]
 
     A ladder by the framing's rule (`first_wins`): the average holds until the grid beats it by
     more than a standard error of the difference in accuracy (or, within it, by a lower log-loss);
-    then `grid-2` must beat the holder the same way, then `grid-3`. The later rung is the wider, so each must
-    show a measured gain over what is simpler.
+    then `grid-2` must beat the holder the same way, then `grid-3`. The later rung is the wider, so
+    each must show a measured gain over what is simpler.
 
     Returns the context to train in (backbone, feature cache and head width of the chosen pooling)
     and what was measured; an empty dict when nothing was measured (`measures_pooling`). It costs
@@ -328,7 +328,8 @@ def choose_pooling(context: TrainContext) -> tuple[TrainContext, dict[str, Any]]
     return contexts[chosen], {
         "accuracy": {p: round(score.accuracy, 4) for p, score in scores.items()},
         "loss": {p: round(score.loss, 4) for p, score in scores.items()},
-        "steps": steps, "grid_size": GRID_SIZE, "level_grids": list(LEVEL_GRIDS), "chose": chosen, "images": [len(train_rows), len(val_rows)],
+        "steps": steps, "grid_size": GRID_SIZE, "level_grids": list(LEVEL_GRIDS), "chose": chosen,
+        "images": [len(train_rows), len(val_rows)],
         "computed": stats.computed,  # images the backbone ran for it (none where the framing's passes pooled every way)
     }
 
@@ -367,12 +368,13 @@ def measures_pooling(context: TrainContext) -> bool:
 
 
 def grids_on_the_side(context: TrainContext, pooling: str | None = None) -> tuple[SidePooling, ...]:
-    """For a pass of `context`'s backbone pooled by `pooling` (None: as it is), where auto will measure the pooling:
-    the poolings `choose_pooling` measures after that one, of the same feature maps, cached where
-    it looks for them (nothing without a feature cache to hand them over through). The framing's
-    passes are the average's and so pool every grid; in `choose_pooling` a grid's pass runs only
-    for images whose features no earlier pass cached, and it pools the later grids as well, so
-    the images go through the backbone once however many of the caches miss them."""
+    """For a pass of `context`'s backbone pooled by `pooling` (None: as it is), where auto will
+    measure the pooling: the poolings `choose_pooling` measures after that one, of the same
+    feature maps, cached where it looks for them (nothing without a feature cache to hand them
+    over through). The framing's passes are the average's and so pool every grid; in
+    `choose_pooling` a grid's pass runs only for images whose features no earlier pass cached, and
+    it pools the later grids as well, so the images go through the backbone once however many of
+    the caches miss them."""
     from graft.backbones import with_pooling
     from graft.pooling import earlier_module_names
 
