@@ -55,6 +55,12 @@ def test_loading_a_backbone_stops_the_forward_pass_faulting_in_fresh_pages():
     # Untuned, every large activation is a fresh mapping: hundreds of thousands of faults for
     # three batches (about 16 000 per 64 MB). Tuned, the heap reuses what the warm-up freed.
     assert untuned["faults"] > 100_000
+    if tuned["faults"] * 10 >= untuned["faults"]:
+        # Tuned, the count is 0 here run after run; once in a full suite run it was 554 572
+        # (untuned 2 527 870) and 0 again on the re-run: something outside this process's heap
+        # can add faults to one process. A second fresh process tells that apart from a heap that
+        # does not reuse memory, which faults as much in every process.
+        tuned = min(tuned, _faults("1"), key=lambda result: result["faults"])
     assert tuned["faults"] * 10 < untuned["faults"]
 
 
