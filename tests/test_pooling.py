@@ -136,6 +136,23 @@ def test_grids_pooled_on_the_side_of_the_averages_pass_are_the_grid_backbones_fe
     assert not again.folder.exists()
 
 
+def test_a_grid_pass_pools_the_deeper_grid_on_the_side_too(lite0, holdout_folder, tmp_path):
+    """auto's pooling ladder: where a grid's pass runs (its cache missed), it pools the later grids
+    as well, through the grid model's recording copy of `blocks` and its `LevelPool`."""
+    from graft.features import FeatureCache, SidePooling, extract_features
+
+    paths = sorted(holdout_folder.rglob("*.png"))[:6]
+    digests = [p.stem for p in paths]
+    grid2, grid3 = with_pooling(lite0, "grid-2"), with_pooling(lite0, "grid-3")
+    side = FeatureCache(tmp_path, backbone_key(grid3, grid3.preprocessing, "fp32"))
+    own2 = extract_features(grid2, paths, digests, cache=None, precision="fp32", batch_size=4,
+                            side_poolings=[SidePooling("grid-3", side, earlier_module_names(lite0.model, "grid-3"))])
+    cached = side.get(digests)
+    own3 = extract_features(grid3, paths, digests, cache=None, precision="fp32", batch_size=4)
+    assert torch.allclose(torch.stack([cached[d] for d in digests]), own3, atol=1e-5)
+    assert torch.allclose(own2, own3[:, :grid2.num_features], atol=1e-5)  # grid-2's levels come first
+
+
 @pytest.mark.parametrize("architecture", ["vit_tiny_patch16_224", "convnext_atto"])
 def test_a_backbone_that_does_not_pool_a_map_last_refuses_a_grid(architecture):
     backbone = load_backbone(architecture, pretrained=False)
