@@ -4,14 +4,20 @@ Above glibc's mmap threshold (128 KB, adapting up to 32 MB) every allocation get
 the kernel and gives them back when freed. A CNN's activations at batch 64 are tens of MB each, so
 every op of every batch faults in and zeroes new pages. Measured on the 2-core AVX-512 machine
 (EfficientNet-Lite0, 224 px, batch 64, 960 images): 5.1 million page faults per pass in bf16 and
-as much time in the kernel as in the model. With both thresholds at 1 GB the heap keeps freed
-memory and the next batch reuses it: no page faults, and the bare forward goes from 83 to 181
-img/s in bf16 and from 33 to 103 img/s in fp32 (`bench/allocator.py`, docs/performance.md); a
-training step gains 1.2x, since its allocations mostly stay under 32 MB already.
+as much time in the kernel as in the model. With the mmap threshold at 1 GB and trimming off, the
+heap keeps freed memory and the next batch reuses it: no page faults, and the bare forward goes
+from 83 to 181 img/s in bf16 and from 33 to 103 img/s in fp32 (`bench/allocator.py`,
+docs/performance.md); a training step gains 1.2x, since its allocations mostly stay under 32 MB
+already.
 
-The price: up to 1 GB of freed memory stays with the process rather than going back to the OS,
-and the heap may hold more than its live tensors (max RSS of a `full` fp32 training step at
-batch 32: 4.0 → 4.6 GB).
+Trimming is off, not merely raised: with the trim threshold at 1 GB (sessions 6 to 16) an fp32
+forward at batch 64, whose heap peaks just over 1 GB, sometimes ended a batch with more than 1 GB
+free at the top of the heap, glibc gave it back, and the next batch faulted it all in again
+(about 830 000 faults per three batches instead of 0, in roughly half of the fresh processes,
+depending on where small allocations landed). With trimming off the outcome no longer depends on
+the layout. The price: the heap keeps its peak until the process ends rather than giving freed
+memory back to the OS (max RSS, the peak, is what it was: a `full` fp32 training step at batch 32
+went 4.0 → 4.6 GB when the thresholds were first raised).
 `GRAFT_TUNE_MALLOC=0` leaves malloc as it is. Nothing changes on other C libraries or systems.
 PyTorch's own advice for CPU inference is the same cure from outside (preloading jemalloc or
 tcmalloc); a library cannot preload, but it can set glibc's thresholds for its own process.
@@ -27,6 +33,7 @@ THRESHOLD_BYTES = 2**30
 # mallopt(3) documents 32 MB (on 64-bit) as the largest mmap threshold; glibc 2.36 here accepts
 # 1 GB and uses it. Where 1 GB is refused, 32 MB at least keeps every smaller tensor on the heap.
 FALLBACK_THRESHOLD_BYTES = 32 * 2**20
+NO_TRIM = -1  # mallopt(3): "Setting M_TRIM_THRESHOLD to -1 disables trimming completely."
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 
@@ -34,7 +41,7 @@ _applied: bool | None = None
 
 
 def reuse_freed_memory() -> bool:
-    """Raise glibc's mmap and trim thresholds for this process, once; True if they were set.
+    """Raise glibc's mmap threshold and turn trimming off for this process, once; True if set.
 
     Called by `load_backbone` and `load_bundle`, so every run of a model gets it. Idempotent.
     """
@@ -56,5 +63,5 @@ def _set_thresholds() -> bool:
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     for threshold in (THRESHOLD_BYTES, FALLBACK_THRESHOLD_BYTES):
         if mallopt(_M_MMAP_THRESHOLD, threshold):
-            return bool(mallopt(_M_TRIM_THRESHOLD, threshold))
+            return bool(mallopt(_M_TRIM_THRESHOLD, NO_TRIM))
     return False
