@@ -10,8 +10,8 @@ from 83 to 181 img/s in bf16 and from 33 to 103 img/s in fp32 (`bench/allocator.
 docs/performance.md); a training step gains 1.2x, since its allocations mostly stay under 32 MB
 already.
 
-Trimming is off, not merely raised: with the trim threshold at 1 GB (sessions 6 to 16) an fp32
-forward at batch 64, whose heap peaks just over 1 GB, sometimes ended a batch with more than 1 GB
+Trimming is off, not merely raised: with the trim threshold at 1 GB as well, an fp32 forward at
+batch 64, whose heap peaks just over 1 GB, sometimes ended a batch with more than 1 GB
 free at the top of the heap, glibc gave it back, and the next batch faulted it all in again
 (about 830 000 faults per three batches instead of 0, in roughly half of the fresh processes,
 depending on where small allocations landed). With trimming off the outcome no longer depends on

@@ -1,9 +1,9 @@
 """bf16 or fp32 on a CPU that runs both: measured once per machine and backbone, then remembered.
 
-A CPU with native bf16 does not always run a network faster in it. On the 2-core AVX-512 machine
-of the earlier sessions bf16 autocast ran EfficientNet-Lite0 about 1.7x as fast as fp32; on this
-session's (an AVX-512 BF16 CPU without AMX, oneDNN's ISA "AVX 10.1") the two ran at the same speed,
-and fp32 with BatchNorm folded (`graft.folding`) ran 1.3x as fast as bf16 (docs/performance.md).
+A CPU with native bf16 does not always run a network faster in it. On one 2-core AVX-512 BF16
+machine bf16 autocast ran EfficientNet-Lite0 about 1.7x as fast as fp32; on another (an AVX-512
+BF16 CPU without AMX, oneDNN's ISA "AVX 10.1") the two ran at the same speed, and fp32 with
+BatchNorm folded (`graft.folding`) ran 1.3x as fast as bf16 (docs/performance.md).
 Which is faster depends on the chip and the network, so `precision="auto"` on such a CPU times
 both on the backbone itself: its inference forward at the input size, fp32 folded against bf16
 eager (what extraction and prediction run), alternated, after a warm-up. bf16 is chosen only if
@@ -13,8 +13,8 @@ The decision is kept in `cpu_precision.json` in graft's cache folder, keyed by t
 version, the thread count and the backbone, so the same machine makes the same choice every run
 (features cached in one precision stay usable) and pays for the timing once (1.8-1.9 s for
 EfficientNet-Lite0 on 2 cores). A short timing in a fresh process reads below the steady speed
-(103-111 img/s for Lite0 in fp32 here, against 145 in a long run); the ratio of the two is what
-decides. Delete the file to measure again; `--precision` overrides it.
+(103-111 img/s for Lite0 in fp32 on the CPU without AMX, against 145 in a long run); the ratio of
+the two is what decides. Delete the file to measure again; `--precision` overrides it.
 """
 
 from __future__ import annotations

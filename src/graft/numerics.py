@@ -3,8 +3,8 @@
 `precision="auto"` (the default) picks bf16 autocast where the hardware runs it natively (CUDA
 with bf16, CPUs with AVX-512 BF16 / AMX) and fp32 elsewhere; for a training run on such a CPU,
 `graft.cpu_precision` then times the backbone in both and keeps the faster (bf16 ran
-EfficientNet-Lite0 about 1.7x as fast as fp32 on the earlier sessions' 2-core machine, and no
-faster than fp32 with BatchNorm folded on the thirteenth session's). Every choice is recorded
+EfficientNet-Lite0 about 1.7x as fast as fp32 on one 2-core AVX-512 BF16 machine, and no faster
+than fp32 with BatchNorm folded on an AVX-512 BF16 CPU without AMX). Every choice is recorded
 (cache keys, bundles). bf16 stays within `BF16_TOLERANCE` of fp32 on real images
 (tests/test_numerics.py checks it). Training there keeps the depthwise convolutions
 that get gradients in fp32 (`train_depthwise_in_fp32`): their bf16 backward is the slow one.

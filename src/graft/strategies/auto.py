@@ -32,7 +32,7 @@ features land in the feature cache that `feature-extract` reuses):
   pool their maps every way at once, so this costs probes, not passes.
 
 The rule starts from the classic table (small/large × similar/distant) and is written out below
-in `choose`; `docs/strategies.md` has the measurements it was checked against.
+in `choose`; `docs/benchmarks.md` has the measurements it was checked against.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ FEW_PER_CLASS = 12
 LP_FT_PER_CLASS = 50
 LP_FT_STAGES = 2
 # Distant data trains only the top stage below this many images per class. Measured on
-# Fashion-MNIST (docs/strategies.md): at 100 per class `partial` beat `full` by 3.3 points in a
+# Fashion-MNIST (docs/benchmarks.md): at 100 per class `partial` beat `full` by 3.3 points in a
 # sixth of the time; at 1000 per class it beat the frozen features by 3.1, and `full` (0.889),
 # `lp-ft` and `discriminative` (0.875) with 3 epochs each (10 epochs: hours on 2 cores). The
 # classic table's `full` is kept from here on, where nothing was measured.
