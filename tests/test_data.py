@@ -129,6 +129,9 @@ def test_split_folders_are_recognised_in_any_case_and_test_is_held_out(fashion_f
     assert (len(dataset.train), len(dataset.val), len(dataset.test)) == (36, 6, 9)
     assert dataset.split_record()["test"][0] == ["TEST/bag/" + sorted((root / "TEST" / "bag").iterdir())[0].name, "bag"]
     assert dataset.summary()["num_test"] == 9
+    shutil.copytree(root / "Validation", root / "val")
+    with pytest.raises(DataError, match=r"Validation/ and val/ are both valid folders; keep one"):
+        load_dataset(root)
 
 
 def test_train_alone_or_with_test_is_split_from_train_with_a_seed(fashion_folder, holdout_folder, tmp_path):
