@@ -22,7 +22,7 @@ from graft.backbones import DEFAULT_BACKBONE, load_backbone, with_crop, with_poo
 from graft.bundle import Bundle, Prediction, load_bundle, save_bundle
 from graft.config import TrainConfig
 from graft.console import QUIET, Reporter
-from graft.data import Dataset, load_dataset, load_labelled_folder, relative_path
+from graft.data import Dataset, LabelledImages, load_dataset, load_labelled_folder, relative_path
 from graft.errors import DataError
 from graft.features import FeatureCache, backbone_key, default_cache_dir
 from graft.heads import HeadSpec, make_head
@@ -185,6 +185,9 @@ def train_with_config(config: TrainConfig, *, reporter: Reporter = QUIET, resume
     bundle_dir = run_dir / "bundle"
     if main_rank:
         save_bundle(bundle_dir, outcome.model, meta)
+        if dataset.test is not None and len(dataset.test):  # the held-out test/ folder, seen only now
+            metrics["test"] = labelled_metrics(load_bundle(bundle_dir), dataset.test)
+            reporter.say(f"held-out test accuracy {metrics['test']['accuracy']:.3f}, macro-F1 {metrics['test']['macro_f1']:.3f} ({len(dataset.test)} images)")
         write_json(run_dir / "val_predictions.json", validation_predictions(dataset, outcome.val_logits))
         write_json(run_dir / "metrics.json", metrics)
         checkpoints.remove()  # the bundle and metrics are the result now
@@ -252,17 +255,21 @@ def evaluate(bundle: str | Path | Bundle, data: str | Path, *, on_bad_image: str
             f"{data}: classes {unknown} are not among the bundle's classes ({', '.join(model.class_names)}); "
             "rename the folders to the bundle's class names or remove them"
         )
-    index = {name: i for i, name in enumerate(model.class_names)}
-    truth = [index[images.class_names[y]] for y in images.labels]
-    predicted = [model.class_names.index(p.label) for p in model.iter_predict(images.paths, top_k=1, batch_size=batch_size)]
-    metrics = classification_metrics(truth, predicted, model.class_names)
+    metrics = labelled_metrics(model, images, batch_size=batch_size)
     metrics.update(
         backbone=model.backbone,
         strategy=model.meta.get("strategy"),
-        num_images=len(truth),
         bad_images=[{"path": b.path, "reason": b.reason} for b in bad],
     )
     return metrics
+
+
+def labelled_metrics(model: Bundle, images: LabelledImages, *, batch_size: int = 32) -> dict[str, Any]:
+    """Accuracy, macro-F1, per-class scores and `num_images` of a bundle on labelled images."""
+    index = {name: i for i, name in enumerate(model.class_names)}
+    truth = [index[images.class_names[y]] for y in images.labels]
+    predicted = [model.class_names.index(p.label) for p in model.iter_predict(images.paths, top_k=1, batch_size=batch_size)]
+    return {**classification_metrics(truth, predicted, model.class_names), "num_images": len(truth)}
 
 
 def predict(bundle: str | Path | Bundle, paths: Iterable[str | Path], *, top_k: int = 5, batch_size: int = 32) -> Iterator[Prediction]:

@@ -7,6 +7,8 @@ every command converts modes, applies EXIF orientation and refuses hostile files
 from __future__ import annotations
 
 import io
+import os
+import stat
 import warnings
 from pathlib import Path
 
@@ -123,7 +125,22 @@ def _high_depth_to_gray(image: Image.Image) -> Image.Image:
 def _read_bytes(source: str | Path | bytes, label: str) -> bytes:
     if isinstance(source, bytes):
         return source
-    path = Path(source)
+    return read_image_file(Path(source), label)
+
+
+def read_image_file(path: Path, label: str | None = None) -> bytes:
+    """The bytes of an image file, or `ImageError` naming it (missing, a folder, unreadable).
+
+    Only a regular file is opened: opening a FIFO blocks until something writes to it, and a
+    device can be endless, so those are refused from `os.stat` first.
+    """
+    label = label or str(path)
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        mode = None  # read_bytes below says why
+    if mode is not None and not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
+        raise ImageError(label, "not a regular file (a FIFO, socket or device); give an image file")
     try:
         return path.read_bytes()
     except FileNotFoundError:

@@ -12,7 +12,7 @@ from graft.cli import options
 
 
 def train(
-    data: Path = typer.Argument(..., help="Folder with one sub-folder per class (train/ and valid/ used if present), or a CSV of path,label."),
+    data: Path = typer.Argument(..., help="Folder with one sub-folder per class (split folders train/, valid/ and a held-out test/ used if present, any case), or a CSV of path,label."),
     out: Path = typer.Option(Path("runs/graft"), "--out", "-o", help="Run folder to write (config, history, metrics, bundle)."),
     backbone: str = typer.Option(DEFAULT_BACKBONE, help="Any timm model name; bundled offline: efficientnet_lite0/1/2."),
     weights: Optional[Path] = typer.Option(None, help="Local state-dict file for the backbone (safetensors or torch)."),
