@@ -21,11 +21,17 @@ def evaluate(
     if as_json:
         typer.echo(json.dumps(metrics, indent=2))
         return
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console(highlight=False)
-    console.print(f"{metrics['num_images']} images: accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}")
+    from graft.console import make_console
+
+    console = make_console()
+    averaged = metrics["macro_f1_classes"]
+    over = "" if len(averaged) == len(metrics["class_names"]) else (
+        f" (over the {len(averaged)} of {len(metrics['class_names'])} classes that are in the folder or predicted: "
+        f"{', '.join(averaged)})"
+    )
+    console.print(f"{metrics['num_images']} images: accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}{over}")
     table = Table("class", "precision", "recall", "f1", "support")
     for name, row in metrics["per_class"].items():
         table.add_row(name, f"{row['precision']:.3f}", f"{row['recall']:.3f}", f"{row['f1']:.3f}", str(row["support"]))
