@@ -12,12 +12,16 @@ def evaluate(
     bundle: Path = typer.Argument(..., help="A bundle folder (or the run folder that holds one)."),
     data: Path = typer.Argument(..., help="Labelled folder (one sub-folder per class) or CSV of path,label."),
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON (the keys of metrics.json)."),
-    on_bad_image: str = typer.Option("error", help="error or skip unreadable images."),
+    on_bad_image: str = typer.Option("error", help="error: stop and list unreadable images; skip: evaluate without them (each is named)."),
 ) -> None:
     """Evaluate a trained bundle on a labelled folder."""
     from graft.api import evaluate as evaluate_bundle
+    from graft.console import Reporter
 
     metrics = evaluate_bundle(bundle, data, on_bad_image=on_bad_image)
+    reporter = Reporter()  # on stderr, so --json keeps stdout clean
+    for bad in metrics["bad_images"]:
+        reporter.warn(f"skipped {bad['path']}: {bad['reason']}")
     if as_json:
         typer.echo(json.dumps(metrics, indent=2))
         return
