@@ -55,7 +55,8 @@ def predict_to_csv(
     """Predict every image under `paths` into the CSV `out`, appending to it and resuming.
 
     Images whose path is already in `out` are skipped; a trailing partial line (from a killed
-    run) is removed first. Missing parent folders of `out` are created. Progress is shown by `reporter` (a rich bar on stderr in the CLI).
+    run) is removed first. Missing parent folders of `out` are created. Progress is shown by
+    `reporter` (a rich bar on stderr in the CLI).
     """
     from graft.api import expand_image_paths
 
