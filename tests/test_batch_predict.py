@@ -119,3 +119,18 @@ def test_cli_killed_run_resumes_to_every_image_exactly_once(trained_run, holdout
     assert _paths(rows)[: len(interrupted)] == _paths(interrupted)
     assert all(row["label"] in ("bag", "sneaker", "trouser") for row in rows)
     assert list(csv.reader(out.open()))[0] == list(CSV_COLUMNS)
+
+
+def test_out_in_missing_folders_creates_them_and_a_file_in_the_way_is_named(trained_run, holdout_folder, tmp_path, capsys):
+    from graft.cli.main import main
+
+    out = tmp_path / "missing" / "dir" / "p.csv"
+    assert main(["predict", str(trained_run.bundle_dir), str(holdout_folder / "bag"), "--out", str(out)]) == 0
+    assert len(read_predictions(out)) == 6
+    assert f"created the folder {out.parent}" in " ".join(capsys.readouterr().err.split())
+    (tmp_path / "a-file").write_text("")
+    blocked = tmp_path / "a-file" / "sub" / "p.csv"
+    assert main(["predict", str(trained_run.bundle_dir), str(holdout_folder / "bag"), "--out", str(blocked)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("graft: error: --out: ") and f"{tmp_path / 'a-file'} is a file, not a folder" in err
+    assert len(err.strip().splitlines()) == 1

@@ -77,3 +77,37 @@ def test_demo_runs_offline_end_to_end(tmp_path):
     assert "holdout accuracy" in text and "done" in text
     metrics = json.loads((tmp_path / "demo" / "run" / "metrics.json").read_text())
     assert metrics["data"]["num_classes"] == 10 and metrics["num_train"] == 80
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith("graft: error: ") and len(err.strip().splitlines()) == 1, err
+    return err
+
+
+def test_an_empty_folder_is_named_by_predict_and_the_api(trained_run, tmp_path, capsys):
+    import pytest
+
+    import graft
+    from graft.cli.main import main
+    from graft.errors import DataError
+
+    empty = tmp_path / "empty"
+    (empty / "sub").mkdir(parents=True)
+    (empty / "notes.txt").write_text("not an image")
+    for extra in ([], ["--format", "json"], ["--out", str(tmp_path / "p.csv")]):
+        assert main(["predict", str(trained_run.bundle_dir), str(empty), *extra]) == 2
+        assert f"{empty}: no image files" in _one_error_line(capsys)
+    assert not (tmp_path / "p.csv").exists()
+    with pytest.raises(DataError, match="no image files"):
+        graft.predict(trained_run.bundle_dir, [empty])
+
+
+def test_evaluate_and_serve_choices_are_checked_before_any_work(tmp_path, capsys):
+    from graft.cli.main import main
+
+    # The bundle does not exist: the option is refused before anything is loaded.
+    assert main(["evaluate", str(tmp_path / "no-bundle"), str(tmp_path), "--on-bad-image", "ignore"]) == 2
+    assert "--on-bad-image: 'ignore' is not one of error, skip" in _one_error_line(capsys)
+    assert main(["serve", str(tmp_path / "no-bundle"), "--log-level", "verbose"]) == 2
+    assert "--log-level: 'verbose' is not one of critical, error, warning, info, debug, trace" in _one_error_line(capsys)

@@ -106,3 +106,15 @@ def test_show_features_rejects_an_unknown_stage(trained_run, holdout_folder, tmp
     assert main(["show-features", str(trained_run.bundle_dir), str(image), "--stages", "99", "--out", str(tmp_path / "m.png")]) == 2
     message = capsys.readouterr().err
     assert "--stages" in message and "'99'" in message and "blocks.0" in message
+
+
+def test_header_says_when_macro_f1_averages_fewer_classes(tmp_path):
+    from types import SimpleNamespace
+
+    from graft.report.html import header
+
+    metrics = {"accuracy": 0.6, "macro_f1": 0.375, "class_names": ["bag", "sneaker", "trouser"],
+               "macro_f1_classes": ["bag", "trouser"]}
+    assert "0.375 (over 2 of 3 classes)" in header(SimpleNamespace(metrics=metrics, dir=tmp_path, data_root="photos"))
+    metrics["macro_f1_classes"] = metrics["class_names"]
+    assert "(over" not in header(SimpleNamespace(metrics=metrics, dir=tmp_path, data_root="photos"))

@@ -12,7 +12,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence, get_args
 
 import torch
 
@@ -22,8 +22,8 @@ from graft.backbones import DEFAULT_BACKBONE, load_backbone, with_crop, with_poo
 from graft.bundle import Bundle, Prediction, load_bundle, save_bundle
 from graft.config import TrainConfig
 from graft.console import QUIET, Reporter
-from graft.data import Dataset, LabelledImages, load_dataset, load_labelled_folder, relative_path
-from graft.errors import DataError
+from graft.data import Dataset, LabelledImages, OnBadImage, load_dataset, load_labelled_folder, relative_path
+from graft.errors import ConfigError, DataError
 from graft.features import FeatureCache, backbone_key, default_cache_dir
 from graft.heads import HeadSpec, make_head
 from graft.loop import EpochRecord, seed_everything
@@ -247,6 +247,9 @@ def show_audit(reporter: Reporter, title: str, rows: Sequence[AuditRow]) -> None
 
 def evaluate(bundle: str | Path | Bundle, data: str | Path, *, on_bad_image: str = "error", batch_size: int = 32) -> dict[str, Any]:
     """Metrics of a bundle on a labelled folder (or CSV): the keys of `metrics.json`."""
+    choices = get_args(OnBadImage)
+    if on_bad_image not in choices:
+        raise ConfigError(f"--on-bad-image: {on_bad_image!r} is not one of {', '.join(choices)}")
     model = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
     images, bad = load_labelled_folder(data, on_bad_image=on_bad_image)  # type: ignore[arg-type]
     unknown = sorted(set(images.class_names) - set(model.class_names))
@@ -279,11 +282,28 @@ def predict(bundle: str | Path | Bundle, paths: Iterable[str | Path], *, top_k: 
 
 
 def expand_image_paths(paths: Iterable[str | Path]) -> Iterator[Path]:
-    """Files as given; folders expanded to their image files (sorted, hidden files skipped)."""
+    """Files as given; folders expanded to their image files (sorted, hidden files skipped).
+
+    A folder that holds no image file (in it or its sub-folders) is a `DataError` naming it,
+    raised here, before any image is listed: predicting "nothing" is almost always a wrong path.
+    """
+    from graft.data import walk_images
+    from graft.images import IMAGE_EXTENSIONS
+
+    given = [Path(raw) for raw in paths]
+    for path in given:
+        if path.is_dir() and next(iter(walk_images(path)), None) is None:
+            raise DataError(
+                f"{path}: no image files in this folder or its sub-folders (graft reads "
+                f"{', '.join(sorted(IMAGE_EXTENSIONS))}); give a folder that holds images, or the image files"
+            )
+    return _expand_image_paths(given)
+
+
+def _expand_image_paths(paths: list[Path]) -> Iterator[Path]:
     from graft.data import walk_images
 
-    for raw in paths:
-        path = Path(raw)
+    for path in paths:
         if path.is_dir():
             yield from sorted(walk_images(path))
         else:

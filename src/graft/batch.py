@@ -55,7 +55,8 @@ def predict_to_csv(
     """Predict every image under `paths` into the CSV `out`, appending to it and resuming.
 
     Images whose path is already in `out` are skipped; a trailing partial line (from a killed
-    run) is removed first. Progress is shown by `reporter` (a rich bar on stderr in the CLI).
+    run) is removed first. Missing parent folders of `out` are created. Progress is shown by
+    `reporter` (a rich bar on stderr in the CLI).
     """
     from graft.api import expand_image_paths
 
@@ -76,7 +77,7 @@ def predict_to_csv(
         reporter.say(f"{out}: {skipped} of {len(every)} images already predicted, resuming with {len(todo)}")
     failed: list[ImageError] = []
     written = 0
-    with out.open("a", encoding="utf-8", newline="") as handle:
+    with _open_for_append(out, reporter) as handle:
         if handle.tell() == 0:
             _write_row(handle, CSV_COLUMNS)
         with reporter.progress("predicting", total=len(todo)) as advance:
@@ -92,6 +93,24 @@ def predict_to_csv(
                 advance(1)
             os.fsync(handle.fileno())
     return BatchResult(out=out, total=len(every), skipped=skipped, written=written, failed=failed)
+
+
+def _open_for_append(out: Path, reporter: Reporter) -> io.TextIOWrapper:
+    """`out` opened to append, its missing parent folders created (as `train --out` does)."""
+    missing = not out.parent.exists()
+    blocking = next((folder for folder in out.parents if folder.exists() and not folder.is_dir()), None)
+    if blocking is not None:
+        raise ConfigError(f"--out: {blocking} is a file, not a folder, so {out} cannot be written there; give another path")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        handle = out.open("a", encoding="utf-8", newline="")
+    except OSError as error:
+        raise ConfigError(
+            f"--out: cannot write {out} ({error.strerror or error}); give a file in a folder you can write to"
+        ) from None
+    if missing:
+        reporter.say(f"created the folder {out.parent} for {out.name}")
+    return handle
 
 
 def read_predictions(path: str | Path) -> list[dict[str, str]]:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from rich.text import Text
 
 from graft.console import Reporter
 from graft.sample_data import ImageSet, fashion_mnist_available, load_fashion_mnist, load_mnist5k, sample_per_class, write_image_folder
@@ -55,25 +56,30 @@ def run_demo(root: str | Path = "graft-demo", *, reporter: Reporter | None = Non
     reporter = reporter or Reporter()
     root = Path(root)
     name, data_dir, holdout_dir = build_demo_data(root, per_class=per_class, holdout_per_class=holdout_per_class)
-    reporter.say(
-        f"[bold]1. data[/bold]: {per_class} {name} images per class written to {data_dir} "
+    reporter.say(_step(
+        "1. data", f"{per_class} {name} images per class written to {data_dir} "
         f"(one sub-folder per class) and {holdout_per_class} other ones per class to {holdout_dir}"
-    )
-    reporter.say("[bold]2. train[/bold]: graft train " f"{data_dir} --out {root / 'run'}")
+    ))
+    reporter.say(_step("2. train", f"graft train {data_dir} --out {root / 'run'}"))
     config = TrainConfig(data=str(data_dir), out=str(root / "run"), cache_dir=str(root / "cache"))
     run = train_with_config(config, reporter=reporter)
-    reporter.say(f"[bold]3. evaluate[/bold]: graft evaluate {run.bundle_dir} {holdout_dir}")
+    reporter.say(_step("3. evaluate", f"graft evaluate {run.bundle_dir} {holdout_dir}"))
     metrics = evaluate(run.bundle_dir, holdout_dir)
     reporter.say(f"   holdout accuracy {metrics['accuracy']:.3f} on {metrics['num_images']} images never seen in training")
     examples = sorted(p for p in holdout_dir.rglob("*.png"))[:: max(1, holdout_per_class)][:5]
-    reporter.say(f"[bold]4. predict[/bold]: graft predict {run.bundle_dir} <{len(examples)} holdout images>")
+    reporter.say(_step("4. predict", f"graft predict {run.bundle_dir} <{len(examples)} holdout images>"))
     predictions = list(predict(run.bundle_dir, examples, top_k=3))
     reporter.table("predictions", ["name", "true", "predicted", "score"], [
         (Path(p.path).name, Path(p.path).parent.name, p.label, f"{p.score:.2f}") for p in predictions
     ])
-    reporter.say(
-        f"[bold]done[/bold]: validation accuracy {run.metrics['accuracy']:.3f}, holdout accuracy "
+    reporter.say(_step(
+        "done", f"validation accuracy {run.metrics['accuracy']:.3f}, holdout accuracy "
         f"{metrics['accuracy']:.3f}. The run folder is {run.run_dir} (config.json, history.jsonl, "
         f"metrics.json, bundle/)."
-    )
+    ))
     return DemoResult(data_dir, holdout_dir, run.run_dir, run.metrics["accuracy"], metrics["accuracy"], predictions)
+
+
+def _step(title: str, message: str) -> Text:
+    """`title: message` with the title in bold and the message (paths included) as written."""
+    return Text.assemble((title, "bold"), ": ", message)

@@ -28,16 +28,16 @@ def inspect(
     pooling: Optional[str] = options.POOLING,
 ) -> None:
     """Show a backbone's stages (name, parameters, output channels and stride) and preprocessing."""
-    from rich.console import Console
     from rich.table import Table
 
     from graft.api import inspect as inspect_backbone
+    from graft.console import make_console
 
     found = inspect_backbone(name, pretrained=pretrained, weights=str(weights) if weights else None,
                              strategy=strategy, num_classes=num_classes, head=head, lr=lr,
                              train_stages=train_stages, lr_decay=lr_decay, thaw_every=thaw_every, train_bn=train_bn,
                              lora_rank=lora_rank, bn_stats=bn_stats, pooling=pooling)
-    console = Console(highlight=False)
+    console = make_console()
     console.print(f"{found.architecture}: {found.total_params:,} parameters, {found.num_features} features; weights: {found.weights_source}")
     p = found.preprocessing
     console.print(f"preprocessing: {p['input_size'][1]}x{p['input_size'][2]} px, {p['interpolation']}, mean {p['mean']}, std {p['std']}, crop {p['crop_pct']}")

@@ -62,14 +62,18 @@ def predict(
             writer.writerow([prediction.path, prediction.label, f"{prediction.score:.6f}",
                              ";".join(f"{label}:{score:.4f}" for label, score in prediction.top_k)])
     else:
-        from rich.console import Console
         from rich.table import Table
 
-        table = Table("path", "label", "score", f"top {top_k}")
+        from graft.console import make_console
+
+        table = Table()
+        table.add_column("path", overflow="fold")  # the whole name, wrapped, never cut to "…"
+        for column in ("label", "score", f"top {top_k}"):
+            table.add_column(column)
         for prediction in stream:
             table.add_row(prediction.path, prediction.label, f"{prediction.score:.3f}",
                           ", ".join(f"{label} {score:.2f}" for label, score in prediction.top_k))
-        Console(highlight=False).print(table)
+        make_console().print(table)
     if explain is not None:
         _explain(model, explained, explain)
     if failures:

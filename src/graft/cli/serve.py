@@ -15,7 +15,7 @@ def serve(
     top_k: int = typer.Option(5, "--top-k", "-k", help="Labels per image unless a request asks otherwise."),
     max_upload_mb: float = typer.Option(10.0, help="Largest image file accepted, in MiB."),
     max_images: int = typer.Option(16, help="Most image files accepted in one request."),
-    log_level: str = typer.Option("info", help="uvicorn's log level (debug, info, warning, error)."),
+    log_level: str = typer.Option("info", help="uvicorn's log level: critical, error, warning, info, debug or trace."),
     access_log: bool = typer.Option(True, "--access-log/--no-access-log", help="Log every request (uvicorn)."),
 ) -> None:
     """Serve a bundle: POST /predict, GET /healthz, a web page at / and API docs at /docs."""
@@ -23,10 +23,15 @@ def serve(
     from graft.extras import require_extra
 
     (uvicorn,) = require_extra("serve", "uvicorn")
+    from uvicorn.config import LOG_LEVELS
+
     from graft.serve import create_app
 
     if not 0 <= port <= 65535:
         raise ConfigError(f"--port: expected a port number between 0 and 65535, got {port}")
+    log_level = log_level.lower()
+    if log_level not in LOG_LEVELS:
+        raise ConfigError(f"--log-level: {log_level!r} is not one of {', '.join(LOG_LEVELS)}")
     app = create_app(bundle, max_upload_bytes=int(max_upload_mb * 1024 * 1024), max_images=max_images, top_k=top_k)
     print(f"graft: serving {app.state.bundle.path} on http://{host}:{port}/ (API docs at /docs)", file=sys.stderr)
     # One process: the model is loaded once and inference runs in the thread pool.

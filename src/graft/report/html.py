@@ -224,11 +224,18 @@ def write_report(run_dir: str | Path, *, cka_images: int | None = None) -> Path:
     return out
 
 
+def _macro_f1_scope(metrics: Mapping[str, Any]) -> str:
+    """A note such as `(over 2 of 3 classes)` when macro-F1 averages fewer than all the classes."""
+    names = metrics.get("class_names", [])
+    averaged = metrics.get("macro_f1_classes", names)
+    return "" if len(averaged) == len(names) else f" (over {len(averaged)} of {len(names)} classes)"
+
+
 def header(run: Run) -> str:
     m = run.metrics
     cards = [
         ("validation accuracy", f"{m['accuracy']:.3f}"),
-        ("macro-F1", f"{m['macro_f1']:.3f}"),
+        ("macro-F1", f"{m['macro_f1']:.3f}" + _macro_f1_scope(m)),
         ("strategy", m.get("strategy", "?")),
         ("backbone", m.get("backbone", "?")),
         ("trainable / total params", f"{m.get('trainable_params', 0):,} / {m.get('total_params', 0):,}"),

@@ -1,0 +1,46 @@
+"""Classification metrics: scikit-learn's definitions, on real predictions of a real bundle."""
+
+import shutil
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
+
+import graft
+from graft.bundle import load_bundle
+from graft.metrics import classification_metrics
+
+NAMES = ["bag", "sneaker", "trouser", "shirt"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 3)), min_size=1, max_size=40))
+def test_metrics_match_scikit_learn_whichever_classes_occur(pairs):
+    truth, predicted = map(list, zip(*pairs))
+    metrics = classification_metrics(truth, predicted, NAMES)
+    assert metrics["macro_f1"] == pytest.approx(f1_score(truth, predicted, average="macro", zero_division=0))
+    used = sorted(set(truth) | set(predicted))
+    assert metrics["macro_f1_classes"] == [NAMES[i] for i in used]
+    precision, recall, f1, support = precision_recall_fscore_support(truth, predicted, labels=range(4), zero_division=0)
+    for i, name in enumerate(NAMES):
+        row = metrics["per_class"][name]
+        assert (row["precision"], row["recall"], row["f1"]) == pytest.approx((precision[i], recall[i], f1[i]), abs=1e-6)
+        assert row["support"] == support[i]
+
+
+def test_evaluate_on_a_one_class_folder_averages_as_scikit_learn(trained_run, holdout_folder, tmp_path):
+    # A "bag" folder as users have them: 4 bags and 2 trousers filed among them by mistake.
+    folder = tmp_path / "bags" / "bag"
+    folder.mkdir(parents=True)
+    for image in sorted((holdout_folder / "bag").glob("*.png"))[:4] + sorted((holdout_folder / "trouser").glob("*.png"))[:2]:
+        shutil.copy(image, folder / image.name)
+    metrics = graft.evaluate(trained_run.bundle_dir, tmp_path / "bags")
+    bundle = load_bundle(trained_run.bundle_dir)
+    predicted = [p.label for p in bundle.predict(sorted(folder.iterdir()))]
+    truth = ["bag"] * len(predicted)
+    assert metrics["accuracy"] < 1.0, "the bundle calls the filed-in trousers trouser"
+    assert metrics["accuracy"] == pytest.approx(accuracy_score(truth, predicted))
+    assert metrics["macro_f1"] == pytest.approx(f1_score(truth, predicted, average="macro", zero_division=0))
+    assert "bag" in metrics["macro_f1_classes"] and len(metrics["macro_f1_classes"]) >= 2
+    assert metrics["macro_f1"] < metrics["per_class"]["bag"]["f1"]
