@@ -123,7 +123,16 @@ class Bundle:
         """Like `predict`, streaming: images are read and predicted one batch at a time.
 
         An unreadable file raises `ImageError`, or, with `on_error`, is handed to it and skipped.
+        `top_k` and `batch_size` out of range raise `ConfigError` here, before any image is read.
         """
+        from graft.ranges import BATCH_SIZE, TOP_K, check_number
+
+        check_number("--top-k", top_k, TOP_K)
+        check_number("--batch-size", batch_size, BATCH_SIZE)
+        return self._stream_predictions(sources, top_k, batch_size, on_error)
+
+    def _stream_predictions(self, sources: Iterable[str | Path | Image.Image], top_k: int, batch_size: int,
+                            on_error: Callable[[ImageError], None] | None) -> Iterator[Prediction]:
         from graft.images import load_image, to_rgb
 
         names: list[str] = []

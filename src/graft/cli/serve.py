@@ -19,14 +19,14 @@ def serve(
     access_log: bool = typer.Option(True, "--access-log/--no-access-log", help="Log every request (uvicorn)."),
 ) -> None:
     """Serve a bundle: POST /predict, GET /healthz, a web page at / and API docs at /docs."""
-    from graft.errors import ConfigError
     from graft.extras import require_extra
+    from graft.ranges import PORT, UPLOAD_MB, check_number
 
     (uvicorn,) = require_extra("serve", "uvicorn")
     from graft.serve import create_app
 
-    if not 0 <= port <= 65535:
-        raise ConfigError(f"--port: expected a port number between 0 and 65535, got {port}")
+    check_number("--port", port, PORT)
+    check_number("--max-upload-mb", max_upload_mb, UPLOAD_MB)
     app = create_app(bundle, max_upload_bytes=int(max_upload_mb * 1024 * 1024), max_images=max_images, top_k=top_k)
     print(f"graft: serving {app.state.bundle.path} on http://{host}:{port}/ (API docs at /docs)", file=sys.stderr)
     # One process: the model is loaded once and inference runs in the thread pool.
