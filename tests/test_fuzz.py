@@ -132,3 +132,65 @@ def test_server_predicts_every_random_valid_image(client, picture):
     (row,) = response.json()["predictions"]
     assert row["label"] in ("bag", "sneaker", "trouser") and len(row["top_k"]) == 2
     assert 0.0 <= row["score"] <= 1.0
+
+
+# --- option values: any number, or anything else, gives a valid config or a ConfigError naming its option
+
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+
+from graft.config import TrainConfig  # noqa: E402
+from graft.errors import ConfigError  # noqa: E402
+
+# Every field typed int or float, read from the dataclass: a numeric field added later is fuzzed too.
+NUMERIC_FIELDS = sorted(f.name for f in dataclasses.fields(TrainConfig) if f.type.split(" |")[0] in ("int", "float"))
+OPTION_VALUES = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.integers(-(2**80), 2**80),
+    st.floats(),  # nan, inf, -0.0, subnormals and huge ones included
+    st.sampled_from([0, 1, -1, 2**32 - 1, 2**32, 1e-300, 1e300, 0.2, 0.1999999, 1.0, 1.0000001, 10.0, 10.000001]),
+    st.text(max_size=4),
+)
+
+
+def _valid_or_named(options: dict) -> None:
+    try:
+        config = TrainConfig(data=".", out=".", **options)
+    except ConfigError as error:
+        named = [name for name in options if str(error).startswith("--" + name.replace("_", "-") + ": expected ")]
+        assert named, f"{error} names none of {sorted(options)}"
+        return
+    saved = json.loads(json.dumps(config.to_dict(), allow_nan=False))  # JSON holds it as it is
+    for name in options:
+        value = getattr(config, name)
+        assert value is None or (type(value) in (int, float) and math.isfinite(value)), (name, value)
+    assert TrainConfig.from_dict(saved) == config
+
+
+@FUZZ
+@given(st.sampled_from(NUMERIC_FIELDS), OPTION_VALUES)
+def test_any_value_of_one_numeric_option_gives_a_config_or_a_named_config_error(name, value):
+    assert {"lr", "weight_decay", "seed", "batch_size", "crop_pct", "lora_rank", "warmup_epochs"} <= set(NUMERIC_FIELDS)
+    _valid_or_named({name: value})
+
+
+@FUZZ
+@given(st.dictionaries(st.sampled_from(NUMERIC_FIELDS), OPTION_VALUES, max_size=6))
+def test_any_values_of_several_numeric_options_give_a_config_or_a_named_config_error(options):
+    _valid_or_named(options)
+
+
+@FUZZ
+@given(st.sampled_from(["BATCH_SIZE", "SEED", "TOP_K", "PORT", "UPLOAD_MB", "UPLOAD_BYTES", "IMAGES_PER_REQUEST", "CLASS_COUNT"]), OPTION_VALUES)
+def test_the_command_options_check_gives_a_plain_number_or_a_named_config_error(range_name, value):
+    from graft import ranges
+
+    try:
+        number = ranges.check_number("--option", value, getattr(ranges, range_name))
+    except ConfigError as error:
+        assert str(error).startswith("--option: expected ")
+        return
+    assert type(number) in (int, float) and math.isfinite(number) and not isinstance(value, (bool, str))

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import math
 
+import pytest
 import torch
 from torch import nn
+
+import graft
 
 from graft.loop import TrainSteps, make_optimizer, warmup_cosine_schedule
 
@@ -81,3 +85,53 @@ def test_a_fitted_starting_model_is_kept_unless_an_epoch_beats_it_on_validation(
     assert result.best_epoch == 0 and torch.equal(result.best_state["weight"], start + 1.0)
     result, _, plan = run([0.6, 0.65], candidate=False)  # a new head: the start does not compete
     assert result.best_epoch == 1 and "start_val_accuracy" not in plan.notes
+
+
+# --- non-finite numbers never reach the run folder --------------------------------------------------
+
+
+def _strict_json(text: str):
+    def refuse(constant: str):
+        raise AssertionError(f"{constant} in JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_a_diverging_run_stops_at_the_first_non_finite_epoch_and_keeps_the_last_good_checkpoint(fashion_folder, tmp_path) -> None:
+    """lr x weight decay = 9 flips and grows the head's weights every step: on the real folder they
+    pass float32's range in the second epoch. The run stops there, naming the epoch and the options."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "diverged"
+    with pytest.raises(graft.GraftError, match=r"diverged in epoch 2 of 8: the training loss is nan.*--lr .*3.*--weight-decay") as caught:
+        graft.train(fashion_folder, out=out, lr=3.0, weight_decay=3.0, batch_size=1, epochs=8, device="cpu", verbose=False)
+    assert type(caught.value).__name__ == "TrainingError"
+    assert str(out) in str(caught.value) and "checkpoint" in str(caught.value)
+    assert not (out / "bundle").exists() and not (out / "metrics.json").exists()
+    history = [_strict_json(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in history] == [0]
+    checkpoint = _strict_json((out / "checkpoint" / "state.json").read_text())
+    assert checkpoint["epoch"] == 0
+    tensors = load_file(str(out / "checkpoint" / "tensors.safetensors"))
+    assert all(bool(torch.isfinite(t).all()) for t in tensors.values() if t.is_floating_point())
+
+
+def test_a_bundle_of_non_finite_weights_is_never_written(trained_run, tmp_path) -> None:
+    from graft.bundle import save_bundle
+
+    bundle = trained_run.load_bundle()
+    with torch.no_grad():
+        next(bundle.model.head.parameters()).view(-1)[0] = float("nan")
+    with pytest.raises(graft.GraftError, match="not written.*nan or inf"):
+        save_bundle(tmp_path / "bundle", bundle.model, bundle.meta)
+    assert not (tmp_path / "bundle").exists()
+
+
+def test_json_files_never_hold_nan_or_infinity(tmp_path) -> None:
+    from graft.atomic import write_json
+
+    with pytest.raises(graft.GraftError, match=r"scores\.json: not written, \['history'\]\[1\]\['val_loss'\] is not a finite number"):
+        write_json(tmp_path / "scores.json", {"history": [{"val_loss": 0.5}, {"val_loss": float("nan")}]})
+    assert not (tmp_path / "scores.json").exists()
+    write_json(tmp_path / "scores.json", {"history": [{"val_loss": 0.5}]})
+    assert _strict_json((tmp_path / "scores.json").read_text()) == {"history": [{"val_loss": 0.5}]}

@@ -23,7 +23,7 @@ from graft.bundle import Bundle, Prediction, load_bundle, save_bundle
 from graft.config import TrainConfig
 from graft.console import QUIET, Reporter
 from graft.data import Dataset, LabelledImages, OnBadImage, load_dataset, load_labelled_folder, relative_path
-from graft.errors import ConfigError, DataError
+from graft.errors import ConfigError, DataError, TrainingError
 from graft.features import FeatureCache, backbone_key, default_cache_dir
 from graft.heads import HeadSpec, make_head
 from graft.loop import EpochRecord, seed_everything
@@ -146,7 +146,11 @@ def train_with_config(config: TrainConfig, *, reporter: Reporter = QUIET, resume
         device=device, precision=precision, cache=cache, reporter=reporter, on_epoch=record_history,
         checkpoint=checkpoints, compile_backbone=compile_backbone,
     )
-    outcome = strategy.train(context)
+    try:
+        outcome = strategy.train(context)
+    except TrainingError as error:
+        kept = f"; {checkpoints.folder} keeps the last checkpointed epoch" if checkpoints.folder.is_dir() else ""
+        raise TrainingError(f"{run_dir}: {error}{kept}") from None
     train_seconds = time.perf_counter() - started
 
     predicted = outcome.val_logits.argmax(1).tolist()
@@ -333,6 +337,9 @@ def inspect(
     **options: Any,
 ) -> Inspection:
     """The backbone's stages (name, parameters, channels, stride) and a strategy's audit."""
+    from graft.ranges import CLASS_COUNT, check_number
+
+    check_number("--num-classes", num_classes, CLASS_COUNT)
     backbone = load_backbone(name, weights=weights, pretrained=pretrained)
     stages = discover_stages(backbone.model)
     audit = None

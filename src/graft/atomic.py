@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import uuid
@@ -42,7 +43,26 @@ def write_text(target: Path, text: str) -> None:
 
 
 def write_json(target: Path, data: Any) -> None:
-    write_text(target, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+    """Write `data` as JSON; nan and inf, which JSON cannot hold, raise `GraftError` instead."""
+    try:
+        text = json.dumps(data, indent=2, sort_keys=False, default=str, allow_nan=False)
+    except ValueError:
+        from graft.errors import GraftError
+
+        raise GraftError(f"{target}: not written, {_first_non_finite(data)} is not a finite number and JSON has no nan or inf") from None
+    write_text(target, text + "\n")
+
+
+def _first_non_finite(data: Any, where: str = "") -> str | None:
+    """Where the first nan or inf in `data` is (`['history'][2]['val_loss']`), for the message."""
+    if isinstance(data, float) and not math.isfinite(data):
+        return where or "the value"
+    items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, (list, tuple)) else ()
+    for key, value in items:
+        found = _first_non_finite(value, f"{where}[{key!r}]")
+        if found:
+            return found
+    return None
 
 
 @contextlib.contextmanager

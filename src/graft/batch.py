@@ -28,6 +28,7 @@ from typing import Iterable
 from graft.bundle import Bundle, Prediction, load_bundle
 from graft.console import QUIET, Reporter
 from graft.errors import ConfigError, ImageError
+from graft.ranges import BATCH_SIZE, TOP_K, check_number
 
 CSV_COLUMNS = ("path", "label", "score", "top_k", "error")
 
@@ -60,10 +61,8 @@ def predict_to_csv(
     """
     from graft.api import expand_image_paths
 
-    if top_k < 1:
-        raise ConfigError(f"--top-k: expected 1 or more, got {top_k}")
-    if batch_size < 1:
-        raise ConfigError(f"--batch-size: expected 1 or more, got {batch_size}")
+    check_number("--top-k", top_k, TOP_K)
+    check_number("--batch-size", batch_size, BATCH_SIZE)
     out = Path(out)
     if out.is_dir():
         raise ConfigError(f"--out: {out} is a folder; give a CSV file name such as {out / 'predictions.csv'}")

@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import torch
 from PIL import Image
 
-from graft.errors import BundleError, ImageError
+from graft.errors import BundleError, ImageError, TrainingError
 from graft.folding import inference_network
 from graft.heads import HeadSpec, make_head
 from graft.model import GraftModel
@@ -61,6 +61,10 @@ def save_bundle(path: str | Path, model: GraftModel, meta: dict[str, Any]) -> Pa
         if key not in full_meta:
             raise BundleError(f"bundle metadata is missing {key!r} (a graft bug: please report it)")
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    diverged = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if diverged:
+        raise TrainingError(f"{path}: not written, {len(diverged)} tensors hold nan or inf ({diverged[0]} first): the training diverged; "
+                            "rerun with a lower --lr")
     with atomic_dir(path) as folder:
         save_file(state, str(folder / MODEL_FILE), metadata={"format": "graft", "format_version": str(BUNDLE_FORMAT)})
         (folder / META_FILE).write_text(json.dumps(full_meta, indent=2) + "\n", encoding="utf-8")
@@ -123,7 +127,16 @@ class Bundle:
         """Like `predict`, streaming: images are read and predicted one batch at a time.
 
         An unreadable file raises `ImageError`, or, with `on_error`, is handed to it and skipped.
+        `top_k` and `batch_size` out of range raise `ConfigError` here, before any image is read.
         """
+        from graft.ranges import BATCH_SIZE, TOP_K, check_number
+
+        check_number("--top-k", top_k, TOP_K)
+        check_number("--batch-size", batch_size, BATCH_SIZE)
+        return self._stream_predictions(sources, top_k, batch_size, on_error)
+
+    def _stream_predictions(self, sources: Iterable[str | Path | Image.Image], top_k: int, batch_size: int,
+                            on_error: Callable[[ImageError], None] | None) -> Iterator[Prediction]:
         from graft.images import load_image, to_rgb
 
         names: list[str] = []

@@ -13,10 +13,39 @@ from graft.heads import HEAD_KINDS
 from graft.numerics import COMPILE_SETTINGS, PRECISIONS
 from graft.pooling import POOLINGS
 from graft.preprocessing import AUGMENT_LEVELS
+from graft.ranges import BATCH_SIZE, EPOCHS_MAX, SEED, Range, check_number
 
 CLASS_WEIGHTINGS = ("none", "balanced")
 BN_STATS = ("auto", "frozen", "update")
 HEAD_SOLVERS = ("auto", "adamw", "lbfgs")
+
+# The range of every numeric field (checked, with finiteness, by `TrainConfig`); the option
+# that sets a field is its name with dashes (`warmup_epochs`: `--warmup-epochs`).
+NUMBER_RANGES: dict[str, Range] = {
+    "hidden": Range(int, 1, 16384),
+    "dropout": Range(float, 0, 1, high_open=True),
+    "epochs": Range(int, 1, EPOCHS_MAX, optional=True),
+    "batch_size": BATCH_SIZE,
+    "lr": Range(float, 0, 10, low_open=True, optional=True, hint="(AdamW rates are usually 1e-5 to 1e-2)"),
+    "weight_decay": Range(float, 0, 10),
+    "warmup_epochs": Range(int, 0, EPOCHS_MAX),
+    "label_smoothing": Range(float, 0, 1, high_open=True),
+    "patience": Range(int, 1, EPOCHS_MAX, optional=True),
+    "seed": SEED,
+    "val_fraction": Range(float, 0, 1, low_open=True, high_open=True),
+    "augment_views": Range(int, 0, 100, optional=True),
+    "train_stages": Range(int, 1, 1000, optional=True),
+    "lr_decay": Range(float, 0, 1, low_open=True),
+    "thaw_every": Range(int, 1, EPOCHS_MAX),
+    "lora_rank": Range(int, 1, 256),
+    # The image is resized to input size / crop_pct before the centre crop: 0.2 is a 5x larger side.
+    "crop_pct": Range(float, 0.2, 1, optional=True, hint="(a share of the image; 1 keeps the whole frame)"),
+}
+
+
+def option_name(field_name: str) -> str:
+    """The command-line option of a `TrainConfig` field: `warmup_epochs` -> `--warmup-epochs`."""
+    return "--" + field_name.replace("_", "-")
 
 
 @dataclass(frozen=True)
@@ -75,31 +104,11 @@ class TrainConfig:
         for option, value, choices in checks:
             if value not in choices:
                 raise ConfigError(f"{option}: {value!r} is not one of {', '.join(choices)}")
-        positive = [("--batch-size", self.batch_size), ("--hidden", self.hidden)]
-        if self.epochs is not None:
-            positive.append(("--epochs", self.epochs))
-        for option, value in positive:
-            if value < 1:
-                raise ConfigError(f"{option}: expected a positive whole number, got {value}")
-        if self.lr is not None and not self.lr > 0:
-            raise ConfigError(f"--lr: expected a positive learning rate, got {self.lr}")
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ConfigError(f"--label-smoothing: expected a number in [0, 1), got {self.label_smoothing}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"--dropout: expected a number in [0, 1), got {self.dropout}")
-        if self.crop_pct is not None and not 0.0 < self.crop_pct <= 1.0:
-            raise ConfigError(f"--crop-pct: expected a share of the image in (0, 1] (1 keeps the whole frame), got {self.crop_pct}")
         if self.pooling is not None and self.pooling not in POOLINGS:
             raise ConfigError(f"--pooling: {self.pooling!r} is not one of {', '.join(POOLINGS)}")
-        if self.augment_views is not None and self.augment_views < 0:
-            raise ConfigError(f"--augment-views: expected 0 or more, got {self.augment_views}")
-        if not 0.0 < self.lr_decay <= 1.0:
-            raise ConfigError(f"--lr-decay: expected a number in (0, 1], got {self.lr_decay}")
-        for option, value in (("--train-stages", self.train_stages), ("--thaw-every", self.thaw_every), ("--lora-rank", self.lora_rank)):
-            if value is not None and value < 1:
-                raise ConfigError(f"{option}: expected a positive whole number, got {value}")
-        if self.patience is not None and self.patience < 1:
-            raise ConfigError(f"--patience: expected a positive number of epochs, got {self.patience}")
+        for name, allowed in NUMBER_RANGES.items():
+            # Stored as plain Python numbers: a NumPy scalar would reach config.json as a string.
+            object.__setattr__(self, name, check_number(option_name(name), getattr(self, name), allowed))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -52,7 +52,9 @@ def run_demo(root: str | Path = "graft-demo", *, reporter: Reporter | None = Non
     """Build the demo task under `root`, then train → evaluate → predict on it."""
     from graft.api import evaluate, predict, train_with_config
     from graft.config import TrainConfig
+    from graft.ranges import Range, check_number
 
+    check_number("--per-class", per_class, Range(int, 2, None, hint="(a fifth of them, at least 1, is held out)"))
     reporter = reporter or Reporter()
     root = Path(root)
     name, data_dir, holdout_dir = build_demo_data(root, per_class=per_class, holdout_per_class=holdout_per_class)

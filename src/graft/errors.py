@@ -34,3 +34,7 @@ class BackboneError(GraftError):
 
 class BundleError(GraftError):
     """A saved bundle is missing, incomplete, or from an incompatible graft version."""
+
+
+class TrainingError(GraftError):
+    """Training cannot go on: the loss or the weights stopped being finite numbers (it diverged)."""

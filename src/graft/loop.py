@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from graft.errors import TrainingError
 from graft.numerics import autocast, train_depthwise_in_fp32
 
 if TYPE_CHECKING:
@@ -186,6 +187,8 @@ def fit(
     `before_epoch(epoch)` may change what trains (gradual unfreezing) and returns a note for the
     history. `on_epoch(record, improved, state)` is told after each epoch (history, checkpoints).
     `start_epoch`, `history` and `best` continue an interrupted run.
+    An epoch whose training or validation loss is not finite (the weights diverged) raises
+    `TrainingError` at once, before `on_epoch` hears of it.
     """
     history = list(history or [])
     best_epoch, best_acc, best_loss, best_state = best if best else (-1, -1.0, math.inf, {})
@@ -199,6 +202,9 @@ def fit(
         started = time.perf_counter()
         train_loss, train_acc = train_epoch(epoch)
         val_loss, val_acc = validate()
+        if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
+            # Before the epoch is recorded or checkpointed: what is on disk stays finite.
+            raise TrainingError(divergence_message(epoch, epochs, train_loss, val_loss, optimizer))
         record = EpochRecord(
             epoch=epoch,
             train_loss=round(float(train_loss), 6),
@@ -224,6 +230,18 @@ def fit(
             stopped_early = True
             break
     return FitResult(history, best_epoch, best_acc, best_loss, stopped_early, best_state)
+
+
+def divergence_message(epoch: int, epochs: int, train_loss: float, val_loss: float, optimizer: torch.optim.Optimizer) -> str:
+    """Why training stopped at a non-finite loss, with the rates that took too large steps."""
+    peak_lr = max(group.get("initial_lr", group["lr"]) for group in optimizer.param_groups)
+    weight_decay = max(group.get("weight_decay", 0.0) for group in optimizer.param_groups)
+    return (
+        f"training diverged in epoch {epoch + 1} of {epochs}: the training loss is {train_loss:g} and the "
+        f"validation loss {val_loss:g}, the weights are no longer finite numbers. Its steps were too large: "
+        f"rerun (without --resume, which keeps a run's options) with a lower --lr (this run's peak rate was {peak_lr:g}) or a lower --weight-decay (was {weight_decay:g}); "
+        "no bundle and no metrics were written"
+    )
 
 
 @dataclass

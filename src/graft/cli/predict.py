@@ -29,11 +29,12 @@ def predict(
     """Predict the labels of images with a trained bundle."""
     from graft.bundle import load_bundle
     from graft.errors import ConfigError, ImageError
+    from graft.ranges import BATCH_SIZE, TOP_K, check_number
 
     if output_format not in FORMATS:
         raise ConfigError(f"--format: {output_format!r} is not one of {', '.join(FORMATS)}")
-    if top_k < 1:
-        raise ConfigError(f"--top-k: expected 1 or more, got {top_k}")
+    check_number("--top-k", top_k, TOP_K)
+    check_number("--batch-size", batch_size, BATCH_SIZE)
     if out is not None and explain is not None:
         raise ConfigError("--explain and --out cannot be combined: write the CSV first, then explain the images you want to see")
     model = load_bundle(bundle)

@@ -21,14 +21,15 @@ def serve(
     """Serve a bundle: POST /predict, GET /healthz, a web page at / and API docs at /docs."""
     from graft.errors import ConfigError
     from graft.extras import require_extra
+    from graft.ranges import PORT, UPLOAD_MB, check_number
 
     (uvicorn,) = require_extra("serve", "uvicorn")
     from uvicorn.config import LOG_LEVELS
 
     from graft.serve import create_app
 
-    if not 0 <= port <= 65535:
-        raise ConfigError(f"--port: expected a port number between 0 and 65535, got {port}")
+    check_number("--port", port, PORT)
+    check_number("--max-upload-mb", max_upload_mb, UPLOAD_MB)
     log_level = log_level.lower()
     if log_level not in LOG_LEVELS:
         raise ConfigError(f"--log-level: {log_level!r} is not one of {', '.join(LOG_LEVELS)}")

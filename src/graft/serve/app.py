@@ -35,7 +35,8 @@ from fastapi.responses import HTMLResponse, JSONResponse  # noqa: E402
 from starlette.concurrency import run_in_threadpool  # noqa: E402
 
 from graft.bundle import Bundle, load_bundle  # noqa: E402
-from graft.errors import ConfigError, ImageError  # noqa: E402
+from graft.errors import ImageError  # noqa: E402
+from graft.ranges import IMAGES_PER_REQUEST, TOP_K, UPLOAD_BYTES, check_number  # noqa: E402
 from graft.serve.page import PAGE_HTML  # noqa: E402
 
 DEFAULT_MAX_UPLOAD_BYTES = 10 * 1024 * 1024
@@ -71,12 +72,9 @@ def create_app(
     >>> import uvicorn
     >>> uvicorn.run(create_app("runs/birds/bundle"), host="127.0.0.1", port=8000)
     """
-    if max_upload_bytes < 1:
-        raise ConfigError(f"--max-upload-mb: expected a positive size, got {max_upload_bytes} bytes")
-    if max_images < 1:
-        raise ConfigError(f"--max-images: expected 1 or more, got {max_images}")
-    if top_k < 1:
-        raise ConfigError(f"--top-k: expected 1 or more, got {top_k}")
+    check_number("max_upload_bytes", max_upload_bytes, UPLOAD_BYTES)
+    check_number("--max-images", max_images, IMAGES_PER_REQUEST)
+    check_number("--top-k", top_k, TOP_K)
     model = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
     inference_lock = threading.Lock()
 
