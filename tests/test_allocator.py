@@ -114,3 +114,37 @@ def test_loading_a_bundle_sets_the_thresholds_too(trained_run):
     done = subprocess.run([sys.executable, "-c", script, str(trained_run.bundle_dir)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout.strip().splitlines()[-1]) is True
+
+
+# The server decodes in a pool of threads, each with its own malloc arena: with trimming off, what
+# one large decoding freed stays in that arena, and each thread keeps its own copy of the peak.
+RELEASE_SCRIPT = """
+import io, json, threading, psutil
+from PIL import Image
+from graft import allocator
+allocator.reuse_freed_memory()
+rss = lambda: psutil.Process().memory_info().rss
+buffer = io.BytesIO()
+Image.new("RGBA", (5000, 5000)).save(buffer, format="PNG")
+png = buffer.getvalue()
+def decode():  # 100 MB of RGBA and as much for its premultiplied copy, then freed
+    Image.open(io.BytesIO(png)).reduce(8)
+base = rss()
+for _ in range(3):
+    thread = threading.Thread(target=decode)
+    thread.start()
+    thread.join()
+kept = rss() - base
+released = allocator.release_free_memory()
+print(json.dumps({"kept": kept, "after": rss() - base, "released": released}))
+"""
+
+
+@pytest.mark.skipif(not _glibc(), reason="needs Linux with glibc (malloc_trim)")
+def test_release_free_memory_gives_back_what_decoding_threads_freed():
+    done = subprocess.run([sys.executable, "-c", RELEASE_SCRIPT], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["released"] is True
+    assert result["kept"] > 100 * 2**20, result  # freed, yet still in the process
+    assert result["after"] < 32 * 2**20, result

@@ -110,3 +110,76 @@ def test_keep_gray_returns_one_channel_only_for_grayscale(photo):
     assert deep.mode == "L"
     assert load_image(_png(photo), keep_gray=True).mode == "RGB"
     assert load_image(_png(photo.convert("LA")), keep_gray=True).mode == "RGB"  # alpha is composited
+
+
+def _enlarged(path, side: int, fmt: str) -> bytes:
+    """A real photo enlarged to `side` x 3/4 `side` (bicubic), as a camera-sized file."""
+    picture = Image.open(path).convert("RGB").resize((side, side * 3 // 4), Image.Resampling.BICUBIC)
+    return _jpeg(picture, quality=92) if fmt == "JPEG" else _png(picture)
+
+
+def test_min_size_decodes_large_photos_smaller_with_the_same_predictions(foolbox_imagenet):
+    import torch
+
+    from graft.backbones import load_backbone
+    from graft.images import REDUCING_GAP
+    from graft.preprocessing import build_transforms
+
+    backbone = load_backbone("efficientnet_lite0", keep_classifier=True)
+    transform = build_transforms(backbone.preprocessing)
+    min_size = backbone.preprocessing.resize_size
+    assert min_size == 256  # 224 / crop_pct 0.875, timm's eval resize
+
+    def probabilities(images):
+        with torch.no_grad():
+            return backbone.imagenet_classifier(backbone.model(torch.stack([transform(i) for i in images]))).softmax(1)
+
+    files = [_enlarged(path, 4000, "JPEG") for path, _ in foolbox_imagenet]
+    files += [_enlarged(path, 3000, "PNG") for path, _ in foolbox_imagenet[:4]]
+    full = [load_image(data) for data in files]
+    reduced = [load_image(data, min_size=min_size) for data in files]
+    for big, small in zip(full, reduced):
+        assert small.mode == "RGB" and min(small.size) >= REDUCING_GAP * min_size
+        assert small.size[0] * 2 <= big.size[0]  # decoded (JPEG) or reduced (PNG) by 2 or more
+    expected, got = probabilities(full), probabilities(reduced)
+    assert torch.equal(expected.argmax(1), got.argmax(1))
+    assert float((expected - got).abs().max()) < 0.03
+
+
+@pytest.mark.parametrize(
+    "mode, fill, expected",
+    [
+        ("1", 1, (255, 255, 255)),
+        ("L", 90, (90, 90, 90)),
+        ("I;16", 30000, (117, 117, 117)),  # 30000 / 65535 of full scale, as without min_size
+        ("RGBA", (0, 0, 0, 0), (255, 255, 255)),  # transparent: composited on white
+        ("CMYK", (0, 255, 255, 0), (255, 0, 0)),
+    ],
+)
+def test_min_size_reduces_every_mode_to_its_colours(mode, fill, expected):
+    image = Image.new(mode, (2400, 1800), fill)
+    data = _png(image) if mode != "CMYK" else _jpeg(image, quality=100)
+    reduced = load_image(data, min_size=100)
+    assert reduced.mode == "RGB" and reduced.size == (600, 450)
+    assert np.abs(np.asarray(reduced, dtype=int) - expected).max() <= 2
+    assert np.array_equal(np.asarray(reduced)[0, 0], np.asarray(load_image(data))[0, 0])
+
+
+def test_min_size_averages_palette_colours_not_indices():
+    palette = Image.new("P", (2400, 1800), 0)
+    palette.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)
+    palette.paste(1, (1200, 0, 2400, 1800))  # left half red (index 0), right half blue (index 1)
+    reduced = np.asarray(load_image(_png(palette), min_size=100))
+    assert tuple(reduced[225, 100]) == (255, 0, 0) and tuple(reduced[225, 500]) == (0, 0, 255)
+
+
+def test_image_size_reads_the_header_only():
+    from graft.errors import ImageTooLargeError
+    from graft.images import image_size
+
+    bomb = _png(Image.new("1", (9990, 9990)))
+    assert len(bomb) < 20_000 and image_size(bomb, name="bomb.png") == (9990, 9990)
+    with pytest.raises(ImageTooLargeError, match="huge.png"):
+        image_size(_png(Image.new("1", (12000, 9000))), name="huge.png")
+    with pytest.raises(ImageError, match="notes.txt.*not an image"):
+        image_size(b"hello", name="notes.txt")

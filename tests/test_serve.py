@@ -168,6 +168,62 @@ def test_a_chunked_body_over_the_limit_is_refused(server):
     _refused(response, 413, "limit")
 
 
+def _one_bit_png(width: int, height: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("1", (width, height)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_pixel_bombs_get_413_and_the_servers_memory_stays_flat(server, foolbox_imagenet):
+    """A 12 KB 1-bit PNG declares 99.8 M pixels: refused from its header, nothing decoded or kept."""
+    base, process = server
+    photo = foolbox_imagenet[0][0]
+    warm = httpx.post(f"{base}/predict", files=[("files", (photo.name, photo.read_bytes(), "image/jpeg"))], timeout=120)
+    assert warm.status_code == 200, warm.text
+    rss_before = _rss_bytes(process.pid)
+
+    bomb = _one_bit_png(9990, 9990)
+    assert len(bomb) < 20_000
+    for _ in range(3):
+        files = [("files", (f"bomb{i}.png", bomb, "image/png")) for i in range(MAX_IMAGES)]
+        body = _refused(httpx.post(f"{base}/predict", files=files, timeout=120), 413, "9990x9990", "99,800,100 pixels", "50,000,000", "--max-megapixels")
+        assert body["file"] == "bomb0.png"
+    # Under the limits (4 x 49 M pixels) the images are decoded at the model's size, and the
+    # memory their decoding needed is given back.
+    large = _one_bit_png(7000, 7000)
+    for _ in range(2):
+        files = [("files", (f"large{i}.png", large, "image/png")) for i in range(MAX_IMAGES)]
+        response = httpx.post(f"{base}/predict", files=files, timeout=300)
+        assert response.status_code == 200, response.text
+    rss_after = _rss_bytes(process.pid)
+    assert rss_after - rss_before < 150 * 2**20, f"RSS grew from {rss_before:,} to {rss_after:,} bytes"
+
+    again = httpx.post(f"{base}/predict", files=[("files", (photo.name, photo.read_bytes(), "image/jpeg"))], timeout=120)
+    assert again.status_code == 200 and again.json()["predictions"][0]["label"] == warm.json()["predictions"][0]["label"]
+    info = httpx.get(f"{base}/healthz").json()
+    assert info["max_pixels"] == 50_000_000 and info["max_request_pixels"] == 200_000_000
+
+
+def test_pixel_limits_per_request_and_their_options(bundle):
+    from fastapi.testclient import TestClient
+
+    from graft.errors import ConfigError
+    from graft.serve.app import create_app
+
+    app = create_app(bundle, max_pixels=1_000_000, max_request_pixels=1_500_000)
+    square = _one_bit_png(1000, 1000)
+    with TestClient(app) as client:
+        assert client.post("/predict", files=[("files", ("one.png", square, "image/png"))]).status_code == 200
+        two = [("files", (f"{i}.png", square, "image/png")) for i in range(2)]
+        _refused(client.post("/predict", files=two), 413, "2,000,000 pixels", "1,500,000", "several requests")
+        _refused(client.post("/predict", files=[("files", ("wide.png", _one_bit_png(1001, 1000), "image/png"))]), 413, "wide.png", "1,001,000")
+        # Past Pillow's own guard (2 x graft's 100 M): still a 413, not a 422.
+        _refused(client.post("/predict", files=[("files", ("huge.png", _one_bit_png(15000, 15000), "image/png"))]), 413, "huge.png")
+    for options, flag in (({"max_pixels": 0}, "--max-megapixels"), ({"max_pixels": 200_000_000}, "--max-megapixels"), ({"max_request_pixels": 0}, "--max-request-megapixels")):
+        with pytest.raises(ConfigError, match=flag):
+            create_app(bundle, **options)
+
+
 def test_missing_extra_names_it(trained_run):
     code = (
         "import sys; sys.modules['fastapi'] = None; from graft.cli.main import main; "

@@ -18,6 +18,8 @@ depending on where small allocations landed). With trimming off the outcome no l
 the layout. The price: the heap keeps its peak until the process ends rather than giving freed
 memory back to the OS (max RSS, the peak, is what it was: a `full` fp32 training step at batch 32
 went 4.0 → 4.6 GB when the thresholds were first raised).
+A long-running process with rare large transients (the server decoding a big image in one of its
+threads, each thread with its own malloc arena) calls `release_free_memory` after them instead.
 `GRAFT_TUNE_MALLOC=0` leaves malloc as it is. Nothing changes on other C libraries or systems.
 PyTorch's own advice for CPU inference is the same cure from outside (preloading jemalloc or
 tcmalloc); a library cannot preload, but it can set glibc's thresholds for its own process.
@@ -51,15 +53,35 @@ def reuse_freed_memory() -> bool:
     return _applied
 
 
-def _set_thresholds() -> bool:
-    if os.environ.get("GRAFT_TUNE_MALLOC", "1").strip() == "0" or not sys.platform.startswith("linux"):
-        return False
+def release_free_memory() -> bool:
+    """Give the free memory of every malloc arena back to the OS now (glibc's `malloc_trim(0)`).
+
+    With trimming off, memory freed after a large transient stays in the process until it ends;
+    this returns it, for a process that runs on (the server, after decoding a large image). The
+    next allocations fault their pages in again, so it belongs after rare large transients, not
+    after every batch. False, and nothing done, where the C library is not glibc.
+    """
+    libc = _glibc()
+    return bool(libc is not None and libc.malloc_trim(0))
+
+
+def _glibc() -> ctypes.CDLL | None:
+    if not sys.platform.startswith("linux"):
+        return None
     try:
         libc = ctypes.CDLL(None)
         libc.gnu_get_libc_version  # glibc only: musl's mallopt does nothing
-        mallopt = libc.mallopt
     except (OSError, AttributeError):
+        return None
+    libc.malloc_trim.argtypes, libc.malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return libc
+
+
+def _set_thresholds() -> bool:
+    libc = _glibc()
+    if os.environ.get("GRAFT_TUNE_MALLOC", "1").strip() == "0" or libc is None:
         return False
+    mallopt = libc.mallopt
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     for threshold in (THRESHOLD_BYTES, FALLBACK_THRESHOLD_BYTES):
         if mallopt(_M_MMAP_THRESHOLD, threshold):

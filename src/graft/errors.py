@@ -28,6 +28,10 @@ class ImageError(DataError):
         super().__init__(f"{self.path}: {reason}")
 
 
+class ImageTooLargeError(ImageError):
+    """An image declares more pixels than a limit allows (refused before any pixel is decoded)."""
+
+
 class BackboneError(GraftError):
     """A backbone or its weights cannot be created or found."""
 

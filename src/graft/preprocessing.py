@@ -6,6 +6,7 @@ what it saw in training. Transforms are built by timm from it (`build_transforms
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -29,6 +30,14 @@ class Preprocessing:
     @property
     def image_size(self) -> int:
         return int(self.input_size[-1])
+
+    @property
+    def resize_size(self) -> int:
+        """The side evaluation resizes an image to before the center crop (timm's `scale_size`).
+
+        An image needs no more pixels than this on its short side (`load_image(min_size=...)`).
+        """
+        return math.floor(max(self.input_size[1:]) / self.crop_pct)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

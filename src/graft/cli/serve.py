@@ -15,6 +15,8 @@ def serve(
     top_k: int = typer.Option(5, "--top-k", "-k", help="Labels per image unless a request asks otherwise."),
     max_upload_mb: float = typer.Option(10.0, help="Largest image file accepted, in MiB."),
     max_images: int = typer.Option(16, help="Most image files accepted in one request."),
+    max_megapixels: int = typer.Option(50, help="Most pixels one image may declare, in millions (checked before decoding)."),
+    max_request_megapixels: int = typer.Option(200, help="Most pixels the images of one request may declare together, in millions."),
     log_level: str = typer.Option("info", help="uvicorn's log level: critical, error, warning, info, debug or trace."),
     access_log: bool = typer.Option(True, "--access-log/--no-access-log", help="Log every request (uvicorn)."),
 ) -> None:
@@ -33,7 +35,10 @@ def serve(
     log_level = log_level.lower()
     if log_level not in LOG_LEVELS:
         raise ConfigError(f"--log-level: {log_level!r} is not one of {', '.join(LOG_LEVELS)}")
-    app = create_app(bundle, max_upload_bytes=int(max_upload_mb * 1024 * 1024), max_images=max_images, top_k=top_k)
+    app = create_app(
+        bundle, max_upload_bytes=int(max_upload_mb * 1024 * 1024), max_images=max_images, top_k=top_k,
+        max_pixels=max_megapixels * 1_000_000, max_request_pixels=max_request_megapixels * 1_000_000,
+    )
     print(f"graft: serving {app.state.bundle.path} on http://{host}:{port}/ (API docs at /docs)", file=sys.stderr)
     # One process: the model is loaded once and inference runs in the thread pool.
     uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=access_log)

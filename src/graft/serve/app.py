@@ -10,7 +10,7 @@ thread pool, so requests never block the event loop; forward passes take a lock,
 because on CPU one pass already uses every core and parallel passes only add memory.
 
 Every refused request is a 4xx with a JSON body `{"detail": "<what was wrong and the fix>"}`:
-413 for a body, file or image count over the limits, 422 for an empty, truncated or non-image file
+413 for a body, file, image count or pixel count over the limits, 422 for an empty, truncated or non-image file
 (`"file"` names it) and for a request without files.
 """
 
@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import importlib.util
 import threading
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Awaitable, Callable, MutableMapping
+from typing import Any, Awaitable, Callable, Iterator, MutableMapping
 
 from graft.extras import require_extra
 
@@ -35,13 +36,22 @@ from fastapi.responses import HTMLResponse, JSONResponse  # noqa: E402
 from starlette.concurrency import run_in_threadpool  # noqa: E402
 
 from graft.bundle import Bundle, load_bundle  # noqa: E402
-from graft.errors import ImageError  # noqa: E402
+from graft.errors import ConfigError, ImageError, ImageTooLargeError  # noqa: E402
+from graft.images import MAX_IMAGE_PIXELS  # noqa: E402
 from graft.ranges import IMAGES_PER_REQUEST, TOP_K, UPLOAD_BYTES, check_number  # noqa: E402
 from graft.serve.page import PAGE_HTML  # noqa: E402
 
 DEFAULT_MAX_UPLOAD_BYTES = 10 * 1024 * 1024
 DEFAULT_MAX_IMAGES = 16
 DEFAULT_TOP_K = 5
+# Pixels are what decoding costs (a 12 KB 1-bit PNG can declare 100 M of them), so they are bounded
+# from the image headers, before any decoding: a 12 MP phone photo passes, 16 of them per request.
+DEFAULT_MAX_PIXELS = 50_000_000
+DEFAULT_MAX_REQUEST_PIXELS = 200_000_000
+# A request whose images declare more pixels than this gives the freed decoding memory back to
+# the OS afterwards (graft.allocator.release_free_memory): it would otherwise stay in the malloc
+# arena of whichever thread decoded it, one arena per thread, for the life of the server.
+RELEASE_AFTER_PIXELS = 16_000_000
 # Room for the multipart boundaries and part headers on top of the files themselves.
 MULTIPART_OVERHEAD_BYTES = 64 * 1024
 # Nothing but this origin: the page is self-contained and must stay so.
@@ -63,11 +73,19 @@ def create_app(
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
     max_images: int = DEFAULT_MAX_IMAGES,
     top_k: int = DEFAULT_TOP_K,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_request_pixels: int = DEFAULT_MAX_REQUEST_PIXELS,
 ) -> FastAPI:
     """A FastAPI app that predicts with `bundle` (a `Bundle` or its folder, loaded once here).
 
     `max_upload_bytes` bounds each image file, `max_images` the files per request; `top_k` is
     the default number of labels per image (a request may ask for fewer or more with `?top_k=`).
+    `max_pixels` bounds the pixels each image declares in its header, `max_request_pixels` their
+    sum over a request; both are checked before decoding, and an image over them gets a 413.
+
+    Memory stays flat whatever is uploaded: each image is decoded at the size the model needs
+    (`load_image(min_size=...)`), and the server decodes at most `max_pixels` pixels at a time,
+    whatever the number of requests in flight.
 
     >>> import uvicorn
     >>> uvicorn.run(create_app("runs/birds/bundle"), host="127.0.0.1", port=8000)
@@ -75,8 +93,17 @@ def create_app(
     check_number("max_upload_bytes", max_upload_bytes, UPLOAD_BYTES)
     check_number("--max-images", max_images, IMAGES_PER_REQUEST)
     check_number("--top-k", top_k, TOP_K)
+    if not 1 <= max_pixels <= MAX_IMAGE_PIXELS:
+        raise ConfigError(
+            f"--max-megapixels: expected 1 pixel to {MAX_IMAGE_PIXELS // 1_000_000} megapixels (graft's limit "
+            f"for any image), got {max_pixels:,} pixels"
+        )
+    if max_request_pixels < 1:
+        raise ConfigError(f"--max-request-megapixels: expected a positive count, got {max_request_pixels:,} pixels")
     model = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
     inference_lock = threading.Lock()
+    decoding = PixelBudget(max_pixels)
+    min_size = model.preprocessing.resize_size
 
     app = FastAPI(
         title="graft",
@@ -112,13 +139,15 @@ def create_app(
             "top_k": top_k,
             "max_upload_bytes": max_upload_bytes,
             "max_images": max_images,
+            "max_pixels": max_pixels,
+            "max_request_pixels": max_request_pixels,
         }
 
     @app.post(
         "/predict",
         summary="Top-k labels for one or more images",
         responses={
-            413: {"description": "Too many files, or a file or the request is too large"},
+            413: {"description": "Too many files, or a file, an image's pixels or the request is too large"},
             422: {"description": "An empty, truncated or non-image file, or no files at all"},
         },
     )
@@ -139,7 +168,15 @@ def create_app(
                 return _refuse(413, _too_large(name, len(data), max_upload_bytes), name)
             payloads.append((name, data))
         try:
-            predictions = await run_in_threadpool(_predict, model, inference_lock, payloads, k or top_k)
+            sizes = await run_in_threadpool(_image_sizes, payloads)
+            refusal = _over_pixel_limits(payloads, sizes, max_pixels, max_request_pixels)
+            if refusal is not None:
+                return refusal
+            predictions = await run_in_threadpool(
+                _predict, model, inference_lock, decoding, payloads, sizes, min_size, k or top_k
+            )
+        except ImageTooLargeError as error:
+            return _refuse(413, f"{error.path}: {error.reason}", error.path)
         except ImageError as error:
             return _refuse(422, f"{error.path}: {error.reason}", error.path)
         return {"predictions": predictions}
@@ -147,11 +184,56 @@ def create_app(
     return app
 
 
-def _predict(model: Bundle, lock: threading.Lock, payloads: list[tuple[str, bytes]], top_k: int) -> list[dict[str, Any]]:
-    """Decode every upload (in parallel with other requests), then one forward pass at a time."""
+def _image_sizes(payloads: list[tuple[str, bytes]]) -> list[tuple[int, int]]:
+    """(width, height) of every upload, from its header alone."""
+    from graft.images import image_size
+
+    return [image_size(data, name=name) for name, data in payloads]
+
+
+def _over_pixel_limits(
+    payloads: list[tuple[str, bytes]], sizes: list[tuple[int, int]], max_pixels: int, max_request_pixels: int
+) -> JSONResponse | None:
+    """The 413 for an image or a request over its pixel limit, or None."""
+    for (name, _), (width, height) in zip(payloads, sizes):
+        if width * height > max_pixels:
+            return _refuse(
+                413,
+                f"{name}: {width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,} pixels "
+                "per image; resize it (or start the server with a larger --max-megapixels)",
+                name,
+            )
+    total = sum(width * height for width, height in sizes)
+    if total > max_request_pixels:
+        return _refuse(
+            413,
+            f"{len(sizes)} images of {total:,} pixels together, over the limit of {max_request_pixels:,} pixels "
+            "per request; send them in several requests (or start the server with a larger --max-request-megapixels)",
+        )
+    return None
+
+
+def _predict(
+    model: Bundle,
+    lock: threading.Lock,
+    decoding: "PixelBudget",
+    payloads: list[tuple[str, bytes]],
+    sizes: list[tuple[int, int]],
+    min_size: int,
+    top_k: int,
+) -> list[dict[str, Any]]:
+    """Decode every upload at the model's size, within the pixel budget; one forward pass at a time."""
+    from graft.allocator import release_free_memory
     from graft.images import load_image
 
-    images = [load_image(data, name=name) for name, data in payloads]
+    images = []
+    try:
+        for (name, data), (width, height) in zip(payloads, sizes):
+            with decoding.hold(width * height):
+                images.append(load_image(data, name=name, min_size=min_size))
+    finally:
+        if sum(width * height for width, height in sizes) > RELEASE_AFTER_PIXELS:
+            release_free_memory()
     with lock:
         predictions = model.predict(images, top_k=top_k, batch_size=len(images))
     rows = []
@@ -179,6 +261,32 @@ def _too_large(name: str, size: int, limit: int) -> str:
 def _plain(errors: Any) -> Any:
     # Validation errors can hold the raw bytes of the input; keep them out of the JSON.
     return jsonable_encoder(errors, custom_encoder={bytes: lambda raw: f"<{len(raw)} bytes>"})
+
+
+class PixelBudget:
+    """At most `limit` pixels (as the headers declare them) decoded at once, across all requests.
+
+    Decoding runs in the thread pool, one thread per request: without a bound, concurrent requests
+    would each hold a full-size image at the same moment. A thread waits until its image fits.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.in_use = 0
+        self._changed = threading.Condition()
+
+    @contextmanager
+    def hold(self, pixels: int) -> Iterator[None]:
+        pixels = min(pixels, self.limit)
+        with self._changed:
+            self._changed.wait_for(lambda: self.in_use + pixels <= self.limit)
+            self.in_use += pixels
+        try:
+            yield
+        finally:
+            with self._changed:
+                self.in_use -= pixels
+                self._changed.notify_all()
 
 
 class BodySizeLimit:
