@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, StrictInt, StrictStr, ValidationError, ValidationInfo, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, FiniteFloat, StrictInt, StrictStr, ValidationError, ValidationInfo, field_validator
 
 from graft.errors import BundleError
 from graft.heads import HEAD_KINDS
@@ -46,7 +46,14 @@ MAX_WIDTH = 2**31 - 1  # a layer's width (features, classes, hidden units, LoRA 
 
 DAMAGED = "the bundle is damaged: copy it again from its training run, or re-train it"
 
-Name = Annotated[StrictStr, Field(min_length=1, pattern=r"\S")]
+
+def _not_blank(text: str) -> str:
+    if not text.strip():
+        raise ValueError("expected a name, not an empty or blank string")
+    return text
+
+
+Name = Annotated[StrictStr, AfterValidator(_not_blank)]
 Width = Annotated[StrictInt, Field(ge=1, le=MAX_WIDTH)]
 Share = Annotated[FiniteFloat, Field(ge=0.0, le=1.0)]
 
