@@ -155,7 +155,7 @@ def read_document(meta_path: Path) -> tuple[dict[str, Any], BundleDocument]:
     version = meta.get("format_version")
     if isinstance(version, int) and not isinstance(version, bool) and version > BUNDLE_FORMAT:
         raise BundleError(
-            f"{meta_path}: bundle format {version!r} is newer than this graft understands "
+            f"{meta_path}: format_version: bundle format {version!r} is newer than this graft understands "
             f"(format {BUNDLE_FORMAT}); upgrade graft (`pip install -U graft`)"
         )
     if "format_version" not in meta:
