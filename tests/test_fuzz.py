@@ -1,4 +1,5 @@
-"""Property-based tests (hypothesis): image loading and the server's upload path never crash.
+"""Property-based tests (hypothesis): image loading, the server's upload path, option values and
+bundle documents never crash.
 
 Random bytes, damaged real encodings and random valid images of every mode and format: the
 result is an upright RGB image, or an `ImageError` naming the file (a 422 from the server),
@@ -7,8 +8,15 @@ never any other exception and never a 500.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import io
+import json
+import math
 import os
+import tempfile
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -16,7 +24,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from graft.errors import ImageError
+from graft.config import TrainConfig
+from graft.errors import ConfigError, ImageError
 from graft.images import load_image
 
 FUZZ = settings(max_examples=int(os.environ.get("GRAFT_FUZZ_EXAMPLES", "60")), deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
@@ -136,12 +145,6 @@ def test_server_predicts_every_random_valid_image(client, picture):
 
 # --- option values: any number, or anything else, gives a valid config or a ConfigError naming its option
 
-import dataclasses  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-
-from graft.config import TrainConfig  # noqa: E402
-from graft.errors import ConfigError  # noqa: E402
 
 # Every field typed int or float, read from the dataclass: a numeric field added later is fuzzed too.
 NUMERIC_FIELDS = sorted(f.name for f in dataclasses.fields(TrainConfig) if f.type.split(" |")[0] in ("int", "float"))
@@ -194,3 +197,101 @@ def test_the_command_options_check_gives_a_plain_number_or_a_named_config_error(
         assert str(error).startswith("--option: expected ")
         return
     assert type(number) in (int, float) and math.isfinite(number) and not isinstance(value, (bool, str))
+
+
+# --- bundle documents -----------------------------------------------------------------------------
+# Random mutations of a real bundle's graft.json (fields removed, types swapped, numbers out of
+# range, nested junk): the bundle loads and predicts real images as it did, or `load_bundle` raises
+# one `BundleError` naming a mutated field; never another exception, never a failure at predict time.
+
+
+BUNDLE_FUZZ = settings(
+    max_examples=int(os.environ.get("GRAFT_FUZZ_BUNDLE_EXAMPLES", "30")), deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+JUNK = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=8,
+)
+EXTREME_NUMBERS = (0, -1, 1, 2, 3, 16, 2048, 10**6, 2**63, -(2**63), 1e-9, 0.5, 1.5, 1e308, -1e308, math.inf, -math.inf, math.nan)
+
+
+def _bundle_paths(value: Any, prefix: tuple = ()) -> list[tuple]:
+    """Every place in a JSON document: each key of each object, each item of each list."""
+    paths = []
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        paths.append((*prefix, key))
+        paths.extend(_bundle_paths(item, (*prefix, key)))
+    return paths
+
+
+@st.composite
+def mutated_documents(draw, document: dict) -> tuple[dict, list[tuple]]:
+    """`document` with 1 to 3 random mutations, and the paths mutated."""
+    document = copy.deepcopy(document)
+    touched = []
+    for _ in range(draw(st.integers(1, 3))):
+        path = draw(st.sampled_from(_bundle_paths(document)))
+        parent = document
+        for key in path[:-1]:
+            parent = parent[key]
+        old = parent[path[-1]]
+        action = draw(st.sampled_from(("remove", "junk", "swap type", "number", "nest junk")))
+        if action == "remove":
+            del parent[path[-1]]
+        elif action == "junk":
+            parent[path[-1]] = draw(JUNK)
+        elif action == "swap type":
+            parent[path[-1]] = draw(st.sampled_from((str(old), [old], {"value": old}, None, True, 1.0, "")))
+        elif action == "number":
+            number = draw(st.sampled_from(EXTREME_NUMBERS))
+            parent[path[-1]] = number * old if isinstance(old, (int, float)) and not isinstance(old, bool) and draw(st.booleans()) else number
+        elif isinstance(old, dict):
+            old[draw(st.text(max_size=8))] = draw(JUNK)
+        else:
+            parent[path[-1]] = {"nested": old, "junk": draw(JUNK)}
+        touched.append(path)
+    return document, touched
+
+
+@pytest.fixture(scope="module")
+def bundle_fuzz_base(trained_run, holdout_folder):
+    """The real bundle's graft.json, a few real images and the logits the bundle gives them."""
+    from graft.bundle import META_FILE, load_bundle
+    from graft.images import load_image
+
+    document = json.loads((trained_run.bundle_dir / META_FILE).read_text())
+    images = [load_image(path) for path in sorted(holdout_folder.rglob("*.png"))[::6][:3]]
+    return document, images, load_bundle(trained_run.bundle_dir).logits(images)
+
+
+@BUNDLE_FUZZ
+@given(st.data())
+def test_a_mutated_bundle_document_loads_and_predicts_or_names_a_field(trained_run, bundle_fuzz_base, data):
+    import torch
+
+    from graft.bundle import META_FILE, MODEL_FILE, load_bundle
+    from graft.errors import BundleError
+
+    document, images, expected_logits = bundle_fuzz_base
+    mutated, touched = data.draw(mutated_documents(document))
+    fields = {str(path[0]) for path in touched}
+    with tempfile.TemporaryDirectory() as folder:
+        (Path(folder) / MODEL_FILE).symlink_to(trained_run.bundle_dir / MODEL_FILE)
+        (Path(folder) / META_FILE).write_text(json.dumps(mutated))
+        try:
+            bundle = load_bundle(folder)
+        except BundleError as error:
+            message = str(error)
+            assert "\n" not in message and any(field in message for field in fields), (message, touched)
+            return
+        predictions = bundle.predict(images, top_k=2)
+        logits = bundle.logits(images)
+    assert len(predictions) == len(images) and logits.shape == expected_logits.shape
+    assert bool(torch.isfinite(logits).all())
+    for prediction in predictions:
+        assert prediction.label in bundle.class_names and 0.0 <= prediction.score <= 1.0
+    if not fields & {"preprocessing", "precision"}:  # nothing that changes what the model computes
+        assert torch.allclose(logits, expected_logits, atol=1e-5), touched

@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import torch
 from PIL import Image
 
+from graft.bundle_schema import BUNDLE_FORMAT, BundleDocument
 from graft.errors import BundleError, ImageError, TrainingError
 from graft.folding import inference_network
 from graft.heads import HeadSpec, make_head
@@ -25,7 +26,6 @@ from graft.model import GraftModel
 from graft.numerics import autocast, inference_precision
 from graft.preprocessing import Preprocessing, build_transforms
 
-BUNDLE_FORMAT = 1
 MODEL_FILE = "model.safetensors"
 META_FILE = "graft.json"
 
@@ -171,12 +171,17 @@ class Bundle:
 
 
 def load_bundle(path: str | Path) -> Bundle:
-    """Load a bundle folder (or a run folder that holds one) without unpickling anything."""
+    """Load a bundle folder (or a run folder that holds one) without unpickling anything.
+
+    graft.json is checked against its schema and against the tensors of model.safetensors, and
+    one blank image is run through the model, before the bundle is returned
+    (`graft.bundle_schema`): a damaged or mismatched bundle raises one `BundleError` naming the
+    field at fault, here rather than at its first prediction.
+    """
     from safetensors.torch import load_file
 
     from graft.allocator import reuse_freed_memory
-    from graft.backbones import create_architecture
-    from graft.pooling import POOLINGS, pooled_model
+    from graft.bundle_schema import DAMAGED, check_adapters, check_head, check_runs, check_weights, read_document, safetensors_shapes
 
     reuse_freed_memory()  # see graft.allocator
     path = Path(path)
@@ -188,43 +193,53 @@ def load_bundle(path: str | Path) -> Bundle:
     for required in (meta_path, model_path):
         if not required.is_file():
             raise BundleError(f"{path}: the bundle is incomplete ({required.name} is missing); re-export or re-train it")
+    meta, document = read_document(meta_path)
+    shapes = safetensors_shapes(model_path)
+    check_head(meta_path, document, shapes)
+    check_adapters(meta_path, document, shapes)
+    model = _build_model(meta_path, document)
+    check_weights(meta_path, document, model.state_dict(), shapes)
     try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BundleError(f"{meta_path}: not valid JSON ({exc}); the bundle is damaged") from None
-    version = meta.get("format_version")
-    if not isinstance(version, int) or version > BUNDLE_FORMAT:
+        model.load_state_dict(load_file(str(model_path)), strict=True)
+    except Exception as exc:  # the header was read: the tensors' bytes are what is damaged
+        raise BundleError(f"{model_path}: cannot be read as safetensors ({str(exc)[:200]}); {DAMAGED}") from None
+    model.eval().to(memory_format=torch.channels_last)
+    bundle = Bundle(path, meta, model)
+    check_runs(meta_path, bundle)
+    return bundle
+
+
+def _build_model(meta_path: Path, document: BundleDocument) -> GraftModel:
+    """The untrained network graft.json describes, ready for model.safetensors."""
+    import timm
+
+    from graft.backbones import create_architecture
+    from graft.bundle_schema import DAMAGED
+    from graft.errors import ConfigError
+    from graft.pooling import pooled_model
+
+    backbone = document.backbone
+    try:
+        architecture = create_architecture(backbone.architecture)
+    except Exception as exc:
+        hint = "" if isinstance(exc, ConfigError) else f" ({type(exc).__name__}: {str(exc)[:200]})"
         raise BundleError(
-            f"{meta_path}: bundle format {version!r} is newer than this graft understands "
-            f"(format {BUNDLE_FORMAT}); upgrade graft (`pip install -U graft`)"
-        )
+            f"{meta_path}: backbone.architecture {backbone.architecture!r} is not a model of the installed timm "
+            f"{timm.__version__}{hint}; upgrade timm if the bundle comes from a newer one, else {DAMAGED}"
+        ) from None
     try:
-        architecture = meta["backbone"]["architecture"]
-        head_spec = HeadSpec.from_dict(meta["head"])
-        Preprocessing.from_dict(meta["preprocessing"])
-        meta["class_names"]
-    except (KeyError, TypeError, ValueError) as exc:
-        raise BundleError(f"{meta_path}: required field missing or malformed ({exc}); the bundle is damaged") from None
-    pooling = meta["backbone"].get("pooling", "avg")  # bundles from before graft.pooling averaged
-    if pooling not in POOLINGS:
-        raise BundleError(f"{meta_path}: unknown pooling {pooling!r} (expected one of {', '.join(POOLINGS)}); upgrade graft")
-    model = GraftModel(pooled_model(create_architecture(architecture), pooling, name=architecture), make_head(head_spec))
-    adapters = meta.get("adapters")
-    if adapters:
-        if adapters.get("kind") != "lora":
-            raise BundleError(f"{meta_path}: unknown adapter kind {adapters.get('kind')!r}; upgrade graft")
+        network = pooled_model(architecture, backbone.pooling, name=backbone.architecture)
+    except ConfigError as exc:
+        raise BundleError(f"{meta_path}: backbone.pooling {backbone.pooling!r} cannot be built ({exc}); {DAMAGED}") from None
+    model = GraftModel(network, make_head(HeadSpec(**document.head.model_dump())))
+    adapters = document.adapters
+    if adapters is not None:
         from graft.lora import apply_lora
 
-        apply_lora(model, rank=int(adapters["rank"]), alpha=float(adapters["alpha"]), target_modules=list(adapters["target_modules"]))
-    try:
-        state = load_file(str(model_path))
-    except Exception as exc:
-        raise BundleError(f"{model_path}: cannot be read as safetensors ({exc}); the bundle is damaged") from None
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise BundleError(
-            f"{model_path}: weights do not match the architecture in {META_FILE} "
-            f"(missing {missing[:3]}, unexpected {unexpected[:3]}); the bundle is damaged"
-        )
-    model.eval().to(memory_format=torch.channels_last)
-    return Bundle(path, meta, model)
+        try:
+            apply_lora(model, rank=adapters.rank, alpha=adapters.alpha, target_modules=list(adapters.target_modules))
+        except ConfigError:
+            raise BundleError(f'{meta_path}: adapters: this bundle has LoRA adapters, which need peft: pip install "graft[lora]"') from None
+        except ValueError as exc:  # peft: a target that names no layer of the architecture
+            raise BundleError(f"{meta_path}: adapters.target_modules: {str(exc)[:200]}; {DAMAGED}") from None
+    return model

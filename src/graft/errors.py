@@ -37,7 +37,7 @@ class BackboneError(GraftError):
 
 
 class BundleError(GraftError):
-    """A saved bundle is missing, incomplete, or from an incompatible graft version."""
+    """A saved bundle is missing, incomplete, damaged (graft.json unlike its schema or its weights), or newer than graft."""
 
 
 class TrainingError(GraftError):

@@ -14,6 +14,10 @@ from torch import nn
 
 AugmentLevel = Literal["none", "light", "strong"]
 AUGMENT_LEVELS: tuple[str, ...] = ("none", "light", "strong")
+# The resampling filters and crop modes timm's evaluation transform takes
+# (`timm.data.transforms.str_to_interp_mode`, `transforms_imagenet_eval`): what a bundle may record.
+INTERPOLATIONS: tuple[str, ...] = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
+CROP_MODES: tuple[str, ...] = ("center", "squash", "border")
 
 
 @dataclass(frozen=True)
