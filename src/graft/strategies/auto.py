@@ -52,7 +52,7 @@ class Auto:
     def train(self, context: TrainContext) -> TrainOutcome:
         context, measured, views = _measure(context)
         choice = choose(measured)
-        options, config = resolve(choice, context.config)
+        options, config = _resolve(choice, context.config)
         context.reporter.say("auto measured: " + ", ".join(f"{k} {v}" for k, v in measured.to_dict().items()))
         context.reporter.say(f"auto rule: {choice.rule}. {choice.reason}")
         context.reporter.say(f"auto chose {choice.strategy} with {options}")
@@ -65,14 +65,14 @@ class Auto:
         return outcome
 
 
-def resolve(choice: Choice, config: TrainConfig) -> tuple[dict[str, Any], TrainConfig]:
+def _resolve(choice: Choice, config: TrainConfig) -> tuple[dict[str, Any], TrainConfig]:
     """The chosen strategy's options, where the ones the user gave explicitly win, and its config."""
     user_set = {k: getattr(config, k) for k in choice.options if getattr(config, k) != getattr(TrainConfig, k, None)}
     options = {**choice.options, **user_set}
     return options, config.replace(strategy=choice.strategy, **options)
 
 
-def expected_prefix_end(context: TrainContext, choice: Choice | None = None) -> str | None:
+def _expected_prefix_end(context: TrainContext, choice: Choice | None = None) -> str | None:
     """Where the frozen prefix ends that `choice`'s strategy trains on from cached outputs; None
     when it trains on none. Without `choice`: the rule's choice if the data proves distant (the
     size and balance are known before any feature is computed; the distance is not)."""
@@ -87,7 +87,7 @@ def expected_prefix_end(context: TrainContext, choice: Choice | None = None) -> 
     strategy = get_strategy(choice.strategy)
     if not isinstance(strategy, FineTune):
         return None
-    _, config = resolve(choice, context.config)
+    _, config = _resolve(choice, context.config)
     split = cached_prefix_split(context.backbone.model, strategy.full_plan(context.stages, config), context,
                                 config.epochs or strategy.default_epochs)
     return split[0].names[-1] if split is not None else None
@@ -98,7 +98,7 @@ def _measure(context: TrainContext) -> tuple[TrainContext, Measurements, dict[st
     framing and the pooling measured (each empty where it was not measured)."""
     # The rule's choice for distant data of this size may train on cached outputs of a frozen
     # prefix; the framing's full passes keep that prefix's outputs (dropped if it is not chosen).
-    expected = expected_prefix_end(context)
+    expected = _expected_prefix_end(context)
     if expected is not None:
         context = with_prefix_tap(context, expected)
     context, framing = choose_framing(context)
@@ -119,7 +119,7 @@ def _train_chosen(context: TrainContext, choice: Choice, config: TrainConfig) ->
     strategy = get_strategy(choice.strategy)
     audit = strategy.audit(context.backbone.model, context.stages, make_head(context.head_spec), config)
     show_audit(context.reporter, f"strategy {choice.strategy} (chosen by auto): what trains", audit)
-    kept = context.tap if context.tap is not None and expected_prefix_end(context, choice) == context.tap.module_name else None
+    kept = context.tap if context.tap is not None and _expected_prefix_end(context, choice) == context.tap.module_name else None
     if context.tap is not None and kept is None:
         context.tap.outputs.clear()  # a prefix's outputs per image, not to be held while training
     outcome = strategy.train(TrainContext(**{**context.__dict__, "config": config, "tap": kept}))

@@ -48,9 +48,9 @@ from graft.strategies.base import TrainContext
 
 FRAMING_SAMPLE = 2000  # at most this many training (and validation) images measure the framing and pooling
 
-POOLING_WORDS = {"avg": "the average", "grid": f"a {GRID_SIZE}x{GRID_SIZE} grid",
-                 "grid-2": f"{GRID_SIZE}x{GRID_SIZE} grids of the last two stages",
-                 "grid-3": "grids of the last three stages ({})".format(", ".join(f"{n}x{n}" for n in LEVEL_GRIDS))}
+_POOLING_WORDS = {"avg": "the average", "grid": f"a {GRID_SIZE}x{GRID_SIZE} grid",
+                  "grid-2": f"{GRID_SIZE}x{GRID_SIZE} grids of the last two stages",
+                  "grid-3": "grids of the last three stages ({})".format(", ".join(f"{n}x{n}" for n in LEVEL_GRIDS))}
 
 
 def measure(context: TrainContext, probe_accuracy: float | None = None) -> Measurements:
@@ -68,7 +68,7 @@ def measure(context: TrainContext, probe_accuracy: float | None = None) -> Measu
         features = extract_features(
             backbone, train.paths, train.digests, cache=cache, precision=context.precision,
             device=context.device, progress=advance, stats=ExtractionStats(), compile=context.compile_backbone, tap=context.tap,
-            side_poolings=grids_on_the_side(context),  # for choose_pooling, next
+            side_poolings=_grids_on_the_side(context),  # for choose_pooling, next
         )
     confidence = None
     classifier = context.backbone.imagenet_classifier
@@ -106,9 +106,9 @@ def choose_framing(context: TrainContext) -> tuple[TrainContext, dict[str, Any]]
         # Each view keeps its own prefix outputs: the chosen one's go on with the context.
         tap = Tap(context.tap.module_name) if context.tap is not None and cache is not None else None
         contexts[crop] = TrainContext(**{**context.__dict__, "backbone": backbone, "cache": cache, "tap": tap})
-        # The pooling measured next reads this pass's feature maps too (`grids_on_the_side`).
+        # The pooling measured next reads this pass's feature maps too (`_grids_on_the_side`).
         scores[crop] = _validation_probe(contexts[crop], f"framing, crop {crop:g}", train_rows, val_rows,
-                                         side_poolings=grids_on_the_side(contexts[crop]))
+                                         side_poolings=_grids_on_the_side(contexts[crop]))
     full, middle = scores[1.0], scores[center]
     wins, decided_by = first_wins(full, middle)
     chosen = 1.0 if wins else center
@@ -148,24 +148,24 @@ def choose_pooling(context: TrainContext) -> tuple[TrainContext, dict[str, Any]]
     each must show a measured gain over what is simpler.
 
     Returns the context to train in (backbone, feature cache and head width of the chosen pooling)
-    and what was measured; an empty dict when nothing was measured (`measures_pooling`). It costs
+    and what was measured; an empty dict when nothing was measured (`_measures_pooling`). It costs
     no pass of the backbone where the framing's passes pooled their maps every way as well
-    (`grids_on_the_side`); otherwise the first pass that runs pools by every later pooling too.
+    (`_grids_on_the_side`); otherwise the first pass that runs pools by every later pooling too.
     """
-    if not measures_pooling(context):
+    if not _measures_pooling(context):
         return context, {}
     train_rows = _spread(len(context.dataset.train), FRAMING_SAMPLE)
     val_rows = _spread(len(context.dataset.val), FRAMING_SAMPLE)
     scores: dict[str, ViewScore] = {}
     contexts: dict[str, TrainContext] = {}
     stats = ExtractionStats()
-    for pooling in pooling_candidates(context):  # the average first: its pass, if it runs, pools every way
+    for pooling in _pooling_candidates(context):  # the average first: its pass, if it runs, pools every way
         backbone = with_pooling(context.backbone, pooling)
         contexts[pooling] = replace(context, backbone=backbone, cache=_cache_for(context, backbone),
                                     head_spec=replace(context.head_spec, in_features=backbone.num_features))
         # The prefix's outputs, if kept, came with the framing's passes: none to keep here.
         scores[pooling] = _validation_probe(replace(contexts[pooling], tap=None), f"pooling, {pooling}", train_rows, val_rows,
-                                            side_poolings=grids_on_the_side(context, pooling),
+                                            side_poolings=_grids_on_the_side(context, pooling),
                                             stats=stats)
     chosen, steps = "avg", []
     for challenger in list(scores)[1:]:
@@ -186,7 +186,7 @@ def choose_pooling(context: TrainContext) -> tuple[TrainContext, dict[str, Any]]
 def describe_pooling(measured: dict[str, Any]) -> str:
     """One line of what `choose_pooling` measured and why it chose."""
     accuracy, loss = measured["accuracy"], measured["loss"]
-    scores = ", ".join(f"{accuracy[p]:.3f} ({loss[p]:.3f}) with {POOLING_WORDS[p]}" for p in accuracy)
+    scores = ", ".join(f"{accuracy[p]:.3f} ({loss[p]:.3f}) with {_POOLING_WORDS[p]}" for p in accuracy)
     steps = "; ".join(
         f"{step['challenger']} {'beat' if step['won'] else 'did not beat'} {step['holder']} by {step['decided_by']} "
         f"(standard error of the difference {step['accuracy_difference_se']:.3f})" for step in measured["steps"]
@@ -194,12 +194,12 @@ def describe_pooling(measured: dict[str, Any]) -> str:
     return f"auto pooling: validation probe accuracy (log-loss) {scores}; {steps}: chose {measured['chose']}"
 
 
-def pooling_candidates(context: TrainContext) -> tuple[str, ...]:
+def _pooling_candidates(context: TrainContext) -> tuple[str, ...]:
     """The poolings auto compares, simplest first: `grid-2` and `grid-3` where the backbone has them."""
     return tuple(p for p in POOLINGS if earlier_module_names(context.backbone.model, p) is not None)
 
 
-def measures_pooling(context: TrainContext) -> bool:
+def _measures_pooling(context: TrainContext) -> bool:
     """Whether auto compares the average with the grids: fewer than `LP_FT_PER_CLASS` images per
     class (where the grids were measured), no `--pooling` given, a backbone that can pool by a grid
     (`graft.pooling.supports_grid`) and validation images to score on."""
@@ -207,7 +207,7 @@ def measures_pooling(context: TrainContext) -> bool:
             and supports_grid(context.backbone.model) and len(context.dataset.val) > 0)
 
 
-def grids_on_the_side(context: TrainContext, pooling: str | None = None) -> tuple[SidePooling, ...]:
+def _grids_on_the_side(context: TrainContext, pooling: str | None = None) -> tuple[SidePooling, ...]:
     """For a pass of `context`'s backbone pooled by `pooling` (None: as it is), where auto will
     measure the pooling: the poolings `choose_pooling` measures after that one, of the same
     feature maps, cached where it looks for them (nothing without a feature cache to hand them
@@ -215,9 +215,9 @@ def grids_on_the_side(context: TrainContext, pooling: str | None = None) -> tupl
     `choose_pooling` a grid's pass runs only for images whose features no earlier pass cached, and
     it pools the later grids as well, so the images go through the backbone once however many of
     the caches miss them."""
-    candidates = pooling_candidates(context)
+    candidates = _pooling_candidates(context)
     pooling = pooling or context.backbone.pooling
-    if context.cache is None or pooling not in candidates or not measures_pooling(context):
+    if context.cache is None or pooling not in candidates or not _measures_pooling(context):
         return ()
     return tuple(
         SidePooling(later, _cache_for(context, with_pooling(context.backbone, later)),
