@@ -105,9 +105,9 @@ def choose(measured: Measurements) -> Choice:
         stages = 1 if per_class < 75 else 2
         return Choice("partial", {"train_stages": stages, "augment_views": 4, "epochs": 15, "patience": 5, **weighting},
                       "small + distant -> partial",
-                      f"With {_count(per_class, SMALL_PER_CLASS)} and {distance}, {_top_stages(stages)} adapt to "
-                      "the new domain while the rest stays frozen, its outputs computed once per image and cached, "
-                      "with 4 augmented views.")
+                      f"With {_count(per_class, SMALL_PER_CLASS)} and {distance}, re-training {_top_stages(stages)} "
+                      "adapts the backbone to the new domain while the rest stays frozen, its outputs computed once "
+                      "per image and cached, with 4 augmented views.")
     if not distant:
         return Choice("discriminative", {"epochs": 10, **weighting}, "large + similar -> discriminative",
                       f"With {_count(per_class, SMALL_PER_CLASS)} and {distance}, every stage can adapt a little, "
@@ -130,9 +130,9 @@ def _distance(measured: Measurements) -> tuple[bool, str]:
                          f"({_side(distant, DISTANT_CONFIDENCE)}: {'far from' if distant else 'close to'} ImageNet's photos)")
     if measured.probe_accuracy is not None:
         distant = measured.probe_accuracy < DISTANT_PROBE_ACCURACY
-        return distant, (f"a probe accuracy of {measured.probe_accuracy:.2f} on the frozen features, the backbone having "
-                         f"no ImageNet classifier ({_side(distant, DISTANT_PROBE_ACCURACY)}: "
-                         f"{'far from' if distant else 'close to'} its pretraining)")
+        return distant, (f"a probe accuracy of {measured.probe_accuracy:.2f} on the frozen features "
+                         f"({_side(distant, DISTANT_PROBE_ACCURACY)}: {'far from' if distant else 'close to'} "
+                         "the backbone's pretraining)")
     return True, "no measure of the distance from the backbone's pretraining (taken as far)"
 
 
