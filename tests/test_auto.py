@@ -1,11 +1,19 @@
-"""`auto`: the rule, and the measurements on real images."""
+"""`auto`: the rule (torch-free), and the measurements on real images."""
 
 import dataclasses
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 
 import graft
-from graft.strategies.auto import (
+from graft.strategies import auto_rule
+from graft.strategies.auto_rule import (
     DISTANT_CONFIDENCE,
     Measurements,
     ViewScore,
@@ -79,7 +87,7 @@ def test_few_distant_images_get_lp_ft_on_the_top_stages_from_cached_prefix_outpu
     choice = choose(_measured(20, 0.2))
     assert choice.options == {"train_stages": 2, "augment": "strong", "augment_views": 8, "lr_decay": 0.5,
                               "epochs": 12, "patience": 12}
-    assert "five seeds" in choice.reason
+    assert "top 2 stages" in choice.reason and "8 strongly augmented views" in choice.reason
 
 
 def test_rule_falls_back_to_the_probe_and_weights_imbalanced_classes():
@@ -88,13 +96,80 @@ def test_rule_falls_back_to_the_probe_and_weights_imbalanced_classes():
     assert choose(_measured(20, 0.8, imbalance=5.0)).options["class_weighting"] == "balanced"
 
 
+# One cell per branch of the rule, and each distance measure: (images per class, ImageNet
+# confidence, probe accuracy, pooling) -> (strategy, the rule's cell).
+RULE_CELLS = [
+    ((20, 0.24, 0.8, "grid-3"), ("feature-extract", "few + the grid's layout -> feature-extract")),
+    ((20, 0.62, 0.8, "avg"), ("feature-extract", "small + similar -> feature-extract")),
+    ((5, 0.24, 0.8, "avg"), ("feature-extract", "very few + distant -> feature-extract")),
+    ((20, 0.24, 0.8, "avg"), ("lp-ft", "few + distant -> lp-ft on the top stages")),
+    ((60, 0.24, 0.8, "avg"), ("partial", "small + distant -> partial")),
+    ((80, 0.24, 0.8, "grid"), ("partial", "small + distant -> partial")),
+    ((500, 0.62, 0.8, "avg"), ("discriminative", "large + similar -> discriminative")),
+    ((1000, 0.24, 0.8, "avg"), ("partial", "large + distant, under 2000 per class -> partial")),
+    ((2000, 0.24, 0.8, "avg"), ("full", "large + distant -> full")),
+    ((60, None, 0.6, "avg"), ("partial", "small + distant -> partial")),
+    ((60, None, 0.93, "avg"), ("feature-extract", "small + similar -> feature-extract")),
+    ((60, None, None, "avg"), ("partial", "small + distant -> partial")),
+]
+
+
+def _cell(per_class: float, confidence: float | None, probe: float | None, pooling: str) -> Measurements:
+    return Measurements(num_classes=10, images_per_class=per_class, imbalance=1.0, imagenet_confidence=confidence,
+                        probe_accuracy=probe, pooling=pooling)
+
+
+@pytest.mark.parametrize("cell, expected", RULE_CELLS)
+def test_each_reason_is_one_sentence_of_what_was_measured_on_the_data(cell, expected):
+    measured = _cell(*cell)
+    choice = choose(measured)
+    assert (choice.strategy, choice.rule) == expected
+    reason = choice.reason
+    assert reason[0].isupper() and reason.endswith(".") and ". " not in reason and ";" not in reason, reason
+    # The data's own figures are in it: its size, and what decided beside it (the distance, or
+    # the grid that won over the average)...
+    per_class, confidence, probe, pooling = cell
+    figure = f"{confidence:.2f}" if confidence is not None else (f"{probe:.2f}" if probe is not None else "no measure")
+    decided = f"{pooling} pooling" if choice.rule.startswith("few + the grid") else figure
+    assert f"{per_class:g} images per class" in reason and decided in reason, reason
+    # ...and every number in it is one of them, a threshold of the rule, a setting of the choice or
+    # the pooling's name: no benchmark figures.
+    thresholds = {f"{getattr(auto_rule, name):g}" for name in ("SMALL_PER_CLASS", "FEW_PER_CLASS", "LP_FT_PER_CLASS",
+                                                               "FULL_PER_CLASS", "DISTANT_CONFIDENCE", "DISTANT_PROBE_ACCURACY")}
+    settings = {str(value) for value in choice.options.values() if isinstance(value, int)}
+    allowed = {f"{per_class:g}", figure, *thresholds, *settings, *re.findall(r"\d+", measured.pooling)}
+    assert set(re.findall(r"\d+(?:\.\d+)?", reason)) <= allowed, reason
+
+
+def test_the_rule_runs_without_torch_or_numpy():
+    """`auto_rule` is plain Python: with torch and numpy unimportable it gives the same choices."""
+    code = textwrap.dedent("""
+        import json, sys
+        sys.modules["torch"] = sys.modules["numpy"] = None  # importing either now fails
+        from graft.strategies.auto_rule import Measurements, ViewScore, choose, first_wins
+        cells = json.loads(sys.argv[1])
+        choices = [choose(Measurements(10, n, 1.0, c, p, pooling=pooling)) for n, c, p, pooling in cells]
+        within = first_wins(ViewScore(0.5, 0.6, (True, False)), ViewScore(0.5, 0.7, (False, True)))
+        beyond = first_wins(ViewScore(0.4, 0.9, (False,) * 6 + (True,) * 4), ViewScore(1.0, 0.1, (True,) * 10))
+        print(json.dumps({"choices": [[c.strategy, c.options, c.reason] for c in choices], "first_wins": [within, beyond]}))
+    """)
+    cells = [cell for cell, _ in RULE_CELLS]
+    src = str(Path(graft.__file__).parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-c", code, json.dumps(cells)], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    answer = json.loads(result.stdout)
+    assert answer["choices"] == [[c.strategy, c.options, c.reason] for c in (choose(_cell(*cell)) for cell in cells)]
+    assert answer["first_wins"] == [[True, "log-loss"], [False, "accuracy"]]
+
+
 def test_auto_measures_real_images_and_says_why(fashion_folder, tmp_path, monkeypatch):
-    import graft.strategies.auto as auto_module
+    import graft.strategies.auto_measure as measure_module
 
     def no_second_probe(*args, **kwargs):
         raise AssertionError("a cross-validated probe was fitted although the framing probe had measured it")
 
-    monkeypatch.setattr(auto_module, "_probe_accuracy", no_second_probe)
+    monkeypatch.setattr(measure_module, "_probe_accuracy", no_second_probe)
     run = graft.train(fashion_folder, out=tmp_path / "auto", strategy="auto", epochs=2, verbose=False, cache_dir=str(tmp_path / "c"))
     auto = run.metrics["auto"]
     measured = auto["measured"]

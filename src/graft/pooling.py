@@ -12,7 +12,7 @@ scikit-learn's `LogisticRegression` at its default C on 200 training images; doc
 mean test accuracy 0.797 with the average, 0.813 / 0.817 with 2x2 / 3x3 grids. Where an object
 can be anywhere in the frame (photos of ImageNet-like things) the average may be the better
 summary (not measured: nothing offline is such a labelled set), so `auto` measures which fits the
-data (`graft.strategies.auto.choose_pooling`).
+data (`graft.strategies.auto_measure.choose_pooling`).
 
 `pooling="grid-2"` adds the same grid of the output of the stage before the last (`graft.stages`):
 for EfficientNet-Lite0, `blocks.5` (192 x 7 x 7) beside the final 1 280-channel map, 13 248
