@@ -38,6 +38,7 @@ _EXPORTS = {
     "DataError": "graft.errors",
     "GraftError": "graft.errors",
     "ImageError": "graft.errors",
+    "OutputError": "graft.errors",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -34,3 +34,9 @@ class BackboneError(GraftError):
 
 class BundleError(GraftError):
     """A saved bundle is missing, incomplete, or from an incompatible graft version."""
+
+
+class OutputError(GraftError, OSError):
+    """A file or folder graft should write cannot be: a file in the way, no permission, disk full,
+    or a folder that holds what graft did not write (graft never deletes that). An `OSError` too,
+    so code that tolerates a failed write (an optional cache file) keeps doing so."""

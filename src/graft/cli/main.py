@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(error, (typer.Exit, _click_class("Exit"))):
             return int(getattr(error, "exit_code", 0))
         if isinstance(error, (typer.Abort, _click_class("Abort"))):
+            print("graft: interrupted", file=sys.stderr)  # Ctrl-C, turned into Abort by click
             return 130
         if isinstance(error, _usage_error_classes()):
             error.show()
