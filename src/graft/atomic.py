@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -33,8 +34,11 @@ def atomic_path(target: Path) -> Iterator[Path]:
                 os.fsync(handle.fileno())
         os.replace(temporary, target)
         _fsync_dir(target.parent)
-    except OSError as error:
-        raise _output_error(target, error) from error
+    except Exception as error:
+        failed_write = _output_error(target, error)
+        if failed_write is error:
+            raise
+        raise failed_write from error
     finally:
         if temporary.is_dir():
             shutil.rmtree(temporary, ignore_errors=True)
@@ -88,16 +92,26 @@ def atomic_dir(target: Path) -> Iterator[Path]:
         else:
             os.replace(temporary, target)
         _fsync_dir(target.parent)
-    except OSError as error:
-        raise _output_error(target, error) from error
+    except Exception as error:
+        failed_write = _output_error(target, error)
+        if failed_write is error:
+            raise
+        raise failed_write from error
     finally:
         if temporary.exists():
             shutil.rmtree(temporary, ignore_errors=True)
 
 
-def _output_error(target: Path, error: OSError) -> OSError | OutputError:
+def _output_error(target: Path, error: Exception) -> Exception:
+    """A failed write as `OutputError` naming `target`; any other exception unchanged."""
     if isinstance(error, OutputError):
         return error
+    if not isinstance(error, OSError):
+        # safetensors (Rust) reports a failed write as "... I/O error: ... (os error 28)".
+        found = re.search(r"\(os error (\d+)\)", str(error))
+        if found is None:
+            return error
+        error = OSError(int(found[1]), os.strerror(int(found[1])))
     from graft.run_folder import output_error
 
     return output_error(target, error)

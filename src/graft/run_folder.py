@@ -180,13 +180,13 @@ def output_error(path: str | Path, error: OSError, option: str | None = None) ->
     where = f"{option} {path}" if option else str(path)
     reason = error.strerror or str(error)
     if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-        fix = "free some disk space (or write elsewhere) and run again"
+        fix = "free some disk space, or write elsewhere"
     elif error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         fix = "give yourself write permission there, or choose another folder"
     elif error.errno in (errno.ENOTDIR, errno.EEXIST, errno.EISDIR):
         fix = "a file stands where a folder is needed (or the reverse); choose another path"
     else:
-        fix = "check the path and run again"
+        fix = "check the path"
     return OutputError(
         f"{where}: cannot write ({reason}); the files graft wrote before are whole, since each is "
         f"written under a temporary name and renamed into place; {fix}"

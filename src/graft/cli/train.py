@@ -80,7 +80,7 @@ def train(
         print(f"graft: interrupted; {continue_hint(ctx, out, before, resume)}", file=sys.stderr)
         raise typer.Exit(130) from None
     except OutputError as error:
-        if not isinstance(error.__cause__, OSError):
+        if error.__cause__ is None:
             raise  # a refusal before the run began: nothing to continue
         raise OutputError(f"{error}; then {continue_hint(ctx, out, before, resume)}") from error
     typer.echo(f"accuracy {result.metrics['accuracy']:.4f}  bundle {result.bundle_dir}")
