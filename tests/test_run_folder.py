@@ -204,3 +204,17 @@ def test_ctrl_c_prints_one_line_with_the_resume_command(fashion_folder, tmp_path
     resumed = _graft(*command[1:])
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads((out / "metrics.json").read_text())["epochs_run"] == 3
+
+
+def test_ctrl_c_in_any_command_is_one_line_and_exit_130(monkeypatch, capsys):
+    """The interrupt reaches typer, which turns it into an exit code; graft still says why it stopped."""
+    import graft.api
+    from graft.cli.main import main
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(graft.api, "inspect", interrupted)
+    assert main(["inspect", "efficientnet_lite0"]) == 130
+    captured = capsys.readouterr()
+    assert captured.err.strip() == "graft: interrupted" and captured.out == ""

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import shlex
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 import typer
 
 from graft.backbones import DEFAULT_BACKBONE
-from graft.cli import options
+from graft.cli import Interrupted, options
 
 if TYPE_CHECKING:
     from graft.run_folder import OwnedFolder
@@ -77,8 +76,7 @@ def train(
     try:
         result = train_with_config(config, reporter=Reporter(verbose=not quiet), resume=resume, overwrite=overwrite)
     except KeyboardInterrupt:
-        print(f"graft: interrupted; {continue_hint(ctx, out, before, resume)}", file=sys.stderr)
-        raise typer.Exit(130) from None
+        raise Interrupted(continue_hint(ctx, out, before, resume)) from None
     except OutputError as error:
         if error.__cause__ is None:
             raise  # a refusal before the run began: nothing to continue
