@@ -251,7 +251,11 @@ def _remove_entry(entry: Path) -> None:
 
 
 def _foreign_entries(folder: Path) -> list[str]:
-    return sorted(entry.name for entry in folder.iterdir() if entry.name not in _SYSTEM_LITTER)
+    def ignorable(name: str) -> bool:  # a file manager's litter, or a manifest's write cut short by a kill
+        temporary = _TEMPORARY.match(name)
+        return name in _SYSTEM_LITTER or (temporary is not None and temporary["name"] == MANIFEST_NAME)
+
+    return sorted(entry.name for entry in folder.iterdir() if not ignorable(entry.name))
 
 
 def _free_sibling(folder: Path) -> Path:
