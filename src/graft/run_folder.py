@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from graft.errors import OutputError
+from graft.errors import ConfigError, OutputError
 
 MANIFEST_NAME = "graft-manifest.json"
 # What a run writes into its folder (graft.api, graft.checkpoint, graft.report).
@@ -80,6 +80,8 @@ def read_manifest(folder: str | Path) -> OwnedFolder | None:
 
 def check_folder(path: str | Path, *, kind: str, overwrite: bool = False, resume: bool = False, option: str = "--out") -> None:
     """Refuse (`OutputError`) where `claim_folder` would; reads only, writes nothing."""
+    if overwrite and resume:
+        raise ConfigError("--resume continues the run in --out and --overwrite replaces it: choose one")
     folder = Path(path)
     _check_place(folder, option)
     if not folder.exists():
