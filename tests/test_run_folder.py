@@ -67,6 +67,10 @@ def test_a_run_is_replaced_only_with_overwrite_and_only_its_own_files(fashion_fo
     out = tmp_path / "run"
     first = graft.train(fashion_folder, out=out, epochs=1, verbose=False)
     first_id = read_manifest(out).run_id
+    from graft.export import export_onnx
+
+    # Exported beside the bundle by default: the run's file, so it goes with the run.
+    assert export_onnx(first.bundle_dir, check_images=sorted(fashion_folder.rglob("*.png"))[:2]).path == out / "model.onnx"
     finished = _tree(out)
     with pytest.raises(OutputError, match=r"holds a graft run already.*--overwrite.*--resume"):
         graft.train(fashion_folder, out=out, epochs=1, seed=1, verbose=False)
@@ -74,7 +78,7 @@ def test_a_run_is_replaced_only_with_overwrite_and_only_its_own_files(fashion_fo
     (out / "notes.txt").write_text("mine")
     second = graft.train(fashion_folder, out=out, epochs=1, seed=1, overwrite=True, verbose=False)
     assert read_manifest(out).run_id != first_id
-    assert (out / "notes.txt").read_text() == "mine"
+    assert (out / "notes.txt").read_text() == "mine" and not (out / "model.onnx").exists()
     assert json.loads((out / "config.json").read_text())["seed"] == 1
     assert json.loads((out / "split.json").read_text())["seed"] == 1
     assert second.metrics["num_train"] == first.metrics["num_train"]
