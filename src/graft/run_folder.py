@@ -130,9 +130,8 @@ def claim_folder(
     check_folder(path, kind=kind, overwrite=overwrite, resume=resume, option=option)
     folder = Path(path)
     with _writing(folder, option):
-        if resume:
-            owned = read_manifest(folder)
-            assert owned is not None  # check_folder refused otherwise
+        owned = read_manifest(folder) if resume else None
+        if owned is not None:
             owned.record(files)
             return owned
         if read_manifest(folder) is not None:
