@@ -17,10 +17,8 @@ import pytest
 
 import graft
 from graft.errors import OutputError
-from graft.run_folder import MANIFEST_NAME, claim_folder, read_manifest, remove_owned
-
-sys.path.insert(0, str(Path(__file__).parent))
-from test_resume import _kill_after_first_checkpoint  # noqa: E402
+from graft.run_folder import claim_folder, read_manifest, remove_owned
+from test_resume import _kill_after_first_checkpoint
 
 
 def _graft(*args: object, **kwargs) -> subprocess.CompletedProcess:
