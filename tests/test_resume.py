@@ -113,6 +113,27 @@ def test_resume_refuses_changed_options_and_missing_runs(fashion_folder, tmp_pat
         graft.train(fashion_folder, out=out, epochs=3, resume=True, verbose=False)
 
 
+def test_resume_names_the_data_that_changed(fashion_folder, tmp_path):
+    import shutil
+
+    from graft.errors import DataError
+
+    data, out = tmp_path / "data", tmp_path / "run"
+    shutil.copytree(fashion_folder, data)
+    options = ["--strategy", "feature-extract", "--epochs", "100", "--patience", "100"]
+    _kill_after_first_checkpoint(["train", data, "--out", out, "--quiet", *options], out)
+    resume = dict(strategy="feature-extract", epochs=100, patience=100, resume=True, verbose=False)
+    first_class = sorted(p.name for p in data.iterdir())[0]
+    shutil.copytree(data / first_class, data / "coat")
+    with pytest.raises(DataError, match=r"changed since the run .* started \(classes added: coat; \d+ images added"):
+        graft.train(data, out=out, **resume)
+    shutil.rmtree(data / "coat")
+    gone = sorted((data / first_class).iterdir())[0]
+    gone.unlink()
+    with pytest.raises(DataError, match=rf"image removed \({first_class}/{gone.name}\)"):
+        graft.train(data, out=out, **resume)
+
+
 def test_checkpoint_of_a_newer_format_is_refused(tmp_path):
     folder = tmp_path / CHECKPOINT_DIR
     folder.mkdir()

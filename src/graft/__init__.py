@@ -38,6 +38,7 @@ _EXPORTS = {
     "DataError": "graft.errors",
     "GraftError": "graft.errors",
     "ImageError": "graft.errors",
+    "OutputError": "graft.errors",
     "TrainingError": "graft.errors",
 }
 

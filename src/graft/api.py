@@ -47,36 +47,48 @@ class RunResult:
         return load_bundle(self.bundle_dir)
 
 
-def train(data: str | Path, out: str | Path, *, verbose: bool = True, resume: bool = False, **options: Any) -> RunResult:
+def train(
+    data: str | Path, out: str | Path, *, verbose: bool = True, resume: bool = False, overwrite: bool = False, **options: Any
+) -> RunResult:
     """Adapt a pretrained backbone to the labelled images in `data`; write the run to `out`.
 
     Options are the fields of `TrainConfig` (`backbone`, `strategy`, `head`, `epochs`, `lr`,
     `augment_views`, `seed`, ...). Returns the run folder, bundle folder and metrics.
-    `resume=True` continues an interrupted run in `out` from its last checkpointed epoch (the
-    options must be the run's own).
+    `out` must be a new or empty folder, or hold a graft run: `resume=True` continues it from its
+    last checkpointed epoch (the options must be the run's own), `overwrite=True` replaces it.
     """
     config = TrainConfig(data=str(data), out=str(out), **options)
-    return train_with_config(config, reporter=Reporter(verbose), resume=resume)
+    return train_with_config(config, reporter=Reporter(verbose), resume=resume, overwrite=overwrite)
 
 
-def train_with_config(config: TrainConfig, *, reporter: Reporter = QUIET, resume: bool = False) -> RunResult:
+def train_with_config(
+    config: TrainConfig, *, reporter: Reporter = QUIET, resume: bool = False, overwrite: bool = False
+) -> RunResult:
     """`train`, from a ready `TrainConfig` (what `config.json` holds).
 
     A checkpoint is written to `RUN/checkpoint/` after every epoch and removed when the run is
-    done; `resume=True` continues from it (see `graft.checkpoint`).
+    done; `resume=True` continues from it (see `graft.checkpoint`). The run folder is graft's
+    (`graft.run_folder`): a folder holding anything graft did not write is refused untouched, and
+    an earlier run in it is replaced only with `overwrite=True`, its files removed first.
     """
-    from graft.checkpoint import prepare_checkpoints
+    from graft.checkpoint import check_same_data, prepare_checkpoints
     from graft.preflight import check_options
+    from graft.run_folder import RUN_FILES, check_folder, check_writable_folder, claim_folder
 
     started = time.perf_counter()
     strategy = get_strategy(config.strategy)
     check_options(config)
+    run_dir = Path(config.out)
+    if distributed.launcher_rank() == 0:  # the other ranks never write, and rank 0 may claim it first
+        check_folder(run_dir, kind="run", overwrite=overwrite, resume=resume)
+    cache_root = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
+    check_writable_folder(cache_root, "--cache-dir")
     checkpoints = prepare_checkpoints(config, resume=resume, warn=reporter.warn)
     seed_everything(config.seed)
-    run_dir = Path(config.out)
-    run_dir.mkdir(parents=True, exist_ok=True)
 
     dataset = load_dataset(config.data, val_fraction=config.val_fraction, seed=config.seed, on_bad_image=config.on_bad_image)
+    if resume:
+        check_same_data(run_dir, config.data, dataset.split_record())
     for warning in dataset.warnings:
         reporter.warn(warning)
     for bad in dataset.bad_images:
@@ -101,7 +113,6 @@ def train_with_config(config: TrainConfig, *, reporter: Reporter = QUIET, resume
     main_rank = distributed.is_main()
     if not main_rank:
         reporter = QUIET  # one voice, one set of files: rank 0's
-    cache_root = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
     precision = resolve_precision(config.precision, device)
     precision_measured = None
     if config.precision == "auto" and precision == "bf16" and device.type == "cpu":
@@ -133,6 +144,8 @@ def train_with_config(config: TrainConfig, *, reporter: Reporter = QUIET, resume
         resolved = {"device": str(device), "precision": precision, "bn_stats": config.bn_stats, "compile": compile_backbone}
         if precision_measured is not None:
             resolved["precision_measured"] = precision_measured
+        # An earlier run's files go (with overwrite) before this run's first file is written.
+        claim_folder(run_dir, kind="run", files=RUN_FILES, overwrite=overwrite, resume=resume)
         write_json(run_dir / "config.json", {**config_as_given.to_dict(), "resolved": resolved})
         write_json(run_dir / "split.json", dataset.split_record())
     history_path = run_dir / "history.jsonl"

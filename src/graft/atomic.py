@@ -3,6 +3,8 @@
 Everything graft writes into a run folder goes through here. The content is written under a
 temporary name in the same folder, flushed to disk, then renamed over the target (a rename is
 atomic on POSIX file systems), so a crash or a SIGKILL leaves either the old file or the new one.
+A write that fails (disk full, no permission) raises `OutputError` naming the target; the
+temporary is removed and the target is left as it was.
 """
 
 from __future__ import annotations
@@ -11,25 +13,33 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
 from typing import Any, Iterator
+
+from graft.errors import OutputError
 
 
 @contextlib.contextmanager
 def atomic_path(target: Path) -> Iterator[Path]:
     """Yield a temporary path beside `target`; on success it is fsynced and renamed to `target`."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
     temporary = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
         yield temporary
         if temporary.is_file():
             with temporary.open("rb") as handle:
                 os.fsync(handle.fileno())
         os.replace(temporary, target)
         _fsync_dir(target.parent)
+    except Exception as error:
+        failed_write = _output_error(target, error)
+        if failed_write is error:
+            raise
+        raise failed_write from error
     finally:
         if temporary.is_dir():
             shutil.rmtree(temporary, ignore_errors=True)
@@ -67,11 +77,25 @@ def _first_non_finite(data: Any, where: str = "") -> str | None:
 
 @contextlib.contextmanager
 def atomic_dir(target: Path) -> Iterator[Path]:
-    """Yield a temporary folder; on success it replaces `target` (an older one is removed first)."""
+    """Yield a temporary folder; on success it replaces `target` (an older one is removed first).
+
+    An existing `target` is replaced only where graft wrote it (`graft.run_folder.may_replace`:
+    its folder's manifest lists it); any other is refused with `OutputError`, before any work.
+    """
+    from graft.run_folder import may_replace
+
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists() and not may_replace(target):
+        raise OutputError(
+            f"{target} exists and graft did not write it (no graft manifest beside it lists it), so it is "
+            "not replaced; move it away or write somewhere else"
+        )
     temporary = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
-    temporary.mkdir()
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        temporary.mkdir()
+    except OSError as error:
+        raise _output_error(target, error) from error
     try:
         yield temporary
         for path in temporary.iterdir():
@@ -88,9 +112,29 @@ def atomic_dir(target: Path) -> Iterator[Path]:
         else:
             os.replace(temporary, target)
         _fsync_dir(target.parent)
+    except Exception as error:
+        failed_write = _output_error(target, error)
+        if failed_write is error:
+            raise
+        raise failed_write from error
     finally:
         if temporary.exists():
             shutil.rmtree(temporary, ignore_errors=True)
+
+
+def _output_error(target: Path, error: Exception) -> Exception:
+    """A failed write as `OutputError` naming `target`; any other exception unchanged."""
+    if isinstance(error, OutputError):
+        return error
+    if not isinstance(error, OSError):
+        # safetensors (Rust) reports a failed write as "... I/O error: ... (os error 28)".
+        found = re.search(r"\(os error (\d+)\)", str(error))
+        if found is None:
+            return error
+        error = OSError(int(found[1]), os.strerror(int(found[1])))
+    from graft.run_folder import output_error
+
+    return output_error(target, error)
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -389,3 +389,50 @@ def remove_temporaries(run_dir: Path) -> None:
             shutil.rmtree(path, ignore_errors=True)
         else:
             path.unlink(missing_ok=True)
+
+
+def check_same_data(run_dir: Path, data: str | Path, record: Mapping[str, Any]) -> None:
+    """Refuse (`DataError`) to resume on data that differs from the run's `split.json`, naming how.
+
+    A resumed run must see the images it started with: other classes change the head's shape,
+    other files change the batches, and neither could continue the checkpointed epoch.
+    """
+    from graft.errors import DataError
+
+    saved_path = Path(run_dir) / "split.json"
+    try:
+        saved = json.loads(saved_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return  # the run stopped before writing it: it starts from the beginning anyway
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise DataError(f"--resume: {saved_path} cannot be read ({error}); train again without --resume") from None
+    changes = []
+    old_classes, new_classes = list(saved.get("class_names", [])), list(record["class_names"])
+    added, removed = [c for c in new_classes if c not in old_classes], [c for c in old_classes if c not in new_classes]
+    if added:
+        changes.append(f"classes added: {', '.join(added)}")
+    if removed:
+        changes.append(f"classes removed: {', '.join(removed)}")
+    if not added and not removed and old_classes != new_classes:
+        changes.append(f"class order changed: was {', '.join(old_classes)}, now {', '.join(new_classes)}")
+
+    def labelled(split: Mapping[str, Any]) -> dict[str, str]:
+        return {str(path): str(label) for part in ("train", "val") for path, label in split.get(part, [])}
+
+    old_files, new_files = labelled(saved), labelled(record)
+    for what, names in (
+        ("images added", sorted(set(new_files) - set(old_files))),
+        ("images removed", sorted(set(old_files) - set(new_files))),
+        ("images relabelled", sorted(p for p in set(old_files) & set(new_files) if old_files[p] != new_files[p])),
+    ):
+        if names:
+            count = f"{len(names)} {what}" if len(names) > 1 else what.replace("images", "image")
+            changes.append(f"{count} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})")
+    if not changes and (saved.get("train"), saved.get("val")) != (record["train"], record["val"]):
+        changes.append("the same images are split differently between training and validation")
+    if changes:
+        raise DataError(
+            f"--resume: the data in {data} changed since the run in {run_dir} started "
+            f"({'; '.join(changes)}); put the data back as it was to resume, or train again with --overwrite "
+            "(or into a new --out)"
+        )

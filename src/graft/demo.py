@@ -7,7 +7,6 @@ disjoint holdout folder and predicts a few images, exactly as a user would.
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import numpy as np
 from rich.text import Text
 
 from graft.console import Reporter
+from graft.errors import OutputError
 from graft.sample_data import ImageSet, fashion_mnist_available, load_fashion_mnist, load_mnist5k, sample_per_class, write_image_folder
 
 
@@ -42,21 +42,35 @@ def build_demo_data(root: Path, *, per_class: int = 30, holdout_per_class: int =
         holdout_idx = sample_per_class(holdout_source.labels, holdout_per_class, rng, exclude=set(train_idx.tolist()))
     data_dir, holdout_dir = root / "data", root / "holdout"
     for folder in (data_dir, holdout_dir):
-        shutil.rmtree(folder, ignore_errors=True)
+        if folder.exists():  # never deleted here: `run_demo` clears only a demo folder graft wrote
+            raise OutputError(f"{folder} exists already; give a folder without data/ and holdout/ in it")
     write_image_folder(train_source, train_idx, data_dir)
     write_image_folder(holdout_source, holdout_idx, holdout_dir)
     return train_source.name, data_dir, holdout_dir
 
 
-def run_demo(root: str | Path = "graft-demo", *, reporter: Reporter | None = None, per_class: int = 30, holdout_per_class: int = 20) -> DemoResult:
-    """Build the demo task under `root`, then train → evaluate → predict on it."""
+def run_demo(
+    root: str | Path = "graft-demo",
+    *,
+    reporter: Reporter | None = None,
+    per_class: int = 30,
+    holdout_per_class: int = 20,
+    overwrite: bool = False,
+) -> DemoResult:
+    """Build the demo task under `root`, then train → evaluate → predict on it.
+
+    `root` is a graft folder (`graft.run_folder`): new or empty, or an earlier demo that
+    `overwrite=True` replaces; a folder holding anything else is refused untouched.
+    """
     from graft.api import evaluate, predict, train_with_config
     from graft.config import TrainConfig
     from graft.ranges import Range, check_number
+    from graft.run_folder import claim_folder
 
     check_number("--per-class", per_class, Range(int, 2, None, hint="(a fifth of them, at least 1, is held out)"))
     reporter = reporter or Reporter()
     root = Path(root)
+    claim_folder(root, kind="demo", files=["data", "holdout", "run", "cache"], overwrite=overwrite)
     name, data_dir, holdout_dir = build_demo_data(root, per_class=per_class, holdout_per_class=holdout_per_class)
     reporter.say(_step(
         "1. data", f"{per_class} {name} images per class written to {data_dir} "

@@ -41,6 +41,11 @@ def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def launcher_rank() -> int:
+    """This process's rank as the launcher set it (`RANK`), known before `setup()` joins the group."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def active() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 

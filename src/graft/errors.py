@@ -42,3 +42,9 @@ class BundleError(GraftError):
 
 class TrainingError(GraftError):
     """Training cannot go on: the loss or the weights stopped being finite numbers (it diverged)."""
+
+
+class OutputError(GraftError, OSError):
+    """A file or folder graft should write cannot be: a file in the way, no permission, disk full,
+    or a folder that holds what graft did not write (graft never deletes that). An `OSError` too,
+    so code that tolerates a failed write (an optional cache file) keeps doing so."""

@@ -110,6 +110,11 @@ def export_onnx(
         f"output {OUTPUT_NAME!r}: logits (N, classes) in graft.class_names order."
     )
     onnx.checker.check_model(proto)
+    from graft.run_folder import read_manifest
+
+    run_folder = read_manifest(target.parent)
+    if run_folder is not None:  # model.onnx beside a run's bundle is the run's: --overwrite removes it too
+        run_folder.record([target.name])
     with atomic_path(target) as temporary:
         temporary.write_bytes(proto.SerializeToString())
     return ExportResult(

@@ -13,7 +13,7 @@ from graft.backbones import DEFAULT_BACKBONE
 def compare(
     data: Path = typer.Argument(..., help="Image folder (one sub-folder per class) or a path,label CSV."),
     strategies: str = typer.Option("feature-extract,partial", help="Comma-separated strategy names to run."),
-    out: Path = typer.Option(..., "--out", "-o", help="Folder for compare.html, compare.json and one run folder per strategy."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for compare.html, compare.json and one run folder per strategy: a new or empty folder, or a comparison to --overwrite."),
     backbone: str = typer.Option(DEFAULT_BACKBONE, help="timm model name (bundled offline: efficientnet_lite0/1/2)."),
     epochs: int = typer.Option(10, help="The epoch budget, the same for every strategy."),
     seed: int = typer.Option(0, help="Seed of the split, augmentation and initialisation, the same for every strategy."),
@@ -24,13 +24,14 @@ def compare(
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, mps."),
     cache_dir: Optional[Path] = typer.Option(None, help="Feature cache folder (default: $GRAFT_CACHE_DIR or ~/.cache/graft)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing but errors."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the comparison in --out: its files are removed first (files graft did not write are never touched)."),
 ) -> None:
     """Train several strategies on the same split, budget and seed; write one comparison report."""
     from graft.console import Reporter
     from graft.report.compare import compare as run_compare
 
     result = run_compare(
-        data, strategies, out, reporter=Reporter(verbose=not quiet), backbone=backbone, epochs=epochs,
+        data, strategies, out, reporter=Reporter(verbose=not quiet), overwrite=overwrite, backbone=backbone, epochs=epochs,
         seed=seed, augment=augment, batch_size=batch_size, val_fraction=val_fraction,
         on_bad_image=on_bad_image, device=device, cache_dir=str(cache_dir) if cache_dir else None,
     )

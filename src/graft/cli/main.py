@@ -10,6 +10,8 @@ from graft.cli import demo, evaluate, inspect, predict, train
 from graft.cli import compare, show_features
 from graft.cli import export, serve
 
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
+
 app = typer.Typer(
     name="graft",
     help="Transfer learning on images: adapt a pretrained backbone to your labelled images, offline.",
@@ -30,6 +32,7 @@ app.command(name="serve")(serve.serve)
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code (0 ok, 1 some inputs failed, 2 usage or data error)."""
+    from graft.cli import Interrupted
     from graft.errors import GraftError
 
     try:
@@ -38,8 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     except GraftError as error:
         print(f"graft: error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("graft: interrupted", file=sys.stderr)
+    except (KeyboardInterrupt, Interrupted) as interrupt:
+        print(f"graft: interrupted{'; ' + str(interrupt) if isinstance(interrupt, Interrupted) else ''}", file=sys.stderr)
         return 130
     except SystemExit as exit_:
         return int(exit_.code or 0)
@@ -47,11 +50,14 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(error, (typer.Exit, _click_class("Exit"))):
             return int(getattr(error, "exit_code", 0))
         if isinstance(error, (typer.Abort, _click_class("Abort"))):
+            print("graft: interrupted", file=sys.stderr)
             return 130
         if isinstance(error, _usage_error_classes()):
             error.show()
             return 2
         raise
+    if code == EXIT_INTERRUPTED:  # typer returns Ctrl-C as this code: no command exits with it
+        print("graft: interrupted", file=sys.stderr)
     return code if isinstance(code, int) else 0
 
 

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 
 from graft.backbones import DEFAULT_BACKBONE
-from graft.cli import options
+from graft.cli import Interrupted, options
+
+if TYPE_CHECKING:
+    from graft.run_folder import OwnedFolder
 
 
 def train(
+    ctx: typer.Context,
     data: Path = typer.Argument(..., help="Folder with one sub-folder per class (split folders train/, valid/ and a held-out test/ used if present, any case), or a CSV of path,label."),
-    out: Path = typer.Option(Path("runs/graft"), "--out", "-o", help="Run folder to write (config, history, metrics, bundle)."),
+    out: Path = typer.Option(Path("runs/graft"), "--out", "-o", help="Run folder to write (config, history, metrics, bundle): a new or empty folder, or a graft run to --resume or --overwrite."),
     backbone: str = typer.Option(DEFAULT_BACKBONE, help="Any timm model name; bundled offline: efficientnet_lite0/1/2."),
     weights: Optional[Path] = typer.Option(None, help="Local state-dict file for the backbone (safetensors or torch)."),
     strategy: str = typer.Option("feature-extract", help="Adaptation strategy (see `graft inspect --strategy`)."),
@@ -48,11 +53,14 @@ def train(
     cache_dir: Optional[Path] = typer.Option(None, help="Feature cache folder (default: $GRAFT_CACHE_DIR or ~/.cache/graft)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing but errors."),
     resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run in --out from its last checkpointed epoch (same options)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the graft run in --out: its files are removed first (files graft did not write are never touched)."),
 ) -> None:
     """Train a classifier on DATA and write the run folder (with its bundle) to --out."""
     from graft.api import train_with_config
     from graft.config import TrainConfig
     from graft.console import Reporter
+    from graft.errors import OutputError
+    from graft.run_folder import read_manifest
 
     config = TrainConfig(
         data=str(data), out=str(out), backbone=backbone, weights=str(weights) if weights else None,
@@ -64,5 +72,41 @@ def train(
         class_weighting=class_weighting, crop_pct=crop_pct, pooling=pooling, head_solver=head_solver, precision=precision, device=device, compile=compile_mode,
         cache_dir=str(cache_dir) if cache_dir else None,
     )
-    result = train_with_config(config, reporter=Reporter(verbose=not quiet), resume=resume)
+    before = read_manifest(out)
+    try:
+        result = train_with_config(config, reporter=Reporter(verbose=not quiet), resume=resume, overwrite=overwrite)
+    except KeyboardInterrupt:
+        raise Interrupted(continue_hint(ctx, out, before, resume)) from None
+    except OutputError as error:
+        if error.__cause__ is None:
+            raise  # a refusal before the run began: nothing to continue
+        raise OutputError(f"{error}; then {continue_hint(ctx, out, before, resume)}") from error
     typer.echo(f"accuracy {result.metrics['accuracy']:.4f}  bundle {result.bundle_dir}")
+
+
+def continue_hint(ctx: typer.Context, out: Path, before: "OwnedFolder | None", resume: bool) -> str:
+    """How to go on after a stopped run: once this run wrote its config.json, the command with --resume."""
+    from graft.run_folder import read_manifest
+
+    now = read_manifest(out)
+    started = now is not None and (resume or before is None or now.run_id != before.run_id)
+    if not started or not (out / "config.json").is_file():
+        return "the run had not started writing; run the same command again"
+    return f"continue with: {resume_command(ctx)}"
+
+
+def resume_command(ctx: typer.Context) -> str:
+    """`graft train` with this command's data and options as given, and --resume."""
+    words = ["graft", "train"]
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if param.name in ("resume", "overwrite"):
+            continue
+        if param.param_type_name == "argument":
+            words.append(str(value))
+        elif param.name == "out" or value != param.default:
+            if getattr(param, "is_flag", False):
+                words.append(param.opts[0] if value else param.secondary_opts[0])
+            else:
+                words += [param.opts[0], str(value)]
+    return shlex.join(words + ["--resume"])

@@ -5,9 +5,14 @@ seed, the same augmentation, the same epoch budget. Each runs in its own child p
 (`graft.report.compare_worker`), so the peak memory (max RSS) measured is that strategy's alone.
 
     out/
+      graft-manifest.json  what graft writes here (`graft.run_folder`)
       compare.json     one row per strategy: accuracy, macro-F1, wall time, peak memory, params
       compare.html     the table, the curves overlaid, forgetting per stage for each strategy
       STRATEGY/        each strategy's full run folder (with its own report.html)
+      STRATEGY.log     the output of that strategy's training process
+
+`out` follows the run folder's rules: a new or empty folder, or an earlier comparison replaced
+only with `overwrite=True`; a folder holding anything else is refused untouched.
 """
 
 from __future__ import annotations
@@ -75,13 +80,15 @@ def compare(
     out: str | Path,
     *,
     reporter: Reporter = QUIET,
+    overwrite: bool = False,
     **options: Any,
 ) -> Comparison:
     """Train each strategy on `data` with otherwise identical settings; write compare.json/.html.
 
     `options` are `TrainConfig` fields (`epochs`, `seed`, `augment`, `backbone`, ...); `epochs`
     defaults to `DEFAULT_COMPARE_EPOCHS` so that every strategy gets the same budget. A strategy
-    that fails is recorded with its error (its log is `out/STRATEGY/compare.log`); the others run.
+    that fails is recorded with its error (its log is `out/STRATEGY.log`); the others run.
+    `overwrite=True` replaces an earlier comparison in `out` (its files are removed first).
 
     >>> compare("photos/", "feature-extract,partial", "runs/cmp", epochs=5).rows[0].val_accuracy
     """
@@ -92,7 +99,10 @@ def compare(
     options.setdefault("epochs", DEFAULT_COMPARE_EPOCHS)
     out = Path(out)
     base = TrainConfig(data=str(data), out=str(out / names[0]), strategy=names[0], **options)
-    out.mkdir(parents=True, exist_ok=True)
+    from graft.run_folder import claim_folder
+
+    files = ["compare.json", "compare.html"] + [part for name in names for part in (name, f"{name}.log")]
+    claim_folder(out, kind="compare", files=files, overwrite=overwrite)
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="graft-compare-") as scratch:
@@ -117,12 +127,11 @@ def compare(
 
 
 def run_child(config: TrainConfig, scratch: Path) -> CompareRow:
-    """Train one strategy in a fresh Python process; its output goes to RUN/compare.log."""
+    """Train one strategy in a fresh Python process; its output goes to RUN.log beside RUN."""
     run_dir = Path(config.out)
-    run_dir.mkdir(parents=True, exist_ok=True)
     request, result = scratch / f"{config.strategy}.request.json", scratch / f"{config.strategy}.result.json"
     request.write_text(json.dumps(config.to_dict()), encoding="utf-8")
-    log_path = run_dir / "compare.log"
+    log_path = run_dir.with_name(f"{run_dir.name}.log")
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "120"}
     with log_path.open("w", encoding="utf-8") as log:
         code = subprocess.call(
