@@ -123,7 +123,11 @@ def _decoding(label: str) -> Iterator[None]:
     except UnidentifiedImageError:
         raise ImageError(label, "not an image file Pillow can read (wrong content for its name?)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageTooLargeError(label, f"refused as a decompression bomb: {exc}") from None
+        raise ImageTooLargeError(
+            label,
+            f"the image claims more pixels than graft's limit of {MAX_IMAGE_PIXELS:,} (a decompression bomb "
+            f"or a huge scan: {exc}); resize it first",
+        ) from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError(label, f"the image data is damaged or truncated ({exc})") from None
 

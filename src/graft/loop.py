@@ -205,16 +205,7 @@ def fit(
         if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
             # Before the epoch is recorded or checkpointed: what is on disk stays finite.
             raise TrainingError(divergence_message(epoch, epochs, train_loss, val_loss, optimizer))
-        record = EpochRecord(
-            epoch=epoch,
-            train_loss=round(float(train_loss), 6),
-            train_accuracy=round(float(train_acc), 6),
-            val_loss=round(float(val_loss), 6),
-            val_accuracy=round(float(val_acc), 6),
-            lr=[float(f"{g['lr']:.3g}") for g in optimizer.param_groups],
-            seconds=round(time.perf_counter() - started, 3),
-            stage_thawed=note,
-        )
+        record = epoch_record(epoch, (train_loss, train_acc), (val_loss, val_acc), optimizer, time.perf_counter() - started, note)
         history.append(record)
         improved = (val_acc > best_acc + 1e-9) or (abs(val_acc - best_acc) <= 1e-9 and val_loss < best_loss)
         if improved:
@@ -230,6 +221,22 @@ def fit(
             stopped_early = True
             break
     return FitResult(history, best_epoch, best_acc, best_loss, stopped_early, best_state)
+
+
+def epoch_record(
+    epoch: int, train: tuple[float, float], val: tuple[float, float], optimizer: torch.optim.Optimizer, seconds: float, note: str | None
+) -> EpochRecord:
+    """One line of `history.jsonl`: (loss, accuracy) of training and validation, rates, seconds."""
+    return EpochRecord(
+        epoch=epoch,
+        train_loss=round(float(train[0]), 6),
+        train_accuracy=round(float(train[1]), 6),
+        val_loss=round(float(val[0]), 6),
+        val_accuracy=round(float(val[1]), 6),
+        lr=[float(f"{g['lr']:.3g}") for g in optimizer.param_groups],
+        seconds=round(seconds, 3),
+        stage_thawed=note,
+    )
 
 
 def divergence_message(epoch: int, epochs: int, train_loss: float, val_loss: float, optimizer: torch.optim.Optimizer) -> str:
