@@ -3,8 +3,11 @@
 import csv
 import io
 import json
+import pickle
 import subprocess
 import sys
+
+import pytest
 
 
 def graft_cli(*args, check=True):
@@ -154,8 +157,6 @@ def test_inspect_and_compare_take_the_shared_options_from_the_config():
 
 
 def test_library_errors_name_parameters_and_the_cli_shows_flags(tmp_path):
-    import pytest
-
     from graft.cli.options import flag
     from graft.config import TrainConfig
     from graft.errors import ConfigError
@@ -163,6 +164,7 @@ def test_library_errors_name_parameters_and_the_cli_shows_flags(tmp_path):
     with pytest.raises(ConfigError, match=r"^lr: expected a finite number in \(0, 10\]") as refused:
         TrainConfig(data=".", out=".", lr=float("inf"))
     assert refused.value.parameter == "lr"
+    assert pickle.loads(pickle.dumps(refused.value)).parameter == "lr"  # as a worker process hands it back
     with pytest.raises(ConfigError, match="^warmup_epochs: expected a whole number") as refused:
         TrainConfig(data=".", out=".", warmup_epochs=-1)
     with pytest.raises(ConfigError, match="^strategy: 'finetune' is not one of") as refused:

@@ -23,6 +23,13 @@ class ConfigError(GraftError, ValueError):
         self.parameter = parameter
         super().__init__(f"{parameter}: {message}" if parameter else message)
 
+    def __reduce__(self) -> tuple:  # pickled (worker processes) with its parameter, not only its text
+        return (_config_error, (self.message, self.parameter))
+
+
+def _config_error(message: str, parameter: str | None) -> ConfigError:
+    return ConfigError(message, parameter=parameter)
+
 
 class DataError(GraftError):
     """The images or labels given cannot be used as they are."""

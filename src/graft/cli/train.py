@@ -56,7 +56,8 @@ def train(
 ) -> None:
     """Train a classifier on DATA and write the run folder (with its bundle) to --out.
 
-    Every option but --quiet, --resume and --overwrite is a `TrainConfig` field (name, default and help from there).
+    Every option but --quiet, --resume and --overwrite is a setting of the run, saved in its config.json
+    (graft.TrainConfig, whose fields give these options their names, defaults and help).
     """
     from graft.api import train_with_config
     from graft.console import Reporter
