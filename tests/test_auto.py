@@ -271,7 +271,7 @@ def test_an_explicit_crop_is_used_everywhere_and_not_measured(fashion_folder, ho
     scores = torch.tensor([p.score for p in bundle.predict(images.paths)])
     whole, cropped = (logits[c].softmax(1).max(1).values for c in (1.0, 0.875))
     assert (scores - whole).abs().max() < (scores - cropped).abs().max()
-    with pytest.raises(graft.ConfigError, match="--crop-pct"):
+    with pytest.raises(graft.ConfigError, match="^crop_pct: expected"):
         graft.train(fashion_folder, out=tmp_path / "bad", crop_pct=1.5, verbose=False)
 
 

@@ -3,8 +3,11 @@
 import csv
 import io
 import json
+import pickle
 import subprocess
 import sys
+
+import pytest
 
 
 def graft_cli(*args, check=True):
@@ -111,3 +114,74 @@ def test_evaluate_and_serve_choices_are_checked_before_any_work(tmp_path, capsys
     assert "--on-bad-image: 'ignore' is not one of error, skip" in _one_error_line(capsys)
     assert main(["serve", str(tmp_path / "no-bundle"), "--log-level", "verbose"]) == 2
     assert "--log-level: 'verbose' is not one of critical, error, warning, info, debug, trace" in _one_error_line(capsys)
+
+
+def _command_params(name):
+    import typer.main
+
+    from graft.cli.main import app
+
+    return {param.name: param for param in typer.main.get_command(app).commands[name].params}
+
+
+def test_train_options_are_the_config_fields_with_their_defaults_and_help():
+    import dataclasses
+
+    from graft.config import TrainConfig
+
+    params = _command_params("train")
+    fields = {field.name: field for field in dataclasses.fields(TrainConfig)}
+    assert set(params) - set(fields) == {"quiet", "resume", "overwrite"} and set(fields) <= set(params)
+    for name, field in fields.items():
+        assert field.metadata["help"] and params[name].help == field.metadata["help"], name
+        if name not in ("data", "out"):  # data is required; --out has the CLI's own default folder
+            assert params[name].default == field.default, name
+    assert params["train_bn"].opts == ["--train-bn"] and params["compile"].opts == ["--compile"]
+    shown = graft_cli("train", "--help", check=False).stdout
+    assert all(option in shown for name in fields if name != "data" for option in params[name].opts)
+
+
+def test_inspect_and_compare_take_the_shared_options_from_the_config():
+    import dataclasses
+
+    from graft.config import TrainConfig
+
+    fields = {field.name: field for field in dataclasses.fields(TrainConfig)}
+    own = {"inspect": {"strategy"}, "compare": {"out", "epochs", "seed"}}  # their own meaning or default
+    for command in ("inspect", "compare"):
+        shared = [param for name, param in _command_params(command).items() if name in fields and name not in own[command]]
+        assert len(shared) >= 7, command
+        for param in shared:
+            assert param.help == fields[param.name].metadata["help"], (command, param.name)
+            assert param.name == "data" or param.default == fields[param.name].default, (command, param.name)
+
+
+def test_library_errors_name_parameters_and_the_cli_shows_flags(tmp_path):
+    from graft.cli.options import flag
+    from graft.config import TrainConfig
+    from graft.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^lr: expected a finite number in \(0, 10\]") as refused:
+        TrainConfig(data=".", out=".", lr=float("inf"))
+    assert refused.value.parameter == "lr"
+    assert pickle.loads(pickle.dumps(refused.value)).parameter == "lr"  # as a worker process hands it back
+    with pytest.raises(ConfigError, match="^warmup_epochs: expected a whole number") as refused:
+        TrainConfig(data=".", out=".", warmup_epochs=-1)
+    with pytest.raises(ConfigError, match="^strategy: 'finetune' is not one of") as refused:
+        TrainConfig(data=".", out=".", strategy="finetune")
+    assert [flag(name) for name in ("lr", "warmup_epochs", "max_upload_bytes")] == ["--lr", "--warmup-epochs", "--max-upload-mb"]
+    result = graft_cli("train", tmp_path, "--out", tmp_path / "run", "--lr", "inf", check=False)
+    assert result.returncode == 2 and result.stderr.startswith("graft: error: --lr: expected a finite number in (0, 10] ")
+    assert result.stderr.rstrip().endswith("got inf") and len(result.stderr.splitlines()) == 1
+    result = graft_cli("train", tmp_path, "--out", tmp_path / "run", "--warmup-epochs", "-1", check=False)
+    assert result.returncode == 2 and result.stderr.startswith("graft: error: --warmup-epochs: expected a whole number")
+
+
+def test_config_checks_strategy_names_without_importing_the_strategies():
+    code = ("import sys; from graft.config import TrainConfig; TrainConfig(data='.', out='.', strategy='lp-ft'); "
+            "print(sorted(m for m in sys.modules if m.startswith('graft.strategies')))")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+    from graft import strategies
+    from graft.strategy_names import STRATEGY_NAMES
+
+    assert strategies.STRATEGY_NAMES == STRATEGY_NAMES == tuple(strategies._STRATEGY_CLASSES)

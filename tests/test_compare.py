@@ -69,7 +69,7 @@ def test_compare_html_has_the_table_curves_and_forgetting(comparison):
 
 
 def test_compare_refuses_bad_strategy_lists():
-    with pytest.raises(ConfigError, match="--strategies.*'nope'"):
+    with pytest.raises(ConfigError, match="^strategies: .*'nope'"):
         parse_strategies("feature-extract,nope")
     with pytest.raises(ConfigError, match="at least two"):
         parse_strategies("feature-extract")

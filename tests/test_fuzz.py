@@ -163,7 +163,7 @@ def _valid_or_named(options: dict) -> None:
     try:
         config = TrainConfig(data=".", out=".", **options)
     except ConfigError as error:
-        named = [name for name in options if str(error).startswith("--" + name.replace("_", "-") + ": expected ")]
+        named = [name for name in options if str(error).startswith(name + ": expected ") and error.parameter == name]
         assert named, f"{error} names none of {sorted(options)}"
         return
     saved = json.loads(json.dumps(config.to_dict(), allow_nan=False))  # JSON holds it as it is
@@ -192,9 +192,9 @@ def test_the_command_options_check_gives_a_plain_number_or_a_named_config_error(
     from graft import ranges
 
     try:
-        number = ranges.check_number("--option", value, getattr(ranges, range_name))
+        number = ranges.check_number("option", value, getattr(ranges, range_name))
     except ConfigError as error:
-        assert str(error).startswith("--option: expected ")
+        assert str(error).startswith("option: expected ") and error.parameter == "option"
         return
     assert type(number) in (int, float) and math.isfinite(number) and not isinstance(value, (bool, str))
 

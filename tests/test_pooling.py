@@ -173,7 +173,7 @@ def test_the_audit_of_a_grid_head_names_its_solver_instead_of_a_learning_rate():
 
 
 def test_bad_pooling_and_solver_options_are_named(fashion_folder, tmp_path):
-    with pytest.raises(graft.ConfigError, match="--pooling: 'max'"):
+    with pytest.raises(graft.ConfigError, match="^pooling: 'max'"):
         graft.TrainConfig(data=str(fashion_folder), out=str(tmp_path), pooling="max")
     with pytest.raises(graft.ConfigError, match="--head-solver lbfgs: fits a linear head only"):
         graft.train(fashion_folder, out=tmp_path / "mlp", head="mlp", head_solver="lbfgs", verbose=False)

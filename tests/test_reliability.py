@@ -274,7 +274,7 @@ def test_predict_and_serve_options_are_checked(trained_run, tmp_path):
 
     result = _cli("predict", trained_run.bundle_dir, tmp_path, "--top-k", "0")
     assert result.returncode == 2 and "--top-k" in result.stderr and "Traceback" not in result.stderr
-    with pytest.raises(ConfigError, match="--max-images"):
+    with pytest.raises(ConfigError, match="^max_images: expected"):
         create_app(trained_run.bundle_dir, max_images=0)
 
 

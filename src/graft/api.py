@@ -352,7 +352,7 @@ def inspect(
     """The backbone's stages (name, parameters, channels, stride) and a strategy's audit."""
     from graft.ranges import CLASS_COUNT, check_number
 
-    check_number("--num-classes", num_classes, CLASS_COUNT)
+    check_number("num_classes", num_classes, CLASS_COUNT)
     backbone = load_backbone(name, weights=weights, pretrained=pretrained)
     stages = discover_stages(backbone.model)
     audit = None

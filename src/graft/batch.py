@@ -61,8 +61,8 @@ def predict_to_csv(
     """
     from graft.api import expand_image_paths
 
-    check_number("--top-k", top_k, TOP_K)
-    check_number("--batch-size", batch_size, BATCH_SIZE)
+    check_number("top_k", top_k, TOP_K)
+    check_number("batch_size", batch_size, BATCH_SIZE)
     out = Path(out)
     if out.is_dir():
         raise ConfigError(f"--out: {out} is a folder; give a CSV file name such as {out / 'predictions.csv'}")

@@ -131,8 +131,8 @@ class Bundle:
         """
         from graft.ranges import BATCH_SIZE, TOP_K, check_number
 
-        check_number("--top-k", top_k, TOP_K)
-        check_number("--batch-size", batch_size, BATCH_SIZE)
+        check_number("top_k", top_k, TOP_K)
+        check_number("batch_size", batch_size, BATCH_SIZE)
         return self._stream_predictions(sources, top_k, batch_size, on_error)
 
     def _stream_predictions(self, sources: Iterable[str | Path | Image.Image], top_k: int, batch_size: int,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -14,13 +14,14 @@ from graft.numerics import COMPILE_SETTINGS, PRECISIONS
 from graft.pooling import POOLINGS
 from graft.preprocessing import AUGMENT_LEVELS
 from graft.ranges import BATCH_SIZE, EPOCHS_MAX, SEED, Range, check_number
+from graft.strategy_names import STRATEGY_NAMES
 
 CLASS_WEIGHTINGS = ("none", "balanced")
 BN_STATS = ("auto", "frozen", "update")
 HEAD_SOLVERS = ("auto", "adamw", "lbfgs")
 
-# The range of every numeric field (checked, with finiteness, by `TrainConfig`); the option
-# that sets a field is its name with dashes (`warmup_epochs`: `--warmup-epochs`).
+# The range of every numeric field (checked, with finiteness, by `TrainConfig`); a refused
+# value is a `ConfigError` whose `parameter` is the field's name.
 NUMBER_RANGES: dict[str, Range] = {
     "hidden": Range(int, 1, 16384),
     "dropout": Range(float, 0, 1, high_open=True),
@@ -43,72 +44,74 @@ NUMBER_RANGES: dict[str, Range] = {
 }
 
 
-def option_name(field_name: str) -> str:
-    """The command-line option of a `TrainConfig` field: `warmup_epochs` -> `--warmup-epochs`."""
-    return "--" + field_name.replace("_", "-")
+def _option(default: Any, help: str) -> Any:
+    """A field with its default and its help line (`graft train --help` shows the same text)."""
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything that decides a run. `None` means "the strategy's default" where noted."""
+    """Everything that decides a run. `None` means "the strategy's default" where noted.
 
-    data: str
-    out: str
-    backbone: str = DEFAULT_BACKBONE
-    weights: str | None = None
-    strategy: str = "feature-extract"
-    head: str = "linear"
-    hidden: int = 512
-    dropout: float = 0.0
-    epochs: int | None = None  # None: the strategy's default
-    batch_size: int = 32
-    lr: float | None = None  # None: the strategy's default
-    weight_decay: float = 1e-4
-    warmup_epochs: int = 1
-    label_smoothing: float = 0.1
-    patience: int | None = None  # epochs without improvement before stopping; None: strategy's default
-    seed: int = 0
-    val_fraction: float = 0.2
-    on_bad_image: str = "error"
-    augment: str = "light"  # augmentation for augmented views / fine-tuning
-    augment_views: int | None = None  # augmented views cached per training image; None: strategy's default
-    class_weighting: str = "none"
-    train_stages: int | None = None  # partial, lp-ft: how many of the last stages train; None: the strategy's default
-    lr_decay: float = 0.3  # discriminative rates: each earlier stage's lr is this times the next one's
-    thaw_every: int = 1  # gradual: epochs between two thaws
-    train_bn: bool = False  # let BatchNorm affine parameters of frozen stages train (stats stay frozen)
-    bn_stats: str = "auto"  # BatchNorm statistics of trainable stages: frozen, update, or auto (by data size)
-    lora_rank: int = 8
-    crop_pct: float | None = None  # None: the backbone's own evaluation crop (auto may measure a full-frame view)
-    pooling: str | None = None  # "avg", "grid", "grid-2" or "grid-3" (graft.pooling); None: the backbone's average (auto measures them)
-    head_solver: str = "auto"  # adamw, lbfgs (linear head on cached features), or auto (lbfgs for the grid poolings)
-    precision: str = "auto"  # bf16 autocast where the hardware runs it natively, else fp32
-    device: str = "auto"
-    compile: str = "auto"  # torch.compile the frozen backbone and the training step: on, off, or auto (graft.compiling)
-    cache_dir: str | None = None  # None: graft's default cache folder
+    Each field's help line is in its metadata (`dataclasses.fields(TrainConfig)[i].metadata["help"]`);
+    `graft train` takes its options, their defaults and help lines from here.
+    """
+
+    data: str = field(metadata={"help": "Folder with one sub-folder per class (split folders train/, valid/ and a held-out test/ used if present, any case), or a CSV of path,label."})
+    out: str = field(metadata={"help": "Run folder to write (config, history, metrics, bundle): a new or empty folder, or a graft run to --resume or --overwrite."})
+    backbone: str = _option(DEFAULT_BACKBONE, "Any timm model name; bundled offline: efficientnet_lite0/1/2.")
+    weights: str | None = _option(None, "Local state-dict file for the backbone (safetensors or torch).")
+    strategy: str = _option("feature-extract", "Adaptation strategy (see `graft inspect --strategy`).")
+    head: str = _option("linear", "New classifier head: linear or mlp.")
+    hidden: int = _option(512, "Hidden units of the mlp head.")
+    dropout: float = _option(0.0, "Dropout before the head's last layer.")
+    epochs: int | None = _option(None, "Epochs (default: the strategy's; lp-ft: its fine-tuning epochs, its probe trains to its own budget).")
+    batch_size: int = _option(32, "Training batch size.")
+    lr: float | None = _option(None, "Learning rate of the head (default: the strategy's).")
+    weight_decay: float = _option(1e-4, "AdamW weight decay.")
+    warmup_epochs: int = _option(1, "Linear warmup before the cosine decay.")
+    label_smoothing: float = _option(0.1, "Label smoothing of the training loss.")
+    patience: int | None = _option(None, "Stop after this many epochs without validation improvement (default: the strategy's).")
+    seed: int = _option(0, "Seed of the split, the initialisation and the batches.")
+    val_fraction: float = _option(0.2, "Share of each class held out for validation when no valid/ folder exists.")
+    on_bad_image: str = _option("error", "error: stop and list unreadable images; skip: train without them.")
+    augment: str = _option("light", "Training augmentation: none, light or strong.")
+    augment_views: int | None = _option(None, "Augmented views per training image to cache (default: 0 for feature-extract, 4 when a frozen prefix is cached).")
+    class_weighting: str = _option("none", "none or balanced (inverse class frequency).")
+    train_stages: int | None = _option(None, "partial, lp-ft: how many of the last stages train (default: 1 for partial, all for lp-ft).")
+    lr_decay: float = _option(0.3, "Discriminative rates: each earlier stage's lr is this times the next one's.")
+    thaw_every: int = _option(1, "gradual: epochs between two thaws.")
+    train_bn: bool = _option(False, "Let BatchNorm affine parameters of frozen stages train (statistics stay frozen).")
+    bn_stats: str = _option("auto", "BatchNorm statistics in the stages that train: frozen, update, or auto (frozen below 100 images per class).")
+    lora_rank: int = _option(8, "lora: rank of the adapters.")
+    crop_pct: float | None = _option(None, "Evaluation crop as a share of the image (1 = whole frame); default: the backbone's own (auto measures both).")
+    pooling: str | None = _option(None, "How the last feature map becomes the head's input: avg (the backbone's own global average), grid (the mean of each cell of a 3x3 grid: keeps where things are, for aligned objects such as product shots, digits, scans), grid-2 (3x3 grids of the last two stages' outputs: adds the more generic features of the stage before the last) or grid-3 (adds a 5x5 grid of the stage before that, whose map is twice as fine); default: avg (auto measures them all).")
+    head_solver: str = _option("auto", "How a head on cached features is fitted: adamw (epochs, early stopping), lbfgs (linear head: L2-regularised logistic regression solved to convergence), or auto (lbfgs for grid pooling, else adamw).")
+    precision: str = _option("auto", "auto (bf16 on a GPU that runs it natively; on a CPU with native bf16, whichever of fp32 and bf16 ran the backbone faster, measured once and kept in the cache folder; else fp32), fp32 or bf16. Training in bf16 on a CPU keeps the trained depthwise convolutions in fp32 (faster there).")
+    device: str = _option("auto", "auto, cpu, cuda or cuda:N.")
+    compile: str = _option("auto", "torch.compile: on, off, or auto. auto compiles the frozen backbone for extraction on CPU from 50 000 images, and on a GPU the training step when its timed first steps say the run saves more than compiling costs.")
+    cache_dir: str | None = _option(None, "Feature cache folder (default: $GRAFT_CACHE_DIR or ~/.cache/graft).")
 
     def __post_init__(self) -> None:
-        from graft.strategies import STRATEGY_NAMES
-
         checks = [
-            ("--strategy", self.strategy, STRATEGY_NAMES),
-            ("--head", self.head, HEAD_KINDS),
-            ("--augment", self.augment, AUGMENT_LEVELS),
-            ("--precision", self.precision, PRECISIONS),
-            ("--compile", self.compile, COMPILE_SETTINGS),
-            ("--class-weighting", self.class_weighting, CLASS_WEIGHTINGS),
-            ("--bn-stats", self.bn_stats, BN_STATS),
-            ("--on-bad-image", self.on_bad_image, ("error", "skip")),
-            ("--head-solver", self.head_solver, HEAD_SOLVERS),
+            ("strategy", STRATEGY_NAMES),
+            ("head", HEAD_KINDS),
+            ("augment", AUGMENT_LEVELS),
+            ("precision", PRECISIONS),
+            ("compile", COMPILE_SETTINGS),
+            ("class_weighting", CLASS_WEIGHTINGS),
+            ("bn_stats", BN_STATS),
+            ("on_bad_image", ("error", "skip")),
+            ("head_solver", HEAD_SOLVERS),
         ]
-        for option, value, choices in checks:
-            if value not in choices:
-                raise ConfigError(f"{option}: {value!r} is not one of {', '.join(choices)}")
+        for name, choices in checks:
+            if getattr(self, name) not in choices:
+                raise ConfigError(f"{getattr(self, name)!r} is not one of {', '.join(choices)}", parameter=name)
         if self.pooling is not None and self.pooling not in POOLINGS:
-            raise ConfigError(f"--pooling: {self.pooling!r} is not one of {', '.join(POOLINGS)}")
+            raise ConfigError(f"{self.pooling!r} is not one of {', '.join(POOLINGS)}", parameter="pooling")
         for name, allowed in NUMBER_RANGES.items():
             # Stored as plain Python numbers: a NumPy scalar would reach config.json as a string.
-            object.__setattr__(self, name, check_number(option_name(name), getattr(self, name), allowed))
+            object.__setattr__(self, name, check_number(name, getattr(self, name), allowed))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -67,7 +67,7 @@ def run_demo(
     from graft.ranges import Range, check_number
     from graft.run_folder import claim_folder
 
-    check_number("--per-class", per_class, Range(int, 2, None, hint="(a fifth of them, at least 1, is held out)"))
+    check_number("per_class", per_class, Range(int, 2, None, hint="(a fifth of them, at least 1, is held out)"))
     reporter = reporter or Reporter()
     root = Path(root)
     claim_folder(root, kind="demo", files=["data", "holdout", "run", "cache"], overwrite=overwrite)

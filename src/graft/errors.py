@@ -12,7 +12,23 @@ class GraftError(Exception):
 
 
 class ConfigError(GraftError, ValueError):
-    """An option has a value graft cannot use (unknown name, out of range, incompatible)."""
+    """An option has a value graft cannot use (unknown name, out of range, incompatible).
+
+    `parameter` names the Python parameter at fault (`lr`, `max_upload_bytes`) when there is one;
+    the message then reads "lr: expected ...", and the CLI shows the flag that sets it instead.
+    """
+
+    def __init__(self, message: str, *, parameter: str | None = None) -> None:
+        self.message = message
+        self.parameter = parameter
+        super().__init__(f"{parameter}: {message}" if parameter else message)
+
+    def __reduce__(self) -> tuple:  # pickled (worker processes) with its parameter, not only its text
+        return (_config_error, (self.message, self.parameter))
+
+
+def _config_error(message: str, parameter: str | None) -> ConfigError:
+    return ConfigError(message, parameter=parameter)
 
 
 class DataError(GraftError):

@@ -35,16 +35,16 @@ def make_head(spec: HeadSpec) -> nn.Module:
     if spec.num_classes < 2:
         raise ConfigError(f"a classifier needs at least 2 classes, got {spec.num_classes}")
     if not 0.0 <= spec.dropout < 1.0:
-        raise ConfigError(f"--dropout: expected a number in [0, 1), got {spec.dropout}")
+        raise ConfigError(f"expected a number in [0, 1), got {spec.dropout}", parameter="dropout")
     if spec.kind == "linear":
         return nn.Sequential(nn.Dropout(spec.dropout), nn.Linear(spec.in_features, spec.num_classes))
     if spec.kind == "mlp":
         if spec.hidden < 1:
-            raise ConfigError(f"--hidden: expected a positive number of units, got {spec.hidden}")
+            raise ConfigError(f"expected a positive number of units, got {spec.hidden}", parameter="hidden")
         return nn.Sequential(
             nn.Linear(spec.in_features, spec.hidden),
             nn.GELU(),
             nn.Dropout(spec.dropout),
             nn.Linear(spec.hidden, spec.num_classes),
         )
-    raise ConfigError(f"--head: expected one of {', '.join(HEAD_KINDS)}, got {spec.kind!r}")
+    raise ConfigError(f"expected one of {', '.join(HEAD_KINDS)}, got {spec.kind!r}", parameter="head")

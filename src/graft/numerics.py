@@ -57,7 +57,7 @@ def resolve_device(device: str | None = None) -> torch.device:
     try:
         resolved = torch.device(device)
     except RuntimeError:
-        raise ConfigError(f"--device: {device!r} is not a device; use cpu, cuda, cuda:N or auto") from None
+        raise ConfigError(f"{device!r} is not a device; use cpu, cuda, cuda:N or auto", parameter="device") from None
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA GPU is available here; use --device cpu")
     return resolved
@@ -73,7 +73,7 @@ def cpu_supports_bf16() -> bool:
 def resolve_precision(precision: str, device: torch.device) -> str:
     """The concrete precision ("fp32" or "bf16") for `precision` on `device`."""
     if precision not in PRECISIONS:
-        raise ConfigError(f"--precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
+        raise ConfigError(f"expected one of {', '.join(PRECISIONS)}, got {precision!r}", parameter="precision")
     if precision != "auto":
         if precision == "bf16" and device.type == "cpu" and not cpu_supports_bf16():
             raise ConfigError("--precision bf16: this CPU has no native bf16 support; use fp32")
@@ -86,7 +86,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 def should_compile(setting: str, images: int, device: torch.device) -> bool:
     """Whether to `torch.compile` the frozen backbone for a run that sends `images` through it."""
     if setting not in COMPILE_SETTINGS:
-        raise ConfigError(f"--compile: expected one of {', '.join(COMPILE_SETTINGS)}, got {setting!r}")
+        raise ConfigError(f"expected one of {', '.join(COMPILE_SETTINGS)}, got {setting!r}", parameter="compile")
     if setting != "auto":
         return setting == "on"
     return device.type == "cpu" and images >= COMPILE_BREAK_EVEN_IMAGES

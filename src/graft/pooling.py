@@ -219,7 +219,7 @@ def pooled_model(model: nn.Module, pooling: str, *, name: str = "the backbone") 
     reading `RecordingSequential` copies of the containers of the earlier stages' outputs), sharing
     every other module (and so every weight, under the same parameter names) with `model`."""
     if pooling not in POOLINGS:
-        raise ConfigError(f"--pooling: expected one of {', '.join(POOLINGS)}, got {pooling!r}")
+        raise ConfigError(f"expected one of {', '.join(POOLINGS)}, got {pooling!r}", parameter="pooling")
     base = _base(model)
     if pooling == "avg":
         return base

@@ -103,4 +103,4 @@ def build_transforms(preprocessing: Preprocessing, *, augment: str = "none") -> 
         )
     from graft.errors import ConfigError
 
-    raise ConfigError(f"--augment: expected one of {', '.join(AUGMENT_LEVELS)}, got {augment!r}")
+    raise ConfigError(f"expected one of {', '.join(AUGMENT_LEVELS)}, got {augment!r}", parameter="augment")

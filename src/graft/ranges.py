@@ -4,9 +4,9 @@
 `evaluate`, `serve` and the other commands check their own numbers with `check_number` and the
 ranges below. A value is refused when it is not a number of the right kind (a whole number where
 one is needed; never a bool or a string), not finite (nan, inf), or outside its range; the
-message names the option and gives the range:
+`ConfigError` names the parameter and gives the range (the CLI shows the flag instead of `lr`):
 
-    --lr: expected a finite number in (0, 10], got inf
+    lr: expected a finite number in (0, 10], got inf
 
 The bounds keep every value where the code that uses it works: a seed NumPy and torch accept,
 a resize side (input / crop_pct) that fits in memory, a batch that fits in memory, a rate at
@@ -64,18 +64,18 @@ def _bound(value: float | None, infinite: str) -> str:
     return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
 
-def check_number(option: str, value: object, allowed: Range) -> int | float | None:
-    """`value` as a plain `int` or `float` when `allowed` takes it; else `ConfigError` naming `option`.
+def check_number(parameter: str, value: object, allowed: Range) -> int | float | None:
+    """`value` as a plain `int` or `float` when `allowed` takes it; else `ConfigError` naming `parameter`.
 
     NumPy scalars are accepted and returned as Python numbers; an int is accepted where a float is
     expected (and returned as a float).
 
-    >>> check_number("--lr", 1e-3, Range(float, 0, 10, low_open=True))
+    >>> check_number("lr", 1e-3, Range(float, 0, 10, low_open=True))
     0.001
     """
     if value is None and allowed.optional:
         return None
-    refused = ConfigError(f"{option}: expected {allowed.describe()}, got {_shown(value)}")
+    refused = ConfigError(f"expected {allowed.describe()}, got {_shown(value)}", parameter=parameter)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise refused
     if allowed.kind is int:

@@ -7,22 +7,22 @@ from typing import Optional
 
 import typer
 
-from graft.backbones import DEFAULT_BACKBONE
+from graft.cli import options
 
 
 def compare(
-    data: Path = typer.Argument(..., help="Image folder (one sub-folder per class) or a path,label CSV."),
+    data: Path = typer.Argument(..., help=options.config_help("data")),
     strategies: str = typer.Option("feature-extract,partial", help="Comma-separated strategy names to run."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder for compare.html, compare.json and one run folder per strategy: a new or empty folder, or a comparison to --overwrite."),
-    backbone: str = typer.Option(DEFAULT_BACKBONE, help="timm model name (bundled offline: efficientnet_lite0/1/2)."),
+    backbone: str = options.config_option("backbone"),
     epochs: int = typer.Option(10, help="The epoch budget, the same for every strategy."),
     seed: int = typer.Option(0, help="Seed of the split, augmentation and initialisation, the same for every strategy."),
-    augment: str = typer.Option("light", help="Augmentation: none, light or strong."),
-    batch_size: int = typer.Option(32, help="Images per training step."),
-    val_fraction: float = typer.Option(0.2, help="Validation share when DATA has no train/valid split."),
-    on_bad_image: str = typer.Option("error", help="error or skip."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, mps."),
-    cache_dir: Optional[Path] = typer.Option(None, help="Feature cache folder (default: $GRAFT_CACHE_DIR or ~/.cache/graft)."),
+    augment: str = options.config_option("augment"),
+    batch_size: int = options.config_option("batch_size"),
+    val_fraction: float = options.config_option("val_fraction"),
+    on_bad_image: str = options.config_option("on_bad_image"),
+    device: str = options.config_option("device"),
+    cache_dir: Optional[Path] = options.config_option("cache_dir"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing but errors."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the comparison in --out: its files are removed first (files graft did not write are never touched)."),
 ) -> None:

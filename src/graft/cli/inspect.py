@@ -14,18 +14,18 @@ from graft.cli import options
 def inspect(
     name: str = typer.Argument(DEFAULT_BACKBONE, help="A timm model name (bundled offline: efficientnet_lite0/1/2)."),
     strategy: Optional[str] = typer.Option(None, help="Also show what this strategy trains, stage by stage."),
-    weights: Optional[Path] = typer.Option(None, help="Local state-dict file for the backbone."),
+    weights: Optional[Path] = options.config_option("weights"),
     pretrained: bool = typer.Option(True, "--pretrained/--architecture-only", help="Load pretrained weights, or only build the architecture."),
-    head: str = typer.Option("linear", help="Head used for the strategy audit."),
+    head: str = options.config_option("head"),
     num_classes: int = typer.Option(2, help="Number of classes for the strategy audit."),
-    lr: Optional[float] = options.LR,
-    train_stages: Optional[int] = options.TRAIN_STAGES,
-    lr_decay: float = options.LR_DECAY,
-    thaw_every: int = options.THAW_EVERY,
-    train_bn: bool = options.TRAIN_BN,
-    lora_rank: int = options.LORA_RANK,
-    bn_stats: str = options.BN_STATS,
-    pooling: Optional[str] = options.POOLING,
+    lr: Optional[float] = options.config_option("lr"),
+    train_stages: Optional[int] = options.config_option("train_stages"),
+    lr_decay: float = options.config_option("lr_decay"),
+    thaw_every: int = options.config_option("thaw_every"),
+    train_bn: bool = options.config_option("train_bn", "--train-bn"),
+    lora_rank: int = options.config_option("lora_rank"),
+    bn_stats: str = options.config_option("bn_stats"),
+    pooling: Optional[str] = options.config_option("pooling"),
 ) -> None:
     """Show a backbone's stages (name, parameters, output channels and stride) and preprocessing."""
     from rich.table import Table

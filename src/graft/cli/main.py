@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         # Without standalone mode click returns a command's exit code instead of exiting.
         code = app(args=argv, standalone_mode=False)
     except GraftError as error:
-        print(f"graft: error: {error}", file=sys.stderr)
+        print(f"graft: error: {_in_flags(error)}", file=sys.stderr)
         return 2
     except (KeyboardInterrupt, Interrupted) as interrupt:
         print(f"graft: interrupted{'; ' + str(interrupt) if isinstance(interrupt, Interrupted) else ''}", file=sys.stderr)
@@ -59,6 +59,16 @@ def main(argv: list[str] | None = None) -> int:
     if code == EXIT_INTERRUPTED:  # typer returns Ctrl-C as this code: no command exits with it
         print("graft: interrupted", file=sys.stderr)
     return code if isinstance(code, int) else 0
+
+
+def _in_flags(error: Exception) -> str:
+    """The message of `error` with the parameter it names shown as the flag that sets it (`lr` -> `--lr`)."""
+    from graft.cli.options import flag
+    from graft.errors import ConfigError
+
+    if isinstance(error, ConfigError) and error.parameter:
+        return f"{flag(error.parameter)}: {error.message}"
+    return str(error)
 
 
 def _click_class(name: str) -> type:

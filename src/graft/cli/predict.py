@@ -33,8 +33,8 @@ def predict(
 
     if output_format not in FORMATS:
         raise ConfigError(f"--format: {output_format!r} is not one of {', '.join(FORMATS)}")
-    check_number("--top-k", top_k, TOP_K)
-    check_number("--batch-size", batch_size, BATCH_SIZE)
+    check_number("top_k", top_k, TOP_K)
+    check_number("batch_size", batch_size, BATCH_SIZE)
     if out is not None and explain is not None:
         raise ConfigError("--explain and --out cannot be combined: write the CSV first, then explain the images you want to see")
     model = load_bundle(bundle)

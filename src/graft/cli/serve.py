@@ -30,8 +30,8 @@ def serve(
 
     from graft.serve import create_app
 
-    check_number("--port", port, PORT)
-    check_number("--max-upload-mb", max_upload_mb, UPLOAD_MB)
+    check_number("port", port, PORT)
+    check_number("max_upload_mb", max_upload_mb, UPLOAD_MB)
     log_level = log_level.lower()
     if log_level not in LOG_LEVELS:
         raise ConfigError(f"--log-level: {log_level!r} is not one of {', '.join(LOG_LEVELS)}")

@@ -65,12 +65,12 @@ def parse_strategies(spec: str | Sequence[str]) -> list[str]:
     names = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else [str(s).strip() for s in spec]
     names = [n for n in names if n]
     if len(names) < 2:
-        raise ConfigError(f"--strategies: give at least two strategies to compare, separated by commas (e.g. feature-extract,partial); got {names}")
+        raise ConfigError(f"give at least two strategies to compare, separated by commas (e.g. feature-extract,partial); got {names}", parameter="strategies")
     unknown = [n for n in names if n not in STRATEGY_NAMES]
     if unknown:
-        raise ConfigError(f"--strategies: {', '.join(map(repr, unknown))} not among the strategies ({', '.join(STRATEGY_NAMES)})")
+        raise ConfigError(f"{', '.join(map(repr, unknown))} not among the strategies ({', '.join(STRATEGY_NAMES)})", parameter="strategies")
     if len(set(names)) != len(names):
-        raise ConfigError(f"--strategies: {names} names a strategy twice; each runs once")
+        raise ConfigError(f"{names} names a strategy twice; each runs once", parameter="strategies")
     return names
 
 

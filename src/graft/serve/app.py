@@ -91,15 +91,15 @@ def create_app(
     >>> uvicorn.run(create_app("runs/birds/bundle"), host="127.0.0.1", port=8000)
     """
     check_number("max_upload_bytes", max_upload_bytes, UPLOAD_BYTES)
-    check_number("--max-images", max_images, IMAGES_PER_REQUEST)
-    check_number("--top-k", top_k, TOP_K)
+    check_number("max_images", max_images, IMAGES_PER_REQUEST)
+    check_number("top_k", top_k, TOP_K)
     if not 1 <= max_pixels <= MAX_IMAGE_PIXELS:
         raise ConfigError(
-            f"--max-megapixels: expected 1 pixel to {MAX_IMAGE_PIXELS // 1_000_000} megapixels (graft's limit "
-            f"for any image), got {max_pixels:,} pixels"
+            f"expected 1 pixel to {MAX_IMAGE_PIXELS // 1_000_000} megapixels (graft's limit for any image), "
+            f"got {max_pixels:,} pixels", parameter="max_pixels",
         )
     if max_request_pixels < 1:
-        raise ConfigError(f"--max-request-megapixels: expected a positive count, got {max_request_pixels:,} pixels")
+        raise ConfigError(f"expected a positive count, got {max_request_pixels:,} pixels", parameter="max_request_pixels")
     model = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
     inference_lock = threading.Lock()
     decoding = PixelBudget(max_pixels)

@@ -13,6 +13,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from graft.errors import ConfigError
+from graft.strategy_names import STRATEGY_NAMES
 
 if TYPE_CHECKING:
     from graft.strategies.base import AuditRow, Strategy, TrainContext, TrainOutcome
@@ -28,14 +29,13 @@ _STRATEGY_CLASSES: dict[str, tuple[str, str]] = {  # name -> (module, class)
     "lora": ("graft.strategies.finetune", "Lora"),
     "auto": ("graft.strategies.auto", "Auto"),
 }
-STRATEGY_NAMES: tuple[str, ...] = tuple(_STRATEGY_CLASSES)
 _BASE_NAMES = ("AuditRow", "Strategy", "TrainContext", "TrainOutcome")
 
 
 def get_strategy(name: str) -> Strategy:
     """The strategy called `name` (plain strings: "feature-extract", ...)."""
     if name not in _STRATEGY_CLASSES:
-        raise ConfigError(f"--strategy: {name!r} is not one of {', '.join(STRATEGY_NAMES)}")
+        raise ConfigError(f"{name!r} is not one of {', '.join(STRATEGY_NAMES)}", parameter="strategy")
     return _strategy_class(name)()
 
 
