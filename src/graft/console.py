@@ -13,12 +13,15 @@ given. graft's own styling is written as `Text` with a style (`Text.assemble(("d
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
+
+if TYPE_CHECKING:
+    from graft.strategies.base import AuditRow
 
 
 def make_console(*, stderr: bool = False) -> Console:
@@ -83,3 +86,15 @@ class Reporter:
 
 
 QUIET = Reporter(verbose=False)
+
+
+def show_audit(reporter: Reporter, title: str, rows: Sequence[AuditRow]) -> None:
+    """A strategy's audit as a table: per stage, what trains, at which learning rate, BatchNorm's mode."""
+    reporter.table(
+        title,
+        ["stage", "trainable", "total", "lr", "BatchNorm"],
+        [
+            (r.stage, f"{r.trainable_params:,}", f"{r.total_params:,}", f"{r.lr:.2g}" if r.lr else "-", r.bn_mode)
+            for r in rows
+        ],
+    )

@@ -46,7 +46,6 @@ def inspect(
         table.add_row(str(stage.index), stage.name, f"{stage.num_params:,}", str(stage.out_channels or "-"), str(stage.reduction or "-"))
     console.print(table)
     if found.audit is not None:
-        from graft.api import show_audit
-        from graft.console import Reporter
+        from graft.console import Reporter, show_audit
 
         show_audit(Reporter(console=console), f"strategy {strategy}: what trains", found.audit)

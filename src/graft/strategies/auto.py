@@ -18,8 +18,8 @@ from typing import Any
 
 from torch import nn
 
-from graft.api import show_audit
 from graft.config import TrainConfig
+from graft.console import show_audit
 from graft.heads import make_head
 from graft.stages import Stage
 from graft.strategies import get_strategy
