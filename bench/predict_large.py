@@ -9,7 +9,7 @@ Agreement: EfficientNet-Lite0's ImageNet classifier on each file decoded in full
 `REDUCING_GAP` 4 and 2: top-1 agreement, the largest probability difference, the smallest cosine
 of the pooled features, and the reference noise of saving the full picture again as a JPEG at
 quality 85. Speed: `Bundle.predict` images/s of one tiny bundle on the 4032x3024 JPEGs in full and
-for the model, and on the 224 px originals, alternated in one process.
+for the model, and on the 224 px originals, alternated in one process; then `load_image` alone.
 
     python bench/predict_large.py [--repeats 3]
 """
@@ -140,6 +140,16 @@ def speed(small: list[Path], large: list[Path], repeats: int) -> list[dict]:
                 seconds[name].append((time.perf_counter() - start) / len(files))
     finally:
         images.load_image = decode_for_model
+    for name in ("12 MP, decoded for the model", "12 MP, for the model, gap 4", "12 MP, decoded in full"):
+        loader = cases[name][1]
+        decode = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for path in large:
+                loader(path, min_size=bundle.preprocessing.resize_size)
+            decode.append((time.perf_counter() - start) / len(large))
+        seconds[f"{name}: load_image only"] = decode
+        cases[f"{name}: load_image only"] = cases[name]
     return [{"files": name, "images/s": 1 / statistics.median(s), "min-max": f"{1 / max(s):.1f}-{1 / min(s):.1f}",
              "count": len(cases[name][0])} for name, s in seconds.items()]
 
