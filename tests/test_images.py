@@ -1,6 +1,7 @@
 """Image decoding: every mode becomes upright RGB; every broken file gets a named reason."""
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -143,7 +144,8 @@ def test_min_size_decodes_large_photos_smaller_with_the_same_predictions(foolbox
         assert small.size[0] * 2 <= big.size[0]  # decoded (JPEG) or reduced (PNG) by 2 or more
     expected, got = probabilities(full), probabilities(reduced)
     assert torch.equal(expected.argmax(1), got.argmax(1))
-    assert float((expected - got).abs().max()) < 0.03
+    difference = (expected - got).abs().max(1).values  # per photo; saving it again as JPEG moves it as much
+    assert float(difference.max()) < 0.04 and float(difference.mean()) < 0.015
 
 
 @pytest.mark.parametrize(
@@ -159,7 +161,7 @@ def test_min_size_decodes_large_photos_smaller_with_the_same_predictions(foolbox
 def test_min_size_reduces_every_mode_to_its_colours(mode, fill, expected):
     image = Image.new(mode, (2400, 1800), fill)
     data = _png(image) if mode != "CMYK" else _jpeg(image, quality=100)
-    reduced = load_image(data, min_size=100)
+    reduced = load_image(data, min_size=200)
     assert reduced.mode == "RGB" and reduced.size == (600, 450)
     assert np.abs(np.asarray(reduced, dtype=int) - expected).max() <= 2
     assert np.array_equal(np.asarray(reduced)[0, 0], np.asarray(load_image(data))[0, 0])
@@ -169,7 +171,7 @@ def test_min_size_averages_palette_colours_not_indices():
     palette = Image.new("P", (2400, 1800), 0)
     palette.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)
     palette.paste(1, (1200, 0, 2400, 1800))  # left half red (index 0), right half blue (index 1)
-    reduced = np.asarray(load_image(_png(palette), min_size=100))
+    reduced = np.asarray(load_image(_png(palette), min_size=200))
     assert tuple(reduced[225, 100]) == (255, 0, 0) and tuple(reduced[225, 500]) == (0, 0, 255)
 
 
@@ -183,3 +185,96 @@ def test_image_size_reads_the_header_only():
         image_size(_png(Image.new("1", (12000, 9000))), name="huge.png")
     with pytest.raises(ImageError, match="notes.txt.*not an image"):
         image_size(b"hello", name="notes.txt")
+
+
+def _phone_photo(picture: Image.Image, orientation: int) -> bytes:
+    """`picture` at 12 MP (4032x3024), stored turned as a phone's sensor holds it, with its EXIF tag."""
+    turn = {3: Image.Transpose.ROTATE_180, 6: Image.Transpose.ROTATE_90, 8: Image.Transpose.ROTATE_270}[orientation]
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    enlarged = picture.convert("RGB").resize((4032, 3024), Image.Resampling.BICUBIC)
+    return _jpeg(enlarged.transpose(turn), exif=exif.tobytes(), quality=90)
+
+
+def test_predict_decodes_phone_photos_at_the_size_the_model_needs(trained_run, tmp_path, monkeypatch):
+    import graft
+    from skimage import data
+
+    bundle = graft.load_bundle(trained_run.run_dir)
+    files = []
+    for name, orientation in [("chelsea", 6), ("astronaut", 8), ("coffee", 3)]:
+        files.append(tmp_path / f"{name}.jpg")
+        files[-1].write_bytes(_phone_photo(Image.fromarray(getattr(data, name)()), orientation))
+    full = bundle.predict([load_image(path) for path in files])  # PIL pictures are taken as they are
+
+    seen = []
+    transform = bundle.transform
+    monkeypatch.setattr(bundle, "transform", lambda image: seen.append(image.size) or transform(image))
+    fast = bundle.predict(files)
+    # Upright (landscape, as photographed) and decoded at a fraction of the 4032x3024 pixels.
+    assert all(1024 > width > height >= bundle.preprocessing.resize_size for width, height in seen)
+    assert [p.label for p in fast] == [p.label for p in full]
+    for quick, exact in zip(fast, full):
+        assert abs(quick.score - exact.score) < 0.05
+
+
+def _heic(picture: Image.Image, orientation: int | None = None) -> bytes:
+    """`picture` encoded as HEIC by pillow-heif (HEVC), without registering its opener with Pillow."""
+    import pillow_heif
+
+    exif = Image.Exif()
+    if orientation:
+        exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    pillow_heif.from_pillow(picture).save(buffer, quality=90, exif=exif.tobytes())
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def pillow_without_heif(monkeypatch):
+    """Pillow's registry of openers as in a fresh process: pillow-heif registers its own when it encodes."""
+    monkeypatch.setattr(Image, "OPEN", {k: v for k, v in Image.OPEN.items() if k != "HEIF"})
+    monkeypatch.setattr(Image, "ID", [k for k in Image.ID if k != "HEIF"])
+
+
+def test_heic_is_read_upright_from_its_exif_orientation(photo, pillow_without_heif):
+    stored = photo.transpose(Image.Transpose.ROTATE_90)  # held as the sensor saw it, tag 6 turns it back
+    image = load_image(_heic(stored, orientation=6), name="IMG_0001.HEIC")
+    assert image.mode == "RGB" and image.size == photo.size
+    assert np.abs(np.asarray(image, dtype=int) - np.asarray(photo, dtype=int)).mean() < 6
+
+
+def test_heic_without_the_heif_extra_names_it(photo, tmp_path, monkeypatch, pillow_without_heif):
+    """Without the extra, a HEIC file is named as such, not as a file Pillow cannot read."""
+    import graft.images
+
+    path = tmp_path / "IMG_0002.heic"
+    path.write_bytes(_heic(photo))
+    monkeypatch.setattr(graft.images, "_heif_opener_registered", lambda: False)  # pillow-heif absent
+    with pytest.raises(ImageError, match=r'IMG_0002.heic.*HEIC/HEIF.*pip install "graft\[heif\]"'):
+        load_image(path)
+
+
+def test_avif_files_are_images(photo, tmp_path):
+    from graft.images import is_image_name
+
+    path = tmp_path / "photo.avif"
+    photo.save(path, format="AVIF", quality=90)
+    assert is_image_name(path)
+    assert np.abs(np.asarray(load_image(path), dtype=int) - np.asarray(photo, dtype=int)).mean() < 6
+
+
+def test_a_folder_of_heic_photos_trains_and_predicts(foolbox_imagenet, tmp_path, pillow_without_heif):
+    import graft
+
+    root = tmp_path / "data"
+    for path, label in foolbox_imagenet:  # ImageNet classes 0-397 are animals
+        folder = root / ("animal" if label < 398 else "object")
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{path.stem}.heic").write_bytes(_heic(Image.open(path).convert("RGB")))
+    run = graft.train(root, out=tmp_path / "run", epochs=20, verbose=False)
+    files = sorted(root.glob("*/*.heic"))
+    predictions = list(graft.predict(run.run_dir, files))
+    assert len(predictions) == len(files) == 20
+    right = sum(p.label == Path(p.path).parent.name for p in predictions)
+    assert right >= 17

@@ -139,6 +139,7 @@ class Bundle:
                             on_error: Callable[[ImageError], None] | None) -> Iterator[Prediction]:
         from graft.images import load_image, to_rgb
 
+        min_size = self.preprocessing.resize_size  # files are decoded no larger than the resize needs
         names: list[str] = []
         images: list[Image.Image] = []
         for source in sources:
@@ -147,7 +148,7 @@ class Bundle:
                 images.append(to_rgb(source))
             else:
                 try:
-                    image = load_image(source)
+                    image = load_image(source, min_size=min_size)
                 except ImageError as error:
                     if on_error is None:
                         raise
