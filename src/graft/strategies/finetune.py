@@ -9,6 +9,7 @@ images (`finetune_images`). `lp-ft` runs two phases: the probe head, then fine-t
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from torch import nn
 
@@ -22,6 +23,9 @@ from graft.strategies.finetune_images import train_on_images, training_workers
 from graft.strategies.finetune_prefix import DEFAULT_PREFIX_VIEWS, cached_prefix_split, train_on_cached_prefix
 from graft.strategies.plan import StagePlan, apply_trainability, param_groups
 from graft.training.phase import starting_point
+
+if TYPE_CHECKING:
+    from graft.prefix import Chain
 
 __all__ = [
     "DEFAULT_PREFIX_VIEWS", "Discriminative", "FineTune", "Full", "Gradual", "LinearProbeThenFineTune", "Lora", "Partial",
@@ -73,7 +77,7 @@ class FineTune:
         return self.full_plan(context.stages, config), config.epochs or self.default_epochs, config.patience or self.default_patience
 
 
-def prefix_split(plan: StagePlan, context: TrainContext, epochs: int):
+def prefix_split(plan: StagePlan, context: TrainContext, epochs: int) -> tuple[TrainContext, tuple[Chain, Chain] | None]:
     """The context to train in and the (frozen prefix, trainable suffix) to train on cached outputs
     of, if the plan allows (`cached_prefix_split`). Found before any full pass over the images
     (lp-ft's probe): that pass over the plain view then keeps the prefix's outputs too."""
@@ -83,7 +87,7 @@ def prefix_split(plan: StagePlan, context: TrainContext, epochs: int):
     return context, split
 
 
-def fine_tune(model: GraftModel, plan: StagePlan, context: TrainContext, split, *, epochs: int, patience: int) -> TrainOutcome:
+def fine_tune(model: GraftModel, plan: StagePlan, context: TrainContext, split: tuple[Chain, Chain] | None, *, epochs: int, patience: int) -> TrainOutcome:
     """The fine-tuning phase of `plan` on cached prefix outputs where `split` allows, else on the images."""
     if split is not None:
         return train_on_cached_prefix(model, plan, context, split, epochs=epochs, patience=patience, notes=plan.notes)
