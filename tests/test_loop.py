@@ -60,9 +60,9 @@ def test_a_fitted_starting_model_is_kept_unless_an_epoch_beats_it_on_validation(
     from types import SimpleNamespace
 
     from graft.loop import fit
-    from graft.strategies.finetune import StagePlan, starting_point
+    from graft.training.phase import starting_point
 
-    def run(scores: list[float], candidate: bool) -> tuple[object, torch.Tensor, StagePlan]:
+    def run(scores: list[float], candidate: bool) -> tuple[object, torch.Tensor, dict]:
         model = torch.nn.Linear(2, 2)
         start = model.weight.detach().clone()
         given = iter(scores)
@@ -72,19 +72,19 @@ def test_a_fitted_starting_model_is_kept_unless_an_epoch_beats_it_on_validation(
                 model.weight.add_(1.0)  # every epoch changes the model
             return 0.5, 0.5
 
-        plan = StagePlan(stage_lrs=[], thaw_epoch=[], head_lr=0.1, start_is_candidate=candidate)
-        kwargs = starting_point(plan, model, lambda: (1.0, next(given)), SimpleNamespace(fit_kwargs={}))
+        phase = SimpleNamespace(model=model, start_is_candidate=candidate)
+        kwargs, notes = starting_point(phase, lambda: (1.0, next(given)), {})
         result = fit(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), train_epoch=train_epoch,
                      validate=lambda: (1.0, next(given)), epochs=2, patience=None, **kwargs)
-        return result, start, plan
+        return result, start, notes
 
-    result, start, plan = run([0.7, 0.6, 0.65], candidate=True)  # the start, then two worse epochs
+    result, start, notes = run([0.7, 0.6, 0.65], candidate=True)  # the start, then two worse epochs
     assert result.best_epoch == -1 and torch.equal(result.best_state["weight"], start)
-    assert plan.notes["start_val_accuracy"] == 0.7
+    assert notes["start_val_accuracy"] == 0.7
     result, start, _ = run([0.7, 0.75, 0.6], candidate=True)  # the first epoch beats it
     assert result.best_epoch == 0 and torch.equal(result.best_state["weight"], start + 1.0)
-    result, _, plan = run([0.6, 0.65], candidate=False)  # a new head: the start does not compete
-    assert result.best_epoch == 1 and "start_val_accuracy" not in plan.notes
+    result, _, notes = run([0.6, 0.65], candidate=False)  # a new head: the start does not compete
+    assert result.best_epoch == 1 and "start_val_accuracy" not in notes
 
 
 # --- non-finite numbers never reach the run folder --------------------------------------------------

@@ -22,6 +22,7 @@ from graft.numerics import autocast, train_depthwise_in_fp32
 
 if TYPE_CHECKING:
     from graft.compiling import TrainingCompiler
+    from graft.training.task import Task
 
 
 @dataclass
@@ -97,8 +98,11 @@ class TrainSteps:
 
     def __init__(self, network: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
                  *, precision: str, device: torch.device, prepare: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 compiler: "TrainingCompiler | None" = None) -> None:
+                 compiler: "TrainingCompiler | None" = None, task: "Task | None" = None) -> None:
+        from graft.training.task import CLASSIFICATION
+
         self.network, self.loss_fn, self.optimizer, self.scheduler = network, loss_fn, optimizer, scheduler
+        self.task = task or CLASSIFICATION  # what counts as a right prediction in the running score
         self.precision, self.device = precision, device
         self.prepare = prepare  # run on the device before the forward (uint8 batches: the normalisation)
         self.compiler = compiler  # decides when the step runs through torch.compile (graft.compiling)
@@ -133,7 +137,7 @@ class TrainSteps:
             self.compiler.after_step(compiled is not None)
         with torch.no_grad():
             self.loss_sum += loss.detach() * len(labels)
-            self.correct += (logits.argmax(1) == labels).sum()
+            self.correct += self.task.hits(logits, labels)
         self.count += len(labels)
         return loss.detach().clone()  # a compiled step's CUDA graph overwrites its output at the next replay
 

@@ -13,16 +13,16 @@ import math
 import torch
 from torch import nn
 
-from graft.checkpoint import start_phase
 from graft.config import TrainConfig
 from graft.features import ExtractionStats, extract_features
 from graft.heads import make_head
-from graft.loop import evaluate_logits, fit, optimizer_step, view_batches, warmup_cosine_schedule
+from graft.loop import view_batches, warmup_cosine_schedule
 from graft.model import GraftModel
 from graft.numerics import intra_op_threads
 from graft.pooling import pooling_of
 from graft.stages import Stage
 from graft.strategies.base import AuditRow, TrainContext, TrainOutcome, count_params, has_batchnorm
+from graft.training import CLASSIFICATION, HeadSteps, Phase, class_weights, run_phase
 
 
 class FeatureExtract:
@@ -93,14 +93,6 @@ def freeze(module: nn.Module) -> None:
         parameter.requires_grad_(False)
 
 
-def class_weights(labels: torch.Tensor, num_classes: int, mode: str) -> torch.Tensor | None:
-    """Inverse-frequency weights for "balanced", None for "none"."""
-    if mode == "none":
-        return None
-    counts = torch.bincount(labels, minlength=num_classes).float().clamp(min=1)
-    return counts.sum() / (num_classes * counts)
-
-
 def train_head(
     train_views: torch.Tensor,
     train_labels: torch.Tensor,
@@ -114,63 +106,50 @@ def train_head(
 ) -> tuple[nn.Module, "FitResult", torch.Tensor]:  # noqa: F821
     """Train a new head on cached features; returns (head at its best epoch, fit result, val logits).
 
-    The solver is `head_solver(config, pooling)`: epochs of AdamW with early stopping on validation, or,
-    for a linear head on grid-pooled features, L2-regularised logistic regression solved by L-BFGS
-    (`fit_logistic_regression`).
+    The solver is `head_solver(config, pooling)`: epochs of AdamW with early stopping on validation
+    (`head_phase`), or, for a linear head on grid-pooled features, L2-regularised logistic
+    regression solved by L-BFGS (`fit_logistic_regression`).
     """
-    config = context.config
     head = make_head(context.head_spec)
-    if head_solver(config, context.backbone.pooling) == "lbfgs":
+    if head_solver(context.config, context.backbone.pooling) == "lbfgs":
         return fit_logistic_regression(head, train_views, train_labels, val_features, val_labels, context=context)
-    epochs = config.epochs or default_epochs
-    lr = config.lr or default_lr
-    patience = config.patience or default_patience
-    count = train_views.shape[1]
-    batch_size = min(config.batch_size, count)
-    steps_per_epoch = math.ceil(count / batch_size)
+    phase = head_phase(head, (train_views, train_labels), (val_features, val_labels), context=context,
+                       epochs=context.config.epochs or default_epochs, lr=context.config.lr or default_lr,
+                       patience=context.config.patience or default_patience)
+    outcome = run_phase(phase, context)
+    return head, outcome.fit, outcome.val_logits
+
+
+def head_phase(head: nn.Module, train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor], *,
+               context: TrainContext, epochs: int, lr: float, patience: int) -> Phase:
+    """The phase "head": AdamW on `head` over cached features (views, N, D), one random view of
+    each image per epoch, validated on the plain features."""
+    config = context.config
+    (train_views, train_labels), (val_features, val_labels) = train, val
+    batch_size = min(config.batch_size, train_views.shape[1])
     optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=config.weight_decay)
-    scheduler = warmup_cosine_schedule(optimizer, epochs=epochs, steps_per_epoch=steps_per_epoch, warmup_epochs=config.warmup_epochs)
-    weights = class_weights(train_labels, context.head_spec.num_classes, config.class_weighting)
-    train_loss_fn = nn.CrossEntropyLoss(weight=weights, label_smoothing=config.label_smoothing)
-    val_loss_fn = nn.CrossEntropyLoss()
+    scheduler = warmup_cosine_schedule(optimizer, epochs=epochs, steps_per_epoch=math.ceil(train_views.shape[1] / batch_size),
+                                       warmup_epochs=config.warmup_epochs)
+    loss_fn = CLASSIFICATION.training_loss(train_labels, context.head_spec.num_classes, config)
     generator = torch.Generator().manual_seed(config.seed)
 
-    def train_epoch(epoch: int) -> tuple[float, float]:
+    def before_epoch(epoch: int) -> None:
         head.train()
-        total_loss, correct = 0.0, 0
-        for inputs, targets in view_batches(train_views, train_labels, batch_size, generator):
-            logits = head(inputs)
-            loss = train_loss_fn(logits, targets)
-            optimizer_step(loss, optimizer, scheduler)
-            total_loss += loss.item() * len(targets)
-            correct += int((logits.argmax(1) == targets).sum())
-        return total_loss / count, correct / count
 
     @torch.no_grad()
-    def validate() -> tuple[float, float]:
+    def predict() -> torch.Tensor:
         head.eval()
-        return evaluate_logits(head(val_features), val_labels, val_loss_fn)
+        return head(val_features)
 
-    checkpoint = start_phase(context, "head", model=head, optimizer=optimizer, scheduler=scheduler, generators={"batches": generator})
-    with context.reporter.progress("head epochs", epochs) as advance:
-        advance(checkpoint.start_epoch)
-
-        def on_epoch(record, improved, state) -> None:
-            context.on_epoch(state.history)
-            checkpoint.save(state)
-            advance(1, status=f"loss {record.train_loss:.3f} val acc {record.val_accuracy:.3f}")
-
+    return Phase(
+        name="head", title="head epochs", model=head, optimizer=optimizer, scheduler=scheduler, generator=generator,
+        epochs=epochs, patience=patience,
+        batches=lambda epoch: view_batches(train_views, train_labels, batch_size, generator),
+        steps=lambda epochs_left: HeadSteps(head, loss_fn, optimizer, scheduler),
+        predict=predict, val_labels=val_labels, before_epoch=before_epoch,
         # Head epochs are tiny ops where OpenMP's thread wake-ups cost more than they save.
-        with intra_op_threads(1):
-            result = fit(
-                model=head, optimizer=optimizer, train_epoch=train_epoch, validate=validate,
-                epochs=epochs, patience=patience, on_epoch=on_epoch, **checkpoint.fit_kwargs,
-            )
-    head.load_state_dict(result.best_state)
-    head.eval()
-    with torch.no_grad():
-        val_logits = head(val_features)
-    return head, result, val_logits
+        threads=1,
+    )
 
 
 # L2 strength of the L-BFGS head, as scikit-learn's `LogisticRegression(C=...)`: the summed loss of
@@ -230,8 +209,8 @@ def fit_logistic_regression(
     with torch.no_grad():
         train_logits = head(inputs)
         val_logits = head(val_features)
-    train_loss, train_accuracy = evaluate_logits(train_logits, targets, nn.CrossEntropyLoss())
-    val_loss, val_accuracy = evaluate_logits(val_logits, val_labels, nn.CrossEntropyLoss())
+    train_loss, train_accuracy = CLASSIFICATION.evaluate(train_logits, targets)
+    val_loss, val_accuracy = CLASSIFICATION.evaluate(val_logits, val_labels)
     record = EpochRecord(epoch=0, train_loss=train_loss, train_accuracy=train_accuracy, val_loss=val_loss,
                          val_accuracy=val_accuracy, lr=[1.0], seconds=round(time.perf_counter() - started, 3))
     context.on_epoch([record])
