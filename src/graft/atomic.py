@@ -28,18 +28,14 @@ def atomic_path(target: Path) -> Iterator[Path]:
     target = Path(target)
     temporary = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        yield temporary
-        if temporary.is_file():
-            with temporary.open("rb") as handle:
-                os.fsync(handle.fileno())
-        os.replace(temporary, target)
-        _fsync_dir(target.parent)
-    except Exception as error:
-        failed_write = _output_error(target, error)
-        if failed_write is error:
-            raise
-        raise failed_write from error
+        with _failed_writes_named(target):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            yield temporary
+            if temporary.is_file():
+                with temporary.open("rb") as handle:
+                    os.fsync(handle.fileno())
+            os.replace(temporary, target)
+            _fsync_dir(target.parent)
     finally:
         if temporary.is_dir():
             shutil.rmtree(temporary, ignore_errors=True)
@@ -97,29 +93,37 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     except OSError as error:
         raise _output_error(target, error) from error
     try:
-        yield temporary
-        for path in temporary.iterdir():
-            if path.is_file():
-                with path.open("rb") as handle:
-                    os.fsync(handle.fileno())
-        if target.exists():
-            # Move the old one aside first so that a crash between the two renames leaves a
-            # complete bundle under one of the two names, never a mixture.
-            old = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.old")
-            os.replace(target, old)
-            os.replace(temporary, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(temporary, target)
-        _fsync_dir(target.parent)
+        with _failed_writes_named(target):
+            yield temporary
+            for path in temporary.iterdir():
+                if path.is_file():
+                    with path.open("rb") as handle:
+                        os.fsync(handle.fileno())
+            if target.exists():
+                # Move the old one aside first so that a crash between the two renames leaves a
+                # complete bundle under one of the two names, never a mixture.
+                old = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.old")
+                os.replace(target, old)
+                os.replace(temporary, target)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(temporary, target)
+            _fsync_dir(target.parent)
+    finally:
+        if temporary.exists():
+            shutil.rmtree(temporary, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _failed_writes_named(target: Path) -> Iterator[None]:
+    """A write that fails for want of room or permission becomes an `OutputError` naming `target`."""
+    try:
+        yield
     except Exception as error:
         failed_write = _output_error(target, error)
         if failed_write is error:
             raise
         raise failed_write from error
-    finally:
-        if temporary.exists():
-            shutil.rmtree(temporary, ignore_errors=True)
 
 
 def _output_error(target: Path, error: Exception) -> Exception:
