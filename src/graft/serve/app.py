@@ -90,20 +90,8 @@ def create_app(
     >>> import uvicorn
     >>> uvicorn.run(create_app("runs/birds/bundle"), host="127.0.0.1", port=8000)
     """
-    check_number("max_upload_bytes", max_upload_bytes, UPLOAD_BYTES)
-    check_number("max_images", max_images, IMAGES_PER_REQUEST)
-    check_number("top_k", top_k, TOP_K)
-    if not 1 <= max_pixels <= MAX_IMAGE_PIXELS:
-        raise ConfigError(
-            f"expected 1 pixel to {MAX_IMAGE_PIXELS // 1_000_000} megapixels (graft's limit for any image), "
-            f"got {max_pixels:,} pixels", parameter="max_pixels",
-        )
-    if max_request_pixels < 1:
-        raise ConfigError(f"expected a positive count, got {max_request_pixels:,} pixels", parameter="max_request_pixels")
+    _check_limits(max_upload_bytes, max_images, top_k, max_pixels, max_request_pixels)
     model = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
-    inference_lock = threading.Lock()
-    decoding = PixelBudget(max_pixels)
-    min_size = model.preprocessing.resize_size
 
     app = FastAPI(
         title="graft",
@@ -114,6 +102,36 @@ def create_app(
     app.state.bundle = model
     max_body = max_images * max_upload_bytes + MULTIPART_OVERHEAD_BYTES
     app.add_middleware(BodySizeLimit, max_bytes=max_body)
+
+    _add_page_and_explanations(app)
+
+    limits = {
+        "top_k": top_k, "max_upload_bytes": max_upload_bytes, "max_images": max_images,
+        "max_pixels": max_pixels, "max_request_pixels": max_request_pixels,
+    }
+    _add_health(app, model, limits)
+
+    _add_predict(app, model, limits)
+
+    return app
+
+
+def _check_limits(max_upload_bytes: int, max_images: int, top_k: int, max_pixels: int, max_request_pixels: int) -> None:
+    """`ConfigError` naming the first of `create_app`'s limits that is out of its range."""
+    check_number("max_upload_bytes", max_upload_bytes, UPLOAD_BYTES)
+    check_number("max_images", max_images, IMAGES_PER_REQUEST)
+    check_number("top_k", top_k, TOP_K)
+    if not 1 <= max_pixels <= MAX_IMAGE_PIXELS:
+        raise ConfigError(
+            f"expected 1 pixel to {MAX_IMAGE_PIXELS // 1_000_000} megapixels (graft's limit for any image), "
+            f"got {max_pixels:,} pixels", parameter="max_pixels",
+        )
+    if max_request_pixels < 1:
+        raise ConfigError(f"expected a positive count, got {max_request_pixels:,} pixels", parameter="max_request_pixels")
+
+
+def _add_page_and_explanations(app: FastAPI) -> None:
+    """The web page at `/`, and a 422 that says what `POST /predict` expects."""
 
     @app.exception_handler(RequestValidationError)
     async def explain_validation(request: Request, error: RequestValidationError) -> JSONResponse:
@@ -129,19 +147,14 @@ def create_app(
     async def page() -> HTMLResponse:
         return HTMLResponse(PAGE_HTML, headers={"Content-Security-Policy": PAGE_CSP, "Cache-Control": "no-store"})
 
-    @app.get("/healthz", summary="Liveness, the model and the limits")
-    async def healthz() -> dict[str, Any]:
-        return {
-            "status": "ok",
-            "backbone": model.backbone,
-            "classes": model.class_names,
-            "num_classes": len(model.class_names),
-            "top_k": top_k,
-            "max_upload_bytes": max_upload_bytes,
-            "max_images": max_images,
-            "max_pixels": max_pixels,
-            "max_request_pixels": max_request_pixels,
-        }
+
+def _add_predict(app: FastAPI, model: Bundle, limits: dict[str, int]) -> None:
+    """`POST /predict`: each upload checked against the limits, decoded at the model's size, predicted."""
+    top_k, max_images, max_upload_bytes = limits["top_k"], limits["max_images"], limits["max_upload_bytes"]
+    max_pixels, max_request_pixels = limits["max_pixels"], limits["max_request_pixels"]
+    inference_lock = threading.Lock()
+    decoding = PixelBudget(max_pixels)
+    min_size = model.preprocessing.resize_size
 
     @app.post(
         "/predict",
@@ -157,16 +170,9 @@ def create_app(
     ) -> Any:
         if len(files) > max_images:
             return _refuse(413, f"{len(files)} files in one request, the limit is {max_images}; send them in several requests")
-        payloads: list[tuple[str, bytes]] = []
-        for index, upload in enumerate(files):
-            name = upload.filename or f"file {index + 1}"
-            if upload.size is not None and upload.size > max_upload_bytes:
-                return _refuse(413, _too_large(name, upload.size, max_upload_bytes), name)
-            data = await upload.read(max_upload_bytes + 1)
-            await upload.close()
-            if len(data) > max_upload_bytes:
-                return _refuse(413, _too_large(name, len(data), max_upload_bytes), name)
-            payloads.append((name, data))
+        payloads = await _read_uploads(files, max_upload_bytes)
+        if isinstance(payloads, JSONResponse):
+            return payloads
         try:
             sizes = await run_in_threadpool(_image_sizes, payloads)
             refusal = _over_pixel_limits(payloads, sizes, max_pixels, max_request_pixels)
@@ -181,7 +187,34 @@ def create_app(
             return _refuse(422, f"{error.path}: {error.reason}", error.path)
         return {"predictions": predictions}
 
-    return app
+
+def _add_health(app: FastAPI, model: Bundle, limits: dict[str, int]) -> None:
+    """`GET /healthz`: liveness, the model's backbone and classes, and the server's limits."""
+
+    @app.get("/healthz", summary="Liveness, the model and the limits")
+    async def healthz() -> dict[str, Any]:
+        return {
+            "status": "ok",
+            "backbone": model.backbone,
+            "classes": model.class_names,
+            "num_classes": len(model.class_names),
+            **limits,
+        }
+
+
+async def _read_uploads(files: list[UploadFile], max_upload_bytes: int) -> list[tuple[str, bytes]] | JSONResponse:
+    """(name, bytes) of every upload, or the 413 for the first one over `max_upload_bytes`."""
+    payloads: list[tuple[str, bytes]] = []
+    for index, upload in enumerate(files):
+        name = upload.filename or f"file {index + 1}"
+        if upload.size is not None and upload.size > max_upload_bytes:
+            return _refuse(413, _too_large(name, upload.size, max_upload_bytes), name)
+        data = await upload.read(max_upload_bytes + 1)
+        await upload.close()
+        if len(data) > max_upload_bytes:
+            return _refuse(413, _too_large(name, len(data), max_upload_bytes), name)
+        payloads.append((name, data))
+    return payloads
 
 
 def _image_sizes(payloads: list[tuple[str, bytes]]) -> list[tuple[int, int]]:
