@@ -53,6 +53,15 @@ def predict(
     explained: list = []
     if explain is not None:
         stream = _remember(stream, explained)
+    _print_predictions(stream, output_format, top_k)
+    if explain is not None:
+        _explain(model, explained, explain)
+    if failures:
+        raise typer.Exit(1)
+
+
+def _print_predictions(stream, output_format: str, top_k: int) -> None:
+    """Each prediction on stdout as it comes: a JSON object per line, CSV rows, or a table at the end."""
     if output_format == "json":
         for prediction in stream:
             print(json.dumps(prediction.to_dict()), flush=True)
@@ -75,10 +84,6 @@ def predict(
             table.add_row(prediction.path, prediction.label, f"{prediction.score:.3f}",
                           ", ".join(f"{label} {score:.2f}" for label, score in prediction.top_k))
         make_console().print(table)
-    if explain is not None:
-        _explain(model, explained, explain)
-    if failures:
-        raise typer.Exit(1)
 
 
 def _remember(stream, seen: list):
