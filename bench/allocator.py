@@ -1,4 +1,4 @@
-"""What raising glibc's malloc thresholds (`graft.allocator`, done by `load_backbone`) is worth.
+"""What raising glibc's malloc thresholds (`graft.speed.allocator`, done by `load_backbone`) is worth.
 
 The bundled EfficientNet-Lite0 on 2 threads, channels_last, in fp32 and bf16: the forward over
 in-memory batches of 64 (extraction's ceiling) and a `full` training step on batches of 32. Each
@@ -33,9 +33,9 @@ def window(precision: str, work: str, images: int) -> dict:
     """One measurement, in this (fresh) process."""
     import torch
 
-    from graft import allocator
-    from graft.backbones import load_backbone
-    from graft.numerics import autocast
+    from graft.speed import allocator
+    from graft.models.backbones import load_backbone
+    from graft.speed.numerics import autocast
 
     torch.set_num_threads(2)
     device = torch.device("cpu")
@@ -84,7 +84,7 @@ def main() -> None:
         print(json.dumps(window(args.window[0], args.window[1], args.images)))
         return
 
-    from graft.numerics import cpu_supports_bf16
+    from graft.speed.numerics import cpu_supports_bf16
 
     def measure(precision: str, work: str, tune: str) -> dict:
         env = {**os.environ, "GRAFT_TUNE_MALLOC": tune}

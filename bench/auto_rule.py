@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, max_rss_mb, print_table, task_folder, write_results  # noqa: E402
 
 import graft  # noqa: E402
-from graft.sample_data import ImageSet, load_mnist5k, sample_per_class, write_image_folder  # noqa: E402
+from graft.input.sample_data import ImageSet, load_mnist5k, sample_per_class, write_image_folder  # noqa: E402
 
 
 def split_folder(image_set: ImageSet, root: Path, train: int, val: int, test: int, seed: int = 0) -> Path:

@@ -15,14 +15,14 @@ RESULTS = Path(__file__).parent / "results"
 
 def task_folder(shots: int, seed: int = 0) -> Path:
     """The K-shot Fashion-MNIST task of shared/benchmarks.md (train/valid/test folders)."""
-    from graft.sample_data import few_shot_fashion_mnist
+    from graft.input.sample_data import few_shot_fashion_mnist
 
     return few_shot_fashion_mnist(RESULTS / "data" / f"fashion-{shots}shot-seed{seed}", shots, seed=seed)
 
 
 def training_batch(count: int = 32) -> tuple[list[Path], list[str], torch.Tensor]:
     """The first `count` training images of the 20-shot task (seed 0): paths, digests, labels."""
-    from graft.data import load_labelled_folder
+    from graft.input.data import load_labelled_folder
 
     split = load_labelled_folder(task_folder(20) / "train")[0]
     return split.paths[:count], split.digests[:count], torch.tensor(split.labels[:count])

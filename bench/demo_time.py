@@ -2,7 +2,7 @@
 
 1. `graft demo --out <tmp>` as a user runs it (data written, trained, evaluated, predicted), with
    the default precision ("auto": bf16 or fp32 on a CPU with native bf16, whichever ran the
-   backbone faster; graft.cpu_precision). Goal: <= 120 s on 2 cores.
+   backbone faster; graft.speed.cpu_precision). Goal: <= 120 s on 2 cores.
 2. The 20-shot Fashion-MNIST task (seed 0) with `feature-extract`, the best strategy of the
    benchmark table, once with `--precision fp32` and once with the fast path ("auto"), each with a
    fresh cache: validation (1 000, used for early stopping) and test (1 000, used for nothing

@@ -11,7 +11,7 @@ one run and repeated (median of the per-repetition ratios, with min–max):
 - plain: the textbook `DataLoader(num_workers=0)` over the timm transform, fp32 NCHW (the
   24 img/s of shared/benchmarks.md was this).
 
-In fp32 graft's forward has its BatchNorm layers folded into the convolutions (`graft.folding`),
+In fp32 graft's forward has its BatchNorm layers folded into the convolutions (`graft.speed.folding`),
 which the eager model has not: that forward, on the same in-memory tensors, is a second ceiling
 (`ratio_to_folded`), the one that says how well graft's own model is fed.
 
@@ -37,14 +37,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import Timer, max_rss_mb, print_table, task_folder, write_results  # noqa: E402
 
-from graft import pipeline  # noqa: E402
-from graft.backbones import load_backbone  # noqa: E402
-from graft.data import load_labelled_folder  # noqa: E402
-from graft.features import ImageFiles, extract_features, forward_batches  # noqa: E402
-from graft.folding import folded_for_inference  # noqa: E402
-from graft.numerics import cpu_supports_bf16  # noqa: E402
-from graft.pipeline import default_batch_size  # noqa: E402
-from graft.preprocessing import build_transforms  # noqa: E402
+from graft.input import pipeline  # noqa: E402
+from graft.models.backbones import load_backbone  # noqa: E402
+from graft.input.data import load_labelled_folder  # noqa: E402
+from graft.training.features import ImageFiles, extract_features, forward_batches  # noqa: E402
+from graft.speed.folding import folded_for_inference  # noqa: E402
+from graft.speed.numerics import cpu_supports_bf16  # noqa: E402
+from graft.input.pipeline import default_batch_size  # noqa: E402
+from graft.input.preprocessing import build_transforms  # noqa: E402
 
 
 FOLDED = "ceiling, BatchNorm folded (graft's fp32 forward)"
@@ -110,7 +110,7 @@ def main() -> None:
     methods["graft, images already decoded"] = graft_second_pass
     rows = []
     for precision in precisions:
-        # graft folds BatchNorm in fp32 only (graft.folding): the folded ceiling is graft's there.
+        # graft folds BatchNorm in fp32 only (graft.speed.folding): the folded ceiling is graft's there.
         measured = {name: method for name, method in methods.items() if name != FOLDED or precision == "fp32"}
         for method in measured.values():  # warm-up: one-off allocations, oneDNN kernels
             method(precision)

@@ -2,11 +2,11 @@
 
 Architecture only (timm `resnet50`, random weights: no download), 1 000 classes, batch 256, every
 parameter trained (graft's `full` plan), bf16 autocast, channels_last. `--model` times another
-timm architecture the same way (the compiled-step figures of `graft.compiling` for the default
+timm architecture the same way (the compiled-step figures of `graft.speed.compiling` for the default
 backbone: `--model tf_efficientnet_lite0 --batch-size 32 --compile`). Rows, timed side by side:
 
 - `bare step`: the textbook step written out (autocast forward, loss, AdamW fused): the ceiling;
-- `graft step`: graft's own training step (`graft.loop.TrainSteps` over `GraftModel`, the `full`
+- `graft step`: graft's own training step (`graft.training.loop.TrainSteps` over `GraftModel`, the `full`
   strategy's parameter groups, `make_optimizer`, the warmup-cosine schedule) on the same batch;
   these two alternate window by window, so their ratio is measured in one stretch of time;
 - `graft step, compiled` (`--compile`): the same under `torch.compile`, compile time reported;
@@ -40,12 +40,12 @@ from common import max_rss_mb, print_table, write_results  # noqa: E402
 
 def graft_parts(name: str, batch_size: int, device: torch.device):
     """GraftModel(`name` backbone, linear head) with graft's full plan, optimizer and schedule."""
-    from graft.backbones import load_backbone
+    from graft.models.backbones import load_backbone
     from graft.config import TrainConfig
-    from graft.heads import HeadSpec, make_head
-    from graft.loop import make_optimizer, warmup_cosine_schedule
-    from graft.model import GraftModel
-    from graft.stages import discover_stages
+    from graft.models.heads import HeadSpec, make_head
+    from graft.training.loop import make_optimizer, warmup_cosine_schedule
+    from graft.models.model import GraftModel
+    from graft.models.stages import discover_stages
     from graft.strategies.finetune import Full, apply_trainability, param_groups
 
     backbone = load_backbone(name, pretrained=False)
@@ -124,7 +124,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         print("bench/gpu_resnet50.py needs a CUDA GPU; none is available here, so nothing was measured.")
         return
-    from graft.loop import TrainSteps
+    from graft.training.loop import TrainSteps
 
     device = torch.device("cuda")
     torch.backends.cudnn.benchmark = True
@@ -166,7 +166,7 @@ def main() -> None:
     if args.files:
         from torch.utils.data import DataLoader
 
-        from graft.preprocessing import build_transforms
+        from graft.input.preprocessing import build_transforms
         from graft.strategies.finetune import LabelledImageFiles, training_loader, training_workers
 
         folder = Path(tempfile.mkdtemp(prefix="graft-gpu-bench-"))

@@ -48,7 +48,7 @@ def _accuracy(model: nn.Module, loader: DataLoader) -> float:
 
 def textbook(root: Path, *, full: bool, epochs: int = 5) -> dict:
     """The tutorials' loop; returns accuracies and wall time (validation only at the end)."""
-    from graft.backbones import load_backbone
+    from graft.models.backbones import load_backbone
 
     torch.manual_seed(0)
     model = load_backbone("efficientnet_lite0").model
@@ -76,7 +76,7 @@ import json, sys, time, torch
 torch.set_num_threads(2); torch.manual_seed(0)
 from pathlib import Path
 from fastai.vision.all import ImageDataLoaders, Resize, Normalize, vision_learner, accuracy
-from graft.backbones import load_backbone
+from graft.models.backbones import load_backbone
 root = Path(sys.argv[1]); epochs = int(sys.argv[2])
 backbone = load_backbone("efficientnet_lite0").model
 dls = ImageDataLoaders.from_folder(root, train="train", valid="valid", item_tfms=Resize(224), bs=32,

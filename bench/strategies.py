@@ -48,13 +48,13 @@ def run_probe(root: Path, cache: Path, crop_pct: float | None = None, pooling: s
     reproduces its 0.796 validation accuracy on seed 0. `crop_pct=None` uses the backbone's own
     evaluation crop (0.875), the view graft starts from before auto measures the framing.
     `pooling="grid"` / `"grid-2"` / `"grid-3"`: the same probe on graft's grid features of the last
-    one, two or three stages (`graft.pooling`), for comparison.
+    one, two or three stages (`graft.models.pooling`), for comparison.
     """
     from sklearn.linear_model import LogisticRegression
 
-    from graft.backbones import load_backbone, with_crop, with_pooling
-    from graft.data import load_labelled_folder
-    from graft.features import FeatureCache, backbone_key, extract_features
+    from graft.models.backbones import load_backbone, with_crop, with_pooling
+    from graft.input.data import load_labelled_folder
+    from graft.training.features import FeatureCache, backbone_key, extract_features
 
     backbone = with_pooling(load_backbone(), pooling)
     if crop_pct is not None:

@@ -22,7 +22,7 @@ def _feature_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def fashion_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Real Fashion-MNIST images: 3 classes x 12 images in class sub-folders (seeded split)."""
-    from graft.sample_data import load_fashion_mnist, sample_per_class, write_image_folder
+    from graft.input.sample_data import load_fashion_mnist, sample_per_class, write_image_folder
 
     source = load_fashion_mnist("test")
     keep = np.isin(source.labels, [1, 7, 8])  # trouser, sneaker, bag: far apart, learnable from few
@@ -35,7 +35,7 @@ def fashion_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def holdout_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Other real Fashion-MNIST images of the same 3 classes (from the training split)."""
-    from graft.sample_data import load_fashion_mnist, sample_per_class, write_image_folder
+    from graft.input.sample_data import load_fashion_mnist, sample_per_class, write_image_folder
 
     source = load_fashion_mnist("train")
     keep = np.isin(source.labels, [1, 7, 8])
@@ -47,7 +47,7 @@ def holdout_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def lite0():
-    from graft.backbones import load_backbone
+    from graft.models.backbones import load_backbone
 
     return load_backbone("efficientnet_lite0")
 

@@ -9,16 +9,16 @@ import sys
 
 import pytest
 
-from graft import allocator
+from graft.speed import allocator
 
 # A fresh process per setting (the thresholds are process-wide and stay once set): load the real
 # backbone, warm up, then count the minor page faults of three more batches of 64 in bf16 or fp32.
 FAULTS_SCRIPT = """
 import json, resource, torch
-from graft import allocator
-from graft.backbones import load_backbone
-from graft.features import forward_batches
-from graft.numerics import resolve_precision
+from graft.speed import allocator
+from graft.models.backbones import load_backbone
+from graft.training.features import forward_batches
+from graft.speed.numerics import resolve_precision
 torch.set_num_threads(2)
 backbone = load_backbone()
 batches = [torch.rand(64, 3, 224, 224)] * 3
@@ -65,7 +65,7 @@ def test_loading_a_backbone_stops_the_forward_pass_faulting_in_fresh_pages():
 # side by side always do. Each stays under the 1 GB mmap threshold, so both come from the heap.
 TRIM_SCRIPT = """
 import ctypes, json, resource
-from graft import allocator
+from graft.speed import allocator
 applied = allocator.reuse_freed_memory()
 libc = ctypes.CDLL(None)
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
@@ -108,7 +108,7 @@ def test_the_thresholds_are_left_alone_when_asked(monkeypatch):
 def test_loading_a_bundle_sets_the_thresholds_too(trained_run):
     """predict, serve and export load a bundle, not a backbone: they get the thresholds as well."""
     script = (
-        "import json, sys\nfrom graft import allocator\nfrom graft.bundle import load_bundle\n"
+        "import json, sys\nfrom graft.speed import allocator\nfrom graft.shipping.bundle import load_bundle\n"
         "assert allocator._applied is None\nload_bundle(sys.argv[1])\nprint(json.dumps(allocator._applied))"
     )
     done = subprocess.run([sys.executable, "-c", script, str(trained_run.bundle_dir)], capture_output=True, text=True, timeout=300)
@@ -121,7 +121,7 @@ def test_loading_a_bundle_sets_the_thresholds_too(trained_run):
 RELEASE_SCRIPT = """
 import io, json, threading, psutil
 from PIL import Image
-from graft import allocator
+from graft.speed import allocator
 allocator.reuse_freed_memory()
 rss = lambda: psutil.Process().memory_info().rss
 buffer = io.BytesIO()

@@ -233,8 +233,8 @@ def test_auto_measures_real_images_and_says_why(fashion_folder, tmp_path, monkey
     # pools the later grid as well, so each image goes through the backbone once, not once per grid.
     import shutil
 
-    from graft.backbones import load_backbone, with_crop, with_pooling
-    from graft.features import FeatureCache, backbone_key
+    from graft.models.backbones import load_backbone, with_crop, with_pooling
+    from graft.training.features import FeatureCache, backbone_key
 
     view = with_crop(load_backbone(), expected_crop)
     for missing in ("grid-2", "grid-3"):
@@ -248,9 +248,9 @@ def test_auto_measures_real_images_and_says_why(fashion_folder, tmp_path, monkey
 def test_an_explicit_crop_is_used_everywhere_and_not_measured(fashion_folder, holdout_folder, tmp_path):
     import torch
 
-    from graft.backbones import load_backbone, with_crop, with_pooling
-    from graft.data import load_labelled_folder
-    from graft.features import extract_features
+    from graft.models.backbones import load_backbone, with_crop, with_pooling
+    from graft.input.data import load_labelled_folder
+    from graft.training.features import extract_features
 
     run = graft.train(fashion_folder, out=tmp_path / "crop", strategy="auto", epochs=2, crop_pct=1.0, verbose=False, cache_dir=str(tmp_path / "c"))
     assert run.metrics["auto"]["framing"] == {}
@@ -290,7 +290,7 @@ def _few_per_class(tmp_path):
     """15 real Fashion-MNIST images per class of three classes (12 train, 3 validation)."""
     import numpy as np
 
-    from graft.sample_data import load_fashion_mnist, sample_per_class, write_image_folder
+    from graft.input.sample_data import load_fashion_mnist, sample_per_class, write_image_folder
 
     source = load_fashion_mnist("test")
     keep = np.isin(source.labels, [1, 7, 8])
@@ -323,9 +323,9 @@ def test_auto_runs_lp_ft_on_the_top_stages_for_a_few_distant_images_per_class(tm
     # fine-tuning phase used the 8 augmented views, which live in the prefix's cache.
     import json
 
-    from graft.backbones import load_backbone, with_crop
-    from graft.data import load_dataset
-    from graft.features import FeatureCache, backbone_key, item_key
+    from graft.models.backbones import load_backbone, with_crop
+    from graft.input.data import load_dataset
+    from graft.training.features import FeatureCache, backbone_key, item_key
 
     precision = json.loads((run.run_dir / "config.json").read_text())["resolved"]["precision"]
     backbone = with_crop(load_backbone(), auto["framing"]["crop_pct"])

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from graft.batch import CSV_COLUMNS, predict_to_csv, read_predictions
-from graft.bundle import load_bundle
+from graft.shipping.batch_predict import CSV_COLUMNS, predict_to_csv, read_predictions
+from graft.shipping.bundle import load_bundle
 from graft.errors import ConfigError
 
 

@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import pytest
 
-from graft.bundle import META_FILE, load_bundle, save_bundle
+from graft.shipping.bundle import META_FILE, load_bundle, save_bundle
 from graft.errors import BundleError
 
 
@@ -105,7 +105,7 @@ def test_a_tampered_graft_json_is_refused_naming_the_field(trained_run, tmp_path
 @pytest.fixture(scope="module")
 def lora_bundle(trained_run, holdout_folder, tmp_path_factory) -> Path:
     """The trained bundle with peft LoRA adapters on two layers, saved as graft saves one (and loading)."""
-    from graft.lora import apply_lora
+    from graft.models.lora import apply_lora
 
     bundle = load_bundle(trained_run.bundle_dir)
     adapters = apply_lora(bundle.model, rank=4, alpha=4.0, target_modules=["conv_stem", "conv_head"])

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from graft.compiling import TRAIN_COMPILE_SECONDS, TRAIN_COMPILE_SPEEDUP, TrainingCompiler, compile_pays_off
-from graft.loop import TrainSteps, make_optimizer, warmup_cosine_schedule
+from graft.speed.compiling import TRAIN_COMPILE_SECONDS, TRAIN_COMPILE_SPEEDUP, TrainingCompiler, compile_pays_off
+from graft.training.loop import TrainSteps, make_optimizer, warmup_cosine_schedule
 
 CPU = torch.device("cpu")
 
@@ -88,7 +88,7 @@ def test_the_probe_does_not_count_validation_between_epochs_as_input_wait() -> N
     the window is not the GPU waiting for its input."""
     import time
 
-    from graft.compiling import PROBE_START, PROBE_STEPS
+    from graft.speed.compiling import PROBE_START, PROBE_STEPS
 
     compiler = TrainingCompiler("auto", CPU, 1000, say=lambda _: None)
     compiler._state = "probing"  # what "auto" does on a GPU; on a CPU it decides without measuring

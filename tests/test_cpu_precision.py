@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import graft
-from graft import cpu_precision
-from graft.cpu_precision import RECORD_FILE, choose_cpu_precision, faster_precision, record_key
-from graft.numerics import cpu_supports_bf16
+from graft.speed import cpu_precision
+from graft.speed.cpu_precision import RECORD_FILE, choose_cpu_precision, faster_precision, record_key
+from graft.speed.numerics import cpu_supports_bf16
 
 needs_bf16 = pytest.mark.skipif(not cpu_supports_bf16(), reason="this CPU has no native bf16: auto is fp32 there, nothing to measure")
 

@@ -4,7 +4,7 @@ import shutil
 
 import pytest
 
-from graft.data import load_dataset
+from graft.input.data import load_dataset
 from graft.errors import ConfigError, DataError
 
 
@@ -94,15 +94,15 @@ def test_fashion_mnist_can_come_from_another_folder(tmp_path):
     import subprocess
     import sys
 
-    from graft.sample_data import FASHION_MNIST_DIR
+    from graft.input.sample_data import FASHION_MNIST_DIR
 
     for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
         (tmp_path / name).symlink_to(FASHION_MNIST_DIR / name)
-    code = "from graft.sample_data import load_fashion_mnist as f; s = f('test'); print(len(s.labels), s.images.shape)"
+    code = "from graft.input.sample_data import load_fashion_mnist as f; s = f('test'); print(len(s.labels), s.images.shape)"
     env = {**os.environ, "GRAFT_FASHION_MNIST_DIR": str(tmp_path)}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert done.stdout.split()[0] == "10000"
-    code = "from graft.sample_data import load_fashion_mnist as f; f('train')"
+    code = "from graft.input.sample_data import load_fashion_mnist as f; f('train')"
     failed = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert failed.returncode != 0
     assert str(tmp_path / "train-images-idx3-ubyte.gz") in failed.stderr
@@ -220,7 +220,7 @@ def test_a_fifo_named_like_an_image_is_skipped_or_refused_without_opening_it(fas
 
     from graft.api import expand_image_paths
     from graft.errors import ImageError
-    from graft.images import load_image
+    from graft.input.images import load_image
 
     root = tmp_path / "fifo"
     _copy_classes(fashion_folder, root, per_class=4)

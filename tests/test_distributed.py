@@ -34,7 +34,7 @@ def test_two_processes_match_one_and_write_one_bundle(fashion_folder, tmp_path, 
     common = [fashion_folder, "--strategy", strategy, "--epochs", epochs, "--val-fraction", "0.25"]
     if strategy == "feature-extract":
         # Bitwise-close predictions need one precision in both runs. `auto` measures it on the
-        # CPU (graft.cpu_precision), with 2 threads in one process and 1 per rank under torchrun.
+        # CPU (graft.speed.cpu_precision), with 2 threads in one process and 1 per rank under torchrun.
         common += ["--precision", "fp32"]
     _train([*common, "--out", tmp_path / "one", "--cache-dir", tmp_path / "c1"])
     _train([*common, "--out", tmp_path / "two", "--cache-dir", tmp_path / "c2"], launcher=_torchrun())
@@ -58,7 +58,7 @@ def test_two_processes_match_one_and_write_one_bundle(fashion_folder, tmp_path, 
         history = [json.loads(line) for line in (tmp_path / "two" / "history.jsonl").read_text().splitlines()]
         assert len(history) == 2 and history[1]["stage_thawed"]
         # `--precision auto`: rank 0 chose for both ranks, and recorded what it measured.
-        from graft.numerics import cpu_supports_bf16
+        from graft.speed.numerics import cpu_supports_bf16
 
         resolved = json.loads((tmp_path / "two" / "config.json").read_text())["resolved"]
         if cpu_supports_bf16():

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from graft.bundle import load_bundle
+from graft.shipping.bundle import load_bundle
 from graft.errors import ConfigError
 from graft.report.explain import explain_images, target_layer
 
@@ -32,7 +32,7 @@ def test_explain_writes_one_overlay_per_image_for_the_predicted_class(trained_ru
 
 
 def test_explain_takes_the_map_at_the_last_stage(trained_run):
-    from graft.stages import discover_stages
+    from graft.models.stages import discover_stages
 
     model = load_bundle(trained_run.bundle_dir).model
     name, _ = target_layer(model)

@@ -16,9 +16,9 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 skimage_data = pytest.importorskip("skimage.data")
 
-from graft.bundle import load_bundle  # noqa: E402
-from graft.export import ExportError, export_onnx  # noqa: E402
-from graft.images import load_image  # noqa: E402
+from graft.shipping.bundle import load_bundle  # noqa: E402
+from graft.shipping.export import ExportError, export_onnx  # noqa: E402
+from graft.input.images import load_image  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,7 @@ def test_onnx_matches_pytorch_independently_with_a_dynamic_batch(exported, bundl
         tensor = torch.stack([bundle.transform(image) for image in images]).numpy()
         got = session.run(["logits"], {"image": tensor})[0]
         # The ONNX graph is fp32: compare with PyTorch's fp32 path (predict may run bf16 within
-        # graft.numerics.BF16_TOLERANCE where the bundle was trained in bf16).
+        # graft.speed.numerics.BF16_TOLERANCE where the bundle was trained in bf16).
         precision, bundle.precision = bundle.precision, "fp32"
         try:
             expected = bundle.logits(images).numpy()
@@ -78,7 +78,7 @@ def test_metadata_documents_classes_and_preprocessing(exported, bundle):
     meta = {entry.key: entry.value for entry in model.metadata_props}
     pre = bundle.preprocessing
     assert json.loads(meta["graft.class_names"]) == bundle.class_names
-    assert json.loads(meta["graft.preprocessing"]) == json.loads(json.dumps(pre.to_dict()))
+    assert json.loads(meta["graft.input.preprocessing"]) == json.loads(json.dumps(pre.to_dict()))
     assert json.loads(meta["graft.mean"]) == list(pre.mean) and json.loads(meta["graft.std"]) == list(pre.std)
     assert json.loads(meta["graft.input_size"]) == list(pre.input_size)
     assert meta["graft.interpolation"] == pre.interpolation == "bicubic"

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from graft.data import load_labelled_folder
-from graft.features import FeatureCache, Tap, extract_features
-from graft.prefix import Chain, sequential_chain
+from graft.input.data import load_labelled_folder
+from graft.training.features import FeatureCache, Tap, extract_features
+from graft.models.prefix import Chain, sequential_chain
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])

@@ -9,8 +9,8 @@ import timm
 import torch
 from torch import nn
 
-from graft.features import extract_features
-from graft.folding import fold_batchnorm, foldable_pairs, folded_for_inference, same_outputs
+from graft.training.features import extract_features
+from graft.speed.folding import fold_batchnorm, foldable_pairs, folded_for_inference, same_outputs
 
 
 @pytest.fixture(autouse=True)
@@ -37,7 +37,7 @@ def _state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def test_the_bundled_backbone_folds_every_batchnorm_and_keeps_its_features(lite0, fashion_folder: Path) -> None:
-    from graft.data import load_labelled_folder
+    from graft.input.data import load_labelled_folder
 
     model = lite0.model
     before = _state(model)
@@ -158,8 +158,8 @@ def test_folding_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_fp32_extraction_runs_through_a_folded_copy_and_bf16_does_not(lite0, fashion_folder: Path) -> None:
     import copy
 
-    from graft import folding
-    from graft.data import load_labelled_folder
+    from graft.speed import folding
+    from graft.input.data import load_labelled_folder
 
     split = load_labelled_folder(fashion_folder)[0]
     paths, digests = split.paths[:4], split.digests[:4]
@@ -172,10 +172,10 @@ def test_fp32_extraction_runs_through_a_folded_copy_and_bf16_does_not(lite0, fas
 
 def test_an_fp32_bundle_predicts_as_without_folding(trained_run, holdout_folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import graft
-    from graft.data import load_labelled_folder
-    from graft.images import load_image
+    from graft.input.data import load_labelled_folder
+    from graft.input.images import load_image
 
-    from graft import folding
+    from graft.speed import folding
 
     bundle = graft.load_bundle(trained_run.bundle_dir)  # a fresh model: nothing folded it yet
     bundle.precision = "fp32"
@@ -200,7 +200,7 @@ def test_fp32_validation_while_training_runs_a_folded_copy_of_each_epochs_weight
     folded again after each epoch's updates; the validation losses are the unfolded model's."""
     import graft
 
-    from graft import folding
+    from graft.speed import folding
 
     real, folds = folding.folded_for_inference, []
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from graft.report.forgetting import linear_cka, stage_forgetting, weight_drift
-from graft.stages import discover_stages
+from graft.models.stages import discover_stages
 
 
 @pytest.fixture
@@ -65,8 +65,8 @@ def test_weight_drift_on_known_values():
 
 @pytest.fixture(scope="module")
 def val_batch(trained_run):
-    from graft.bundle import load_bundle
-    from graft.images import load_image
+    from graft.shipping.bundle import load_bundle
+    from graft.input.images import load_image
 
     split = json.loads((trained_run.run_dir / "split.json").read_text())
     root = json.loads((trained_run.run_dir / "metrics.json").read_text())["data"]["root"]
@@ -75,7 +75,7 @@ def val_batch(trained_run):
 
 
 def test_feature_extract_leaves_every_stage_untouched_measured(trained_run, lite0, val_batch):
-    from graft.bundle import load_bundle
+    from graft.shipping.bundle import load_bundle
 
     trained = load_bundle(trained_run.bundle_dir).model.backbone
     # skip_unchanged=False: CKA really computed from both backbones' features on real images.

@@ -26,7 +26,7 @@ from PIL import Image
 
 from graft.config import TrainConfig
 from graft.errors import ConfigError, ImageError
-from graft.images import load_image
+from graft.input.images import load_image
 
 FUZZ = settings(max_examples=int(os.environ.get("GRAFT_FUZZ_EXAMPLES", "60")), deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 SERVER_FUZZ = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
@@ -259,8 +259,8 @@ def mutated_documents(draw, document: dict) -> tuple[dict, list[tuple]]:
 @pytest.fixture(scope="module")
 def bundle_fuzz_base(trained_run, holdout_folder):
     """The real bundle's graft.json, a few real images and the logits the bundle gives them."""
-    from graft.bundle import META_FILE, load_bundle
-    from graft.images import load_image
+    from graft.shipping.bundle import META_FILE, load_bundle
+    from graft.input.images import load_image
 
     document = json.loads((trained_run.bundle_dir / META_FILE).read_text())
     images = [load_image(path) for path in sorted(holdout_folder.rglob("*.png"))[::6][:3]]
@@ -272,7 +272,7 @@ def bundle_fuzz_base(trained_run, holdout_folder):
 def test_a_mutated_bundle_document_loads_and_predicts_or_names_a_field(trained_run, bundle_fuzz_base, data):
     import torch
 
-    from graft.bundle import META_FILE, MODEL_FILE, load_bundle
+    from graft.shipping.bundle import META_FILE, MODEL_FILE, load_bundle
     from graft.errors import BundleError
 
     document, images, expected_logits = bundle_fuzz_base

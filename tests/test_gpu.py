@@ -13,11 +13,11 @@ import pytest
 import torch
 
 import graft
-from graft.bundle import load_bundle
-from graft.data import load_labelled_folder
-from graft.features import extract_features
-from graft.numerics import BF16_TOLERANCE, cpu_supports_bf16
-from graft.stages import discover_stages
+from graft.shipping.bundle import load_bundle
+from graft.input.data import load_labelled_folder
+from graft.training.features import extract_features
+from graft.speed.numerics import BF16_TOLERANCE, cpu_supports_bf16
+from graft.models.stages import discover_stages
 
 pytestmark = [
     pytest.mark.gpu,
@@ -60,7 +60,7 @@ def test_cuda_features_agree_with_cpu_fp32(lite0, fashion_folder: Path) -> None:
 
 
 def test_cuda_bf16_imagenet_predictions_agree_with_cpu_fp32(foolbox_imagenet) -> None:
-    from graft.backbones import load_backbone
+    from graft.models.backbones import load_backbone
 
     backbone = load_backbone("efficientnet_lite0", keep_classifier=True)
     paths = [path for path, _ in foolbox_imagenet]
@@ -92,8 +92,8 @@ def test_cuda_extraction_in_worker_processes_gives_the_threads_features(lite0, f
 def test_cuda_batches_are_normalised_on_the_gpu_as_on_the_host(lite0, fashion_folder: Path) -> None:
     """uint8 pixels cross to the GPU and are normalised there: the same float32 values as the
     host's normalisation, in the thread, in worker processes, and from a half-filled store."""
-    from graft.pipeline import DecodedImages, image_batches
-    from graft.preprocessing import build_transforms
+    from graft.input.pipeline import DecodedImages, image_batches
+    from graft.input.preprocessing import build_transforms
 
     split = load_labelled_folder(fashion_folder)[0]
     transform = build_transforms(lite0.preprocessing)
@@ -158,10 +158,10 @@ def test_a_compiled_training_step_on_cuda_moves_the_weights_as_the_eager_one(lit
 
     from torch import nn
 
-    from graft.compiling import TrainingCompiler
-    from graft.heads import HeadSpec, make_head
-    from graft.loop import TrainSteps, make_optimizer, warmup_cosine_schedule
-    from graft.model import GraftModel
+    from graft.speed.compiling import TrainingCompiler
+    from graft.models.heads import HeadSpec, make_head
+    from graft.training.loop import TrainSteps, make_optimizer, warmup_cosine_schedule
+    from graft.models.model import GraftModel
 
     torch.manual_seed(0)
     base = GraftModel(copy.deepcopy(lite0.model), make_head(HeadSpec("linear", lite0.num_features, 3))).to(CUDA)

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from graft.errors import ImageError
-from graft.images import MAX_IMAGE_PIXELS, load_image
+from graft.input.images import MAX_IMAGE_PIXELS, load_image
 
 
 def _png(image: Image.Image, **kw) -> bytes:
@@ -122,9 +122,9 @@ def _enlarged(path, side: int, fmt: str) -> bytes:
 def test_min_size_decodes_large_photos_smaller_with_the_same_predictions(foolbox_imagenet):
     import torch
 
-    from graft.backbones import load_backbone
-    from graft.images import REDUCING_GAP
-    from graft.preprocessing import build_transforms
+    from graft.models.backbones import load_backbone
+    from graft.input.images import REDUCING_GAP
+    from graft.input.preprocessing import build_transforms
 
     backbone = load_backbone("efficientnet_lite0", keep_classifier=True)
     transform = build_transforms(backbone.preprocessing)
@@ -177,7 +177,7 @@ def test_min_size_averages_palette_colours_not_indices():
 
 def test_image_size_reads_the_header_only():
     from graft.errors import ImageTooLargeError
-    from graft.images import image_size
+    from graft.input.images import image_size
 
     bomb = _png(Image.new("1", (9990, 9990)))
     assert len(bomb) < 20_000 and image_size(bomb, name="bomb.png") == (9990, 9990)
@@ -246,17 +246,17 @@ def test_heic_is_read_upright_from_its_exif_orientation(photo, pillow_without_he
 
 def test_heic_without_the_heif_extra_names_it(photo, tmp_path, monkeypatch, pillow_without_heif):
     """Without the extra, a HEIC file is named as such, not as a file Pillow cannot read."""
-    import graft.images
+    import graft.input.images
 
     path = tmp_path / "IMG_0002.heic"
     path.write_bytes(_heic(photo))
-    monkeypatch.setattr(graft.images, "_heif_opener_registered", lambda: False)  # pillow-heif absent
+    monkeypatch.setattr(graft.input.images, "_heif_opener_registered", lambda: False)  # pillow-heif absent
     with pytest.raises(ImageError, match=r'IMG_0002.heic.*HEIC/HEIF.*pip install "graft\[heif\]"'):
         load_image(path)
 
 
 def test_avif_files_are_images(photo, tmp_path):
-    from graft.images import is_image_name
+    from graft.input.images import is_image_name
 
     path = tmp_path / "photo.avif"
     photo.save(path, format="AVIF", quality=90)

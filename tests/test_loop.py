@@ -11,7 +11,7 @@ from torch import nn
 
 import graft
 
-from graft.loop import TrainSteps, make_optimizer, warmup_cosine_schedule
+from graft.training.loop import TrainSteps, make_optimizer, warmup_cosine_schedule
 
 
 def _small_net() -> nn.Module:
@@ -59,7 +59,7 @@ def test_a_fitted_starting_model_is_kept_unless_an_epoch_beats_it_on_validation(
     """lp-ft's guard: the probe it starts from competes as epoch -1 (`starting_point`)."""
     from types import SimpleNamespace
 
-    from graft.loop import fit
+    from graft.training.loop import fit
     from graft.training.phase import starting_point
 
     def run(scores: list[float], candidate: bool) -> tuple[object, torch.Tensor, dict]:
@@ -117,7 +117,7 @@ def test_a_diverging_run_stops_at_the_first_non_finite_epoch_and_keeps_the_last_
 
 
 def test_a_bundle_of_non_finite_weights_is_never_written(trained_run, tmp_path) -> None:
-    from graft.bundle import save_bundle
+    from graft.shipping.bundle import save_bundle
 
     bundle = trained_run.load_bundle()
     with torch.no_grad():

@@ -8,8 +8,8 @@ from hypothesis import strategies as st
 from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
 
 import graft
-from graft.bundle import load_bundle
-from graft.metrics import classification_metrics
+from graft.shipping.bundle import load_bundle
+from graft.training.metrics import classification_metrics
 
 NAMES = ["bag", "sneaker", "trouser", "shirt"]
 

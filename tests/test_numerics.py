@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from graft.features import extract_features
-from graft.numerics import BF16_TOLERANCE, cpu_supports_bf16, inference_precision, resolve_precision
+from graft.training.features import extract_features
+from graft.speed.numerics import BF16_TOLERANCE, cpu_supports_bf16, inference_precision, resolve_precision
 
 needs_bf16 = pytest.mark.skipif(not cpu_supports_bf16(), reason="this CPU has no native bf16")
 
@@ -31,7 +31,7 @@ def test_auto_resolves_to_a_concrete_precision() -> None:
 
 @needs_bf16
 def test_bf16_imagenet_predictions_agree_with_fp32() -> None:
-    from graft.backbones import load_backbone
+    from graft.models.backbones import load_backbone
 
     backbone = load_backbone("efficientnet_lite0", keep_classifier=True)
     paths = _imagenet_jpegs()
@@ -51,7 +51,7 @@ def test_bf16_imagenet_predictions_agree_with_fp32() -> None:
 @needs_bf16
 def test_bf16_few_shot_head_agrees_with_fp32(lite0, fashion_folder: Path) -> None:
     """A head fitted on fp32 features of real Fashion-MNIST images, fed bf16 features instead."""
-    from graft.data import load_labelled_folder
+    from graft.input.data import load_labelled_folder
 
     split = load_labelled_folder(fashion_folder)[0]
     fp32 = extract_features(lite0, split.paths, split.digests, cache=None, precision="fp32")
@@ -74,7 +74,7 @@ def test_bf16_few_shot_head_agrees_with_fp32(lite0, fashion_folder: Path) -> Non
 
 def test_compile_is_chosen_from_the_measured_break_even() -> None:
     from graft.errors import ConfigError
-    from graft.numerics import COMPILE_BREAK_EVEN_IMAGES, should_compile
+    from graft.speed.numerics import COMPILE_BREAK_EVEN_IMAGES, should_compile
 
     cpu = torch.device("cpu")
     assert not should_compile("auto", COMPILE_BREAK_EVEN_IMAGES - 1, cpu)
@@ -88,9 +88,9 @@ def test_compile_is_chosen_from_the_measured_break_even() -> None:
 def test_a_compiled_backbone_gives_the_eager_features(fashion_folder: Path, tmp_path: Path) -> None:
     """`--compile on` really runs compiled code, and its cached features match eager ones."""
     import graft
-    from graft.backbones import load_backbone
-    from graft.data import load_labelled_folder
-    from graft.features import FeatureCache, backbone_key
+    from graft.models.backbones import load_backbone
+    from graft.input.data import load_labelled_folder
+    from graft.training.features import FeatureCache, backbone_key
 
     run = graft.train(fashion_folder, out=tmp_path / "run", compile="on", epochs=2, verbose=False, cache_dir=str(tmp_path / "cache"))
     assert run.metrics["backbone_compiled"] is True
@@ -112,7 +112,7 @@ def test_a_compiled_forward_is_kept_once_per_model_and_dies_with_it() -> None:
     import pickle
     import weakref
 
-    from graft.features import _compiled, compiled_forward
+    from graft.training.features import _compiled, compiled_forward
 
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
     entry = _compiled(model)  # torch.compile is lazy: nothing compiles before the first batch
@@ -132,8 +132,8 @@ def test_a_failing_compile_falls_back_to_eager_once_and_is_remembered(lite0, fas
     import copy
     import warnings
 
-    from graft import features
-    from graft.data import load_labelled_folder
+    from graft.training import features
+    from graft.input.data import load_labelled_folder
 
     class Broken(torch.nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -163,13 +163,13 @@ def test_cpu_bf16_training_runs_the_trained_depthwise_convolutions_in_fp32(lite0
     from torch import nn
 
     from graft.config import TrainConfig
-    from graft.data import load_labelled_folder
-    from graft.heads import HeadSpec, make_head
-    from graft.loop import TrainSteps, make_optimizer, warmup_cosine_schedule
-    from graft.model import GraftModel
-    from graft.numerics import autocast
-    from graft.pipeline import EvalImages
-    from graft.stages import discover_stages
+    from graft.input.data import load_labelled_folder
+    from graft.models.heads import HeadSpec, make_head
+    from graft.training.loop import TrainSteps, make_optimizer, warmup_cosine_schedule
+    from graft.models.model import GraftModel
+    from graft.speed.numerics import autocast
+    from graft.input.pipeline import EvalImages
+    from graft.models.stages import discover_stages
     from graft.strategies.finetune import Partial, apply_trainability, param_groups
 
     cpu = torch.device("cpu")

@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-from graft.images import load_image
-from graft.pipeline import DecodedImages, EvalImages, ResizeCenterCrop, image_batches, split_transform
-from graft.preprocessing import build_transforms
+from graft.input.images import load_image
+from graft.input.pipeline import DecodedImages, EvalImages, ResizeCenterCrop, image_batches, split_transform
+from graft.input.preprocessing import build_transforms
 
 
 def _images(folder: Path) -> list[Path]:
@@ -103,7 +103,7 @@ def test_store_budget_and_worker_processes(lite0, fashion_folder: Path) -> None:
 
 
 def test_eval_images_is_reiterable(lite0, fashion_folder: Path) -> None:
-    from graft.data import load_labelled_folder
+    from graft.input.data import load_labelled_folder
 
     split = load_labelled_folder(fashion_folder)[0]
     batches = EvalImages(split.paths[:5], split.digests[:5], lite0.preprocessing, batch_size=2)
@@ -120,7 +120,7 @@ def test_grayscale_images_go_through_as_one_channel_with_the_same_pixels(lite0, 
     from PIL import Image
     from skimage import data
 
-    from graft.backbones import with_crop
+    from graft.models.backbones import with_crop
 
     photo = tmp_path / "chelsea-gray.png"  # a real photo, not square, as 8-bit grayscale
     Image.fromarray(data.chelsea()).convert("L").save(photo)
@@ -153,7 +153,7 @@ def test_grayscale_images_go_through_as_one_channel_with_the_same_pixels(lite0, 
 def test_normalize_matches_torch_arithmetic() -> None:
     """NumPy's plane-wise multiply-add gives the same float32 bits as torch's: colour with
     per-channel statistics, colour with equal ones, and grayscale widened to three channels."""
-    from graft.pipeline import SplitTransform
+    from graft.input.pipeline import SplitTransform
 
     generator = torch.Generator().manual_seed(0)
     for mean, std in (((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)), ((0.5,) * 3, (0.5,) * 3)):
@@ -178,9 +178,9 @@ def test_training_batches_normalised_on_the_device_equal_the_workers_float_batch
 
     import numpy as np
 
-    from graft.data import load_labelled_folder
-    from graft.images import load_image
-    from graft.pipeline import split_transform
+    from graft.input.data import load_labelled_folder
+    from graft.input.images import load_image
+    from graft.input.pipeline import split_transform
 
     paths = load_labelled_folder(fashion_folder)[0].paths[:4]
     for level in ("light", "strong"):
@@ -201,7 +201,7 @@ def test_decoding_processes_are_sized_to_the_device() -> None:
     """A CPU keeps its decode thread (the model needs the cores); a GPU gets all cores but one."""
     import os
 
-    from graft.pipeline import extraction_workers
+    from graft.input.pipeline import extraction_workers
     from graft.strategies.finetune import training_workers
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")  # only named: no GPU is needed
@@ -219,8 +219,8 @@ def test_strong_augmented_views_are_reproducible(lite0, fashion_folder) -> None:
     NumPy drew before it."""
     import numpy as np
 
-    from graft.data import load_labelled_folder
-    from graft.features import extract_features
+    from graft.input.data import load_labelled_folder
+    from graft.training.features import extract_features
 
     split = load_labelled_folder(fashion_folder)[0]
     paths, digests = split.paths[:6], split.digests[:6]

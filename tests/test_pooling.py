@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 
 import graft
-from graft.backbones import load_backbone, with_crop, with_pooling
-from graft.bundle import load_bundle
-from graft.features import backbone_key
-from graft.pooling import GRID_SIZE, LEVEL_GRIDS, GridPool, LevelPool, earlier_module_names, pooled_model, supports_grid
+from graft.models.backbones import load_backbone, with_crop, with_pooling
+from graft.shipping.bundle import load_bundle
+from graft.training.features import backbone_key
+from graft.models.pooling import GRID_SIZE, LEVEL_GRIDS, GridPool, LevelPool, earlier_module_names, pooled_model, supports_grid
 
 
 @pytest.mark.parametrize("height, width", [(7, 7), (8, 8), (9, 7), (5, 6), (3, 3), (2, 2)])
@@ -46,7 +46,7 @@ def test_a_grid_view_shares_the_weights_and_widens_the_features(lite0):
 
 def test_two_stage_grids_read_the_stage_before_the_last_beside_the_last_map(lite0):
     grid2 = with_pooling(lite0, "grid-2")
-    assert earlier_module_names(lite0.model, "grid-2") == ("blocks.5",)  # graft.stages: the stage before blocks.6+conv_head+bn2
+    assert earlier_module_names(lite0.model, "grid-2") == ("blocks.5",)  # graft.models.stages: the stage before blocks.6+conv_head+bn2
     assert grid2.num_features == (1280 + 192) * GRID_SIZE**2
     # The same weights under the same names (a bundle's state dict loads either way); the original untouched.
     assert list(grid2.model.state_dict()) == list(lite0.model.state_dict())
@@ -114,7 +114,7 @@ def test_grids_of_a_resnet_read_its_third_and_second_layers_and_a_mobilenet_refu
 
 @pytest.mark.parametrize("pooling", ["grid", "grid-2", "grid-3"])
 def test_grids_pooled_on_the_side_of_the_averages_pass_are_the_grid_backbones_features(lite0, holdout_folder, tmp_path, pooling):
-    from graft.features import FeatureCache, SidePooling, extract_features
+    from graft.training.features import FeatureCache, SidePooling, extract_features
 
     paths = sorted(holdout_folder.rglob("*.png"))[:8]
     digests = [p.stem for p in paths]
@@ -139,7 +139,7 @@ def test_grids_pooled_on_the_side_of_the_averages_pass_are_the_grid_backbones_fe
 def test_a_grid_pass_pools_the_deeper_grid_on_the_side_too(lite0, holdout_folder, tmp_path):
     """auto's pooling ladder: where a grid's pass runs (its cache missed), it pools the later grids
     as well, through the grid model's recording copy of `blocks` and its `LevelPool`."""
-    from graft.features import FeatureCache, SidePooling, extract_features
+    from graft.training.features import FeatureCache, SidePooling, extract_features
 
     paths = sorted(holdout_folder.rglob("*.png"))[:6]
     digests = [p.stem for p in paths]
@@ -188,9 +188,9 @@ def grid_run(fashion_folder, tmp_path_factory, request):
 def test_grid_head_is_scikit_learns_logistic_regression_and_reloads_identically(grid_run, fashion_folder, holdout_folder, lite0):
     from sklearn.linear_model import LogisticRegression
 
-    from graft.data import load_dataset
-    from graft.features import extract_features
-    from graft.images import load_image
+    from graft.input.data import load_dataset
+    from graft.training.features import extract_features
+    from graft.input.images import load_image
 
     bundle = load_bundle(grid_run.bundle_dir)
     pooling = bundle.meta["backbone"]["pooling"]
@@ -215,8 +215,8 @@ def test_grid_head_is_scikit_learns_logistic_regression_and_reloads_identically(
 
 def test_a_grid_bundle_exports_to_onnx_with_the_same_logits(grid_run, holdout_folder, tmp_path):
     pytest.importorskip("onnxruntime")
-    from graft.export import export_onnx
-    from graft.images import load_image
+    from graft.shipping.export import export_onnx
+    from graft.input.images import load_image
 
     images = [load_image(p) for p in sorted(holdout_folder.rglob("*.png"))]
     # export_onnx checks ONNX Runtime's logits against PyTorch's on these images and refuses otherwise.

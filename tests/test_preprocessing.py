@@ -5,7 +5,7 @@ import torch
 from PIL import Image
 
 from graft.errors import ConfigError
-from graft.preprocessing import AUGMENT_LEVELS, build_transforms
+from graft.input.preprocessing import AUGMENT_LEVELS, build_transforms
 
 
 @pytest.fixture(scope="module")

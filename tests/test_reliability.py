@@ -20,10 +20,10 @@ import pytest
 from PIL import Image
 
 import graft
-from graft.bundle import BUNDLE_FORMAT, META_FILE, MODEL_FILE, load_bundle
-from graft.data import load_dataset
+from graft.shipping.bundle import BUNDLE_FORMAT, META_FILE, MODEL_FILE, load_bundle
+from graft.input.data import load_dataset
 from graft.errors import BackboneError, BundleError, ConfigError, DataError
-from graft.images import MAX_IMAGE_PIXELS
+from graft.input.images import MAX_IMAGE_PIXELS
 
 # File name -> the words its refusal must contain.
 BAD = {
@@ -158,7 +158,7 @@ def test_a_class_with_one_image_is_warned_and_trained_on(fashion_folder, tmp_pat
 
 
 def test_a_1_to_100_imbalance_is_warned_and_balanced_weighting_is_there(tmp_path):
-    from graft.sample_data import load_fashion_mnist, write_image_folder
+    from graft.input.sample_data import load_fashion_mnist, write_image_folder
     from graft.strategies.feature_extract import class_weights
 
     source = load_fashion_mnist("test")
@@ -209,7 +209,7 @@ def test_exif_rotated_photo_is_predicted_like_the_upright_one(trained_run, fashi
 
 
 def graft_load(data: bytes) -> Image.Image:
-    from graft.images import load_image
+    from graft.input.images import load_image
 
     return load_image(data, name="exif-rotated.jpg")
 
@@ -329,7 +329,7 @@ class _Payload:
 def test_a_hostile_torch_weights_file_is_refused_without_running_it(tmp_path):
     import torch
 
-    from graft.backbones import load_backbone
+    from graft.models.backbones import load_backbone
 
     marker = tmp_path / "pwned"
     path = tmp_path / "weights.pt"

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import graft
-from graft.checkpoint import CHECKPOINT_DIR, read_checkpoint
+from graft.training.checkpoint import CHECKPOINT_DIR, read_checkpoint
 from graft.errors import ConfigError
 
 RUN_FILES = ("config.json", "split.json", "history.jsonl", "metrics.json", "val_predictions.json", "report.html")
@@ -150,7 +150,7 @@ def test_early_stopped_checkpoint_stops_at_once():
     """Resuming after the epoch that triggered early stopping trains no further epoch."""
     import torch
 
-    from graft.loop import EpochRecord, fit
+    from graft.training.loop import EpochRecord, fit
 
     history = [EpochRecord(e, 1.0, 0.5, 1.0, 0.5, [0.1], 0.0) for e in range(4)]
     calls = []
@@ -167,7 +167,7 @@ def test_a_checkpoint_set_aside_mid_rename_is_used(tmp_path):
     """Killed between atomic_dir's two renames: no checkpoint/ but a complete `.checkpoint.*.old`."""
     import torch
 
-    from graft.checkpoint import remove_temporaries, write_checkpoint
+    from graft.training.checkpoint import remove_temporaries, write_checkpoint
 
     write_checkpoint(tmp_path / CHECKPOINT_DIR, {"format_version": 1, "epoch": 4}, {"x": torch.arange(3)})
     (tmp_path / CHECKPOINT_DIR).rename(tmp_path / f".{CHECKPOINT_DIR}.0123abcd.old")

@@ -13,7 +13,7 @@ from rich.console import Console
 
 from graft.config import TrainConfig
 from graft.console import Reporter
-from graft.data import load_dataset
+from graft.input.data import load_dataset
 from graft.run import Numerics, _plan_strategy, _resolve_numerics
 
 

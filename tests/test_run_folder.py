@@ -65,7 +65,7 @@ def test_a_run_is_replaced_only_with_overwrite_and_only_its_own_files(fashion_fo
     out = tmp_path / "run"
     first = graft.train(fashion_folder, out=out, epochs=1, verbose=False)
     first_id = read_manifest(out).run_id
-    from graft.export import export_onnx
+    from graft.shipping.export import export_onnx
 
     # Exported beside the bundle by default: the run's file, so it goes with the run.
     assert export_onnx(first.bundle_dir, check_images=sorted(fashion_folder.rglob("*.png"))[:2]).path == out / "model.onnx"
@@ -95,7 +95,7 @@ def test_a_killed_overwrite_never_leaves_two_runs_mixed(fashion_folder, tmp_path
 
 
 def test_save_bundle_never_replaces_a_folder_graft_did_not_write(trained_run, tmp_path):
-    from graft.bundle import save_bundle
+    from graft.shipping.bundle import save_bundle
 
     bundle = graft.load_bundle(trained_run.bundle_dir)
     target = tmp_path / "bundle"

@@ -18,7 +18,7 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from graft.bundle import load_bundle  # noqa: E402
+from graft.shipping.bundle import load_bundle  # noqa: E402
 
 MAX_UPLOAD_MB = 1
 MAX_IMAGES = 4

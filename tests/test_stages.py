@@ -1,7 +1,7 @@
 import pytest
 import timm
 
-from graft.stages import discover_stages
+from graft.models.stages import discover_stages
 
 
 @pytest.mark.parametrize(

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import graft
-from graft.backbones import load_backbone
-from graft.bundle import load_bundle
+from graft.models.backbones import load_backbone
+from graft.shipping.bundle import load_bundle
 
 METRIC_KEYS = {
     "accuracy", "macro_f1", "per_class", "confusion_matrix", "class_names", "backbone", "strategy",
@@ -54,7 +54,7 @@ def test_frozen_backbone_weights_and_batchnorm_buffers_are_bitwise_unchanged(tra
 
 
 def test_second_run_reads_features_from_the_cache_without_a_backbone_forward(fashion_folder, tmp_path, monkeypatch):
-    import graft.features
+    import graft.training.features
 
     first = graft.train(fashion_folder, out=tmp_path / "a", epochs=3, verbose=False, cache_dir=str(tmp_path / "cache"))
     assert first.metrics["features_computed"] == 36
@@ -62,7 +62,7 @@ def test_second_run_reads_features_from_the_cache_without_a_backbone_forward(fas
     def no_forward(*args, **kwargs):
         raise AssertionError("the backbone ran although every feature was cached")
 
-    monkeypatch.setattr(graft.features, "forward_batches", no_forward)
+    monkeypatch.setattr(graft.training.features, "forward_batches", no_forward)
     second = graft.train(fashion_folder, out=tmp_path / "b", epochs=3, verbose=False, cache_dir=str(tmp_path / "cache"))
     assert second.metrics["features_computed"] == 0 and second.metrics["features_from_cache"] == 36
     assert second.metrics["accuracy"] == first.metrics["accuracy"]

@@ -12,15 +12,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, get_args
 
-from graft.backbones import DEFAULT_BACKBONE, load_backbone, with_pooling
-from graft.bundle import Bundle, Prediction, load_bundle
+from graft.models.backbones import DEFAULT_BACKBONE, load_backbone, with_pooling
+from graft.shipping.bundle import Bundle, Prediction, load_bundle
 from graft.config import TrainConfig
 from graft.console import Reporter
-from graft.data import OnBadImage, load_labelled_folder
+from graft.input.data import OnBadImage, load_labelled_folder
 from graft.errors import ConfigError, DataError
-from graft.heads import HeadSpec, make_head
+from graft.models.heads import HeadSpec, make_head
 from graft.run import RunResult, labelled_metrics, train_with_config, write_run_report
-from graft.stages import Stage, discover_stages
+from graft.models.stages import Stage, discover_stages
 from graft.strategies import AuditRow, get_strategy
 from graft.strategies.base import count_params
 
@@ -79,8 +79,8 @@ def expand_image_paths(paths: Iterable[str | Path]) -> Iterator[Path]:
     A folder that holds no image file (in it or its sub-folders) is a `DataError` naming it,
     raised here, before any image is listed: predicting "nothing" is almost always a wrong path.
     """
-    from graft.data import walk_images
-    from graft.images import IMAGE_EXTENSIONS
+    from graft.input.data import walk_images
+    from graft.input.images import IMAGE_EXTENSIONS
 
     given = [Path(raw) for raw in paths]
     for path in given:
@@ -93,7 +93,7 @@ def expand_image_paths(paths: Iterable[str | Path]) -> Iterator[Path]:
 
 
 def _expand_image_paths(paths: list[Path]) -> Iterator[Path]:
-    from graft.data import walk_images
+    from graft.input.data import walk_images
 
     for path in paths:
         if path.is_dir():

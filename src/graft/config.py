@@ -7,12 +7,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from graft.backbones import DEFAULT_BACKBONE
+from graft.models.backbones import DEFAULT_BACKBONE
 from graft.errors import ConfigError
-from graft.heads import HEAD_KINDS
-from graft.numerics import COMPILE_SETTINGS, PRECISIONS
-from graft.pooling import POOLINGS
-from graft.preprocessing import AUGMENT_LEVELS
+from graft.models.heads import HEAD_KINDS
+from graft.speed.numerics import COMPILE_SETTINGS, PRECISIONS
+from graft.models.pooling import POOLINGS
+from graft.input.preprocessing import AUGMENT_LEVELS
 from graft.ranges import BATCH_SIZE, EPOCHS_MAX, SEED, Range, check_number
 from graft.strategy_names import STRATEGY_NAMES
 

@@ -15,7 +15,7 @@ from rich.text import Text
 
 from graft.console import Reporter
 from graft.errors import OutputError
-from graft.sample_data import ImageSet, fashion_mnist_available, load_fashion_mnist, load_mnist5k, sample_per_class, write_image_folder
+from graft.input.sample_data import ImageSet, fashion_mnist_available, load_fashion_mnist, load_mnist5k, sample_per_class, write_image_folder
 
 
 @dataclass

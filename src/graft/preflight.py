@@ -19,7 +19,7 @@ def check_options(config: TrainConfig) -> None:
     Unknown backbone names are listed with close matches and the offline choices; a `--weights`
     file must exist; `--train-stages` must fit the backbone's stage count (1 to N, N named).
     """
-    from graft.backbones import BUNDLED, check_backbone_name
+    from graft.models.backbones import BUNDLED, check_backbone_name
 
     check_backbone_name(config.backbone)
     if config.weights is not None and not Path(config.weights).is_file():
@@ -28,7 +28,7 @@ def check_options(config: TrainConfig) -> None:
         import timm
         import torch
 
-        from graft.stages import discover_stages
+        from graft.models.stages import discover_stages
         from graft.strategies import get_strategy
 
         spec = BUNDLED.get(config.backbone)

@@ -29,25 +29,25 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from graft import distributed
+from graft.training import distributed
 from graft.atomic import write_json, write_text
-from graft.backbones import Backbone, load_backbone, with_crop, with_pooling
-from graft.bundle import Bundle, load_bundle, save_bundle
+from graft.models.backbones import Backbone, load_backbone, with_crop, with_pooling
+from graft.shipping.bundle import Bundle, load_bundle, save_bundle
 from graft.config import TrainConfig
 from graft.console import QUIET, Reporter, show_audit
-from graft.data import Dataset, LabelledImages, load_dataset, relative_path
+from graft.input.data import Dataset, LabelledImages, load_dataset, relative_path
 from graft.errors import TrainingError
-from graft.features import FeatureCache, backbone_key
-from graft.heads import HeadSpec, make_head
-from graft.loop import EpochRecord, seed_everything
-from graft.metrics import classification_metrics
-from graft.numerics import resolve_device, resolve_precision, should_compile
-from graft.stages import Stage, discover_stages
+from graft.training.features import FeatureCache, backbone_key
+from graft.models.heads import HeadSpec, make_head
+from graft.training.loop import EpochRecord, seed_everything
+from graft.training.metrics import classification_metrics
+from graft.speed.numerics import resolve_device, resolve_precision, should_compile
+from graft.models.stages import Stage, discover_stages
 from graft.strategies import AuditRow, TrainContext, get_strategy
 from graft.strategies.base import cache_dir_of, count_params, resolve_bn_stats
 
 if TYPE_CHECKING:
-    from graft.checkpoint import Checkpointer
+    from graft.training.checkpoint import Checkpointer
     from graft.strategies.base import Strategy, TrainOutcome
 
 
@@ -105,7 +105,7 @@ def train_with_config(
     """`train`, from a ready `TrainConfig` (what `config.json` holds).
 
     A checkpoint is written to `RUN/checkpoint/` after every epoch and removed when the run is
-    done; `resume=True` continues from it (see `graft.checkpoint`). The run folder is graft's
+    done; `resume=True` continues from it (see `graft.training.checkpoint`). The run folder is graft's
     (`graft.run_folder`): a folder holding anything graft did not write is refused untouched, and
     an earlier run in it is replaced only with `overwrite=True`, its files removed first.
     """
@@ -130,7 +130,7 @@ def train_with_config(
 
 def _open_run(config: TrainConfig, reporter: Reporter, *, resume: bool, overwrite: bool) -> RunPlaces:
     """Check everything that needs no image read: options, run folder, cache folder, checkpoints."""
-    from graft.checkpoint import prepare_checkpoints
+    from graft.training.checkpoint import prepare_checkpoints
     from graft.preflight import check_options
     from graft.run_folder import check_folder, check_writable_folder
 
@@ -147,7 +147,7 @@ def _open_run(config: TrainConfig, reporter: Reporter, *, resume: bool, overwrit
 
 def _load_data(config: TrainConfig, reporter: Reporter, *, resume: bool) -> Dataset:
     """The labelled images and their split; with `resume`, the same images the run started on."""
-    from graft.checkpoint import check_same_data
+    from graft.training.checkpoint import check_same_data
 
     dataset = load_dataset(config.data, val_fraction=config.val_fraction, seed=config.seed, on_bad_image=config.on_bad_image)
     if resume:
@@ -205,9 +205,9 @@ def _resolve_numerics(
 
 
 def _measure_cpu_precision(backbone: Backbone, cache_root: Path, reporter: Reporter) -> dict[str, Any]:
-    """A CPU with native bf16 may still run this backbone faster in fp32 (graft.cpu_precision).
+    """A CPU with native bf16 may still run this backbone faster in fp32 (graft.speed.cpu_precision).
     Under torchrun rank 0 decides, for every rank: they must all train in one precision."""
-    from graft.cpu_precision import choose_cpu_precision
+    from graft.speed.cpu_precision import choose_cpu_precision
 
     choice = choose_cpu_precision(backbone, cache_root) if distributed.is_main() else None
     if choice is not None:

@@ -38,7 +38,7 @@ from typing import Iterable, Sequence
 from graft.errors import ConfigError, OutputError
 
 MANIFEST_NAME = "graft-manifest.json"
-# What a run writes into its folder (graft.run, graft.checkpoint, graft.report).
+# What a run writes into its folder (graft.run, graft.training.checkpoint, graft.report).
 RUN_FILES = (
     "config.json", "split.json", "history.jsonl", "checkpoint", "val_predictions.json",
     "metrics.json", "bundle", "forgetting.json", "report.html",

@@ -25,7 +25,7 @@ def export(
     if not onnx:
         raise ConfigError("graft export: choose a format; --onnx is the one supported (graft export BUNDLE --onnx)")
     from graft.api import expand_image_paths
-    from graft.export import export_onnx
+    from graft.shipping.export import export_onnx
 
     images = list(expand_image_paths(check_images)) if check_images else None
     result = export_onnx(bundle, out=out, opset=opset, check_images=images)

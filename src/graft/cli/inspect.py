@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from graft.backbones import DEFAULT_BACKBONE
+from graft.models.backbones import DEFAULT_BACKBONE
 from graft.cli import options
 
 

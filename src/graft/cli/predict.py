@@ -27,7 +27,7 @@ def predict(
     ),
 ) -> None:
     """Predict the labels of images with a trained bundle."""
-    from graft.bundle import load_bundle
+    from graft.shipping.bundle import load_bundle
     from graft.errors import ConfigError, ImageError
     from graft.ranges import BATCH_SIZE, TOP_K, check_number
 
@@ -101,7 +101,7 @@ def _explain(model, predictions: list, folder: Path) -> None:
 
 
 def _predict_to_file(model, paths: List[Path], out: Path, top_k: int, batch_size: int) -> None:
-    from graft.batch import predict_to_csv
+    from graft.shipping.batch_predict import predict_to_csv
     from graft.console import Reporter
 
     result = predict_to_csv(model, paths, out, top_k=top_k, batch_size=batch_size, reporter=Reporter())

@@ -13,11 +13,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from graft.bundle import Bundle
+from graft.shipping.bundle import Bundle
 from graft.errors import ConfigError
-from graft.preprocessing import Preprocessing
+from graft.input.preprocessing import Preprocessing
 from graft.report.forgetting import stage_features
-from graft.stages import Stage, discover_stages
+from graft.models.stages import Stage, discover_stages
 
 DEFAULT_CHANNELS = 6
 
@@ -100,7 +100,7 @@ def write_feature_maps(
     >>> write_feature_maps(load_bundle("runs/birds/bundle"), "robin.jpg", "maps.png", stages="1,4,-1")
     """
     from graft.atomic import atomic_path
-    from graft.images import load_image
+    from graft.input.images import load_image
 
     out = Path(out)
     if out.suffix.lower() != ".png":

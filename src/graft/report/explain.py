@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from graft.bundle import Bundle
+from graft.shipping.bundle import Bundle
 from graft.errors import ConfigError
 
 
@@ -31,7 +31,7 @@ class Explanation:
 
 def target_layer(model: torch.nn.Module) -> tuple[str, torch.nn.Module]:
     """The backbone's last stage's last module (name, module): the Grad-CAM layer."""
-    from graft.stages import discover_stages
+    from graft.models.stages import discover_stages
 
     backbone = model.backbone
     modules = dict(backbone.named_modules())
@@ -77,7 +77,7 @@ def explain_images(
     from pytorch_grad_cam.utils.image import show_cam_on_image
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    from graft.images import load_image
+    from graft.input.images import load_image
     from graft.report.activations import displayable
 
     out_dir = Path(out_dir)

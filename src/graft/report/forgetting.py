@@ -1,6 +1,6 @@
 """How much of the pretrained backbone survived training, stage by stage.
 
-Two measures, both per stage (`graft.stages.discover_stages`, input to head):
+Two measures, both per stage (`graft.models.stages.discover_stages`, input to head):
 
 - **weight drift**: ``||w - w0|| / ||w0||`` over all of the stage's parameters together, where
   ``w0`` are the pretrained weights. 0 means untouched; 0.1 means the weights moved by a tenth of
@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from graft.stages import Stage
+from graft.models.stages import Stage
 
 # CKA needs every image's features at once (a Gram matrix); this many images bound the cost.
 MAX_CKA_IMAGES = 64
@@ -158,7 +158,7 @@ def stage_forgetting(
     before them) are bit-identical to the pretrained ones get CKA 1 without a forward pass: their
     outputs are the same numbers. A feature-extract run therefore costs no forward pass at all.
     """
-    from graft.stages import discover_stages
+    from graft.models.stages import discover_stages
 
     if isinstance(trained, nn.Module) and hasattr(trained, "backbone") and hasattr(trained, "head"):
         trained = trained.backbone  # a GraftModel: compare its backbone

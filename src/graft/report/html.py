@@ -143,7 +143,7 @@ class Run:
 def load_batch(paths: Sequence[Path], transform: Any) -> torch.Tensor:
     """Preprocessed images (n, 3, H, W); unreadable files are skipped (they were reported in training)."""
     from graft.errors import ImageError
-    from graft.images import load_image
+    from graft.input.images import load_image
 
     tensors = []
     for path in paths:
@@ -177,11 +177,11 @@ def write_report(run_dir: str | Path, *, cka_images: int | None = None) -> Path:
     PosixPath('runs/birds/report.html')
     """
     from graft.atomic import write_json, write_text
-    from graft.backbones import load_backbone
-    from graft.bundle import load_bundle
+    from graft.models.backbones import load_backbone
+    from graft.shipping.bundle import load_bundle
     from graft.report import figures
     from graft.report.forgetting import MAX_CKA_IMAGES, stage_forgetting
-    from graft.stages import discover_stages
+    from graft.models.stages import discover_stages
 
     started = time.perf_counter()
     run_dir = Path(run_dir)
@@ -320,7 +320,7 @@ def per_class_section(run: Run) -> str:
 
 def mistakes_section(run: Run, figures: Any) -> str:
     from graft.errors import ImageError
-    from graft.images import load_image
+    from graft.input.images import load_image
 
     wrong = sorted((r for r in run.predictions if r["label"] != r["true"]), key=lambda r: -r["score"])
     if not run.predictions:
@@ -360,7 +360,7 @@ def filters_section(trained: torch.nn.Module, pretrained: torch.nn.Module, figur
 
 
 def feature_maps_section(bundle: Any, val_images: Sequence[tuple[Path, str]]) -> str:
-    from graft.images import load_image
+    from graft.input.images import load_image
     from graft.report.activations import feature_maps_figure
     from graft.report.figures import figure_uri
 
@@ -377,7 +377,7 @@ def feature_maps_section(bundle: Any, val_images: Sequence[tuple[Path, str]]) ->
 
 def spread_stages(backbone: torch.nn.Module, count: int) -> list[int]:
     """`count` stage indices spread from the first to the last stage (the report's feature maps)."""
-    from graft.stages import discover_stages
+    from graft.models.stages import discover_stages
 
     total = len(discover_stages(backbone))
     if total <= count:

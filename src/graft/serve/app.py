@@ -35,9 +35,9 @@ from fastapi.exceptions import RequestValidationError  # noqa: E402
 from fastapi.responses import HTMLResponse, JSONResponse  # noqa: E402
 from starlette.concurrency import run_in_threadpool  # noqa: E402
 
-from graft.bundle import Bundle, load_bundle  # noqa: E402
+from graft.shipping.bundle import Bundle, load_bundle  # noqa: E402
 from graft.errors import ConfigError, ImageError, ImageTooLargeError  # noqa: E402
-from graft.images import MAX_IMAGE_PIXELS  # noqa: E402
+from graft.input.images import MAX_IMAGE_PIXELS  # noqa: E402
 from graft.ranges import IMAGES_PER_REQUEST, TOP_K, UPLOAD_BYTES, check_number  # noqa: E402
 from graft.serve.page import PAGE_HTML  # noqa: E402
 
@@ -49,7 +49,7 @@ DEFAULT_TOP_K = 5
 DEFAULT_MAX_PIXELS = 50_000_000
 DEFAULT_MAX_REQUEST_PIXELS = 200_000_000
 # A request whose images declare more pixels than this gives the freed decoding memory back to
-# the OS afterwards (graft.allocator.release_free_memory): it would otherwise stay in the malloc
+# the OS afterwards (graft.speed.allocator.release_free_memory): it would otherwise stay in the malloc
 # arena of whichever thread decoded it, one arena per thread, for the life of the server.
 RELEASE_AFTER_PIXELS = 16_000_000
 # Room for the multipart boundaries and part headers on top of the files themselves.
@@ -219,7 +219,7 @@ async def _read_uploads(files: list[UploadFile], max_upload_bytes: int) -> list[
 
 def _image_sizes(payloads: list[tuple[str, bytes]]) -> list[tuple[int, int]]:
     """(width, height) of every upload, from its header alone."""
-    from graft.images import image_size
+    from graft.input.images import image_size
 
     return [image_size(data, name=name) for name, data in payloads]
 
@@ -256,8 +256,8 @@ def _predict(
     top_k: int,
 ) -> list[dict[str, Any]]:
     """Decode every upload at the model's size, within the pixel budget; one forward pass at a time."""
-    from graft.allocator import release_free_memory
-    from graft.images import load_image
+    from graft.speed.allocator import release_free_memory
+    from graft.input.images import load_image
 
     images = []
     try:

@@ -1,7 +1,7 @@
 """Adaptation strategies: what to freeze, what to train and at which learning rate.
 
 A strategy is a small object with one job: given the backbone's stages and the run's settings,
-say what trains (`audit`) and train it (`train`). The loop itself is `graft.loop.fit`.
+say what trains (`audit`) and train it (`train`). The loop itself is `graft.training.loop.fit`.
 
 Each strategy's module is imported when it is first asked for, so the parts that need no torch
 (`auto_rule`, `STRATEGY_NAMES`) import without it.

@@ -20,8 +20,8 @@ from torch import nn
 
 from graft.config import TrainConfig
 from graft.console import show_audit
-from graft.heads import make_head
-from graft.stages import Stage
+from graft.models.heads import make_head
+from graft.models.stages import Stage
 from graft.strategies import get_strategy
 from graft.strategies.auto_measure import (
     choose_framing,

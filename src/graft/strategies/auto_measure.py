@@ -24,7 +24,7 @@ in the feature cache that `feature-extract` reuses, and logistic-regression prob
   it was trained on.
 - **pooling** (`choose_pooling`, fewer than `LP_FT_PER_CLASS` images per class): on the chosen
   view, probes on the backbone's average-pooled features, on a 3x3 grid of its last map, and on
-  grids of its last two and three stages' outputs (`graft.pooling`), by the same rule as a ladder:
+  grids of its last two and three stages' outputs (`graft.models.pooling`), by the same rule as a ladder:
   each wider one must beat the one it challenges. The framing's passes pool their maps every way
   at once, so this costs probes, not passes.
 """
@@ -40,9 +40,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from graft.backbones import Backbone, with_crop, with_pooling
-from graft.features import ExtractionStats, FeatureCache, SidePooling, Tap, backbone_key, extract_features
-from graft.pooling import GRID_SIZE, LEVEL_GRIDS, POOLINGS, earlier_module_names, supports_grid
+from graft.models.backbones import Backbone, with_crop, with_pooling
+from graft.training.features import ExtractionStats, FeatureCache, SidePooling, Tap, backbone_key, extract_features
+from graft.models.pooling import GRID_SIZE, LEVEL_GRIDS, POOLINGS, earlier_module_names, supports_grid
 from graft.strategies.auto_rule import LP_FT_PER_CLASS, Measurements, ViewScore, accuracy_difference_se, first_wins
 from graft.strategies.base import TrainContext
 
@@ -140,7 +140,7 @@ def chosen_view_accuracy(measured: dict[str, Any]) -> float | None:
 
 def choose_pooling(context: TrainContext) -> tuple[TrainContext, dict[str, Any]]:
     """What the head reads: the backbone's global average, a grid of its last map, or grids of its
-    last two or three stages' outputs (`graft.pooling`), whichever a probe finds better on validation.
+    last two or three stages' outputs (`graft.models.pooling`), whichever a probe finds better on validation.
 
     A ladder by the framing's rule (`first_wins`): the average holds until the grid beats it by
     more than a standard error of the difference in accuracy (or, within it, by a lower log-loss);
@@ -202,7 +202,7 @@ def _pooling_candidates(context: TrainContext) -> tuple[str, ...]:
 def _measures_pooling(context: TrainContext) -> bool:
     """Whether auto compares the average with the grids: fewer than `LP_FT_PER_CLASS` images per
     class (where the grids were measured), no `--pooling` given, a backbone that can pool by a grid
-    (`graft.pooling.supports_grid`) and validation images to score on."""
+    (`graft.models.pooling.supports_grid`) and validation images to score on."""
     return (context.config.pooling is None and context.dataset.train.images_per_class() < LP_FT_PER_CLASS
             and supports_grid(context.backbone.model) and len(context.dataset.val) > 0)
 

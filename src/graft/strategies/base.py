@@ -9,19 +9,19 @@ from typing import TYPE_CHECKING, Callable, Protocol
 import torch
 from torch import nn
 
-from graft.backbones import Backbone
+from graft.models.backbones import Backbone
 from graft.config import TrainConfig
 from graft.console import Reporter
-from graft.data import Dataset
-from graft.features import FeatureCache, Tap
-from graft.heads import HeadSpec
-from graft.loop import EpochRecord, FitResult
-from graft.model import GraftModel
-from graft.preprocessing import Preprocessing
-from graft.stages import Stage
+from graft.input.data import Dataset
+from graft.training.features import FeatureCache, Tap
+from graft.models.heads import HeadSpec
+from graft.training.loop import EpochRecord, FitResult
+from graft.models.model import GraftModel
+from graft.input.preprocessing import Preprocessing
+from graft.models.stages import Stage
 
 if TYPE_CHECKING:
-    from graft.checkpoint import Checkpointer
+    from graft.training.checkpoint import Checkpointer
 
 
 @dataclass
@@ -54,7 +54,7 @@ def with_prefix_tap(context: TrainContext, module_name: str) -> TrainContext:
     torchrun (each rank sees its share) or with a compiled backbone (hooks are not compiled)."""
     from dataclasses import replace
 
-    from graft import distributed
+    from graft.training import distributed
 
     if context.cache is None or distributed.active() or context.compile_backbone:
         return context
@@ -130,6 +130,6 @@ def count_params(module: nn.Module, trainable_only: bool = False) -> int:
 
 
 def cache_dir_of(config: TrainConfig) -> Path | None:
-    from graft.features import default_cache_dir
+    from graft.training.features import default_cache_dir
 
     return Path(config.cache_dir) if config.cache_dir else default_cache_dir()

@@ -14,13 +14,13 @@ import torch
 from torch import nn
 
 from graft.config import TrainConfig
-from graft.features import ExtractionStats, extract_features
-from graft.heads import make_head
-from graft.loop import view_batches, warmup_cosine_schedule
-from graft.model import GraftModel
-from graft.numerics import intra_op_threads
-from graft.pooling import pooling_of
-from graft.stages import Stage
+from graft.training.features import ExtractionStats, extract_features
+from graft.models.heads import make_head
+from graft.training.loop import view_batches, warmup_cosine_schedule
+from graft.models.model import GraftModel
+from graft.speed.numerics import intra_op_threads
+from graft.models.pooling import pooling_of
+from graft.models.stages import Stage
 from graft.strategies.base import AuditRow, TrainContext, TrainOutcome, count_params, has_batchnorm
 from graft.training import CLASSIFICATION, HeadSteps, Phase, class_weights, run_phase
 
@@ -154,7 +154,7 @@ def head_phase(head: nn.Module, train: tuple[torch.Tensor, torch.Tensor], val: t
 
 # L2 strength of the L-BFGS head, as scikit-learn's `LogisticRegression(C=...)`: the summed loss of
 # one view of every training image plus ||W||^2 / (2 C). 1 is scikit-learn's default, and what the
-# grid measurements of `graft.pooling` used.
+# grid measurements of `graft.models.pooling` used.
 LOGISTIC_C = 1.0
 LBFGS_ITERATIONS = 500
 
@@ -191,7 +191,7 @@ def fit_logistic_regression(
     """
     import time
 
-    from graft.loop import EpochRecord, FitResult
+    from graft.training.loop import EpochRecord, FitResult
 
     linear = next((m for m in head.modules() if isinstance(m, nn.Linear)), None)
     if linear is None or sum(isinstance(m, nn.Linear) for m in head.modules()) != 1:

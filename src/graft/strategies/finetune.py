@@ -15,9 +15,9 @@ from torch import nn
 
 from graft.config import TrainConfig
 from graft.errors import ConfigError
-from graft.heads import make_head
-from graft.model import GraftModel
-from graft.stages import Stage
+from graft.models.heads import make_head
+from graft.models.model import GraftModel
+from graft.models.stages import Stage
 from graft.strategies.base import AuditRow, TrainContext, TrainOutcome, has_batchnorm, with_prefix_tap
 from graft.strategies.finetune_images import train_on_images, training_workers
 from graft.strategies.finetune_prefix import DEFAULT_PREFIX_VIEWS, cached_prefix_split, train_on_cached_prefix
@@ -25,7 +25,7 @@ from graft.strategies.plan import StagePlan, apply_trainability, param_groups
 from graft.training.phase import starting_point
 
 if TYPE_CHECKING:
-    from graft.prefix import Chain
+    from graft.models.prefix import Chain
 
 __all__ = [
     "DEFAULT_PREFIX_VIEWS", "Discriminative", "FineTune", "Full", "Gradual", "LinearProbeThenFineTune", "Lora", "Partial",
@@ -222,7 +222,7 @@ class Lora(FineTune):
                          notes={"lora_rank": config.lora_rank})
 
     def audit(self, backbone: nn.Module, stages: list[Stage], head: nn.Module, config: TrainConfig) -> list[AuditRow]:
-        from graft.lora import lora_targets
+        from graft.models.lora import lora_targets
 
         modules = dict(backbone.named_modules())
         lr = config.lr or self.default_lr
@@ -239,8 +239,8 @@ class Lora(FineTune):
         return rows
 
     def train(self, context: TrainContext) -> TrainOutcome:
-        from graft.lora import apply_lora, lora_targets
-        from graft.stages import discover_stages
+        from graft.models.lora import apply_lora, lora_targets
+        from graft.models.stages import discover_stages
 
         config = context.config
         model = GraftModel(context.backbone.model, make_head(context.head_spec))

@@ -10,16 +10,16 @@ from typing import Callable
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from graft import distributed
-from graft.compiling import TrainingCompiler
-from graft.folding import inference_network
-from graft.images import load_image
-from graft.loop import TrainSteps, make_optimizer, warmup_cosine_schedule
-from graft.model import GraftModel
-from graft.numerics import autocast
-from graft.pipeline import EvalImages, SplitTransform, default_batch_size, split_transform
-from graft.preprocessing import build_transforms
-from graft.stages import Stage
+from graft.training import distributed
+from graft.speed.compiling import TrainingCompiler
+from graft.speed.folding import inference_network
+from graft.input.images import load_image
+from graft.training.loop import TrainSteps, make_optimizer, warmup_cosine_schedule
+from graft.models.model import GraftModel
+from graft.speed.numerics import autocast
+from graft.input.pipeline import EvalImages, SplitTransform, default_batch_size, split_transform
+from graft.input.preprocessing import build_transforms
+from graft.models.stages import Stage
 from graft.strategies.base import TrainContext, TrainOutcome
 from graft.strategies.plan import StagePlan, apply_trainability, param_groups
 from graft.training import CLASSIFICATION, Phase, run_phase
@@ -179,7 +179,7 @@ def training_loader(
 
 
 def training_compiler(context: TrainContext, total_steps: int) -> TrainingCompiler:
-    """The run's `--compile` setting applied to its training steps (`graft.compiling`)."""
+    """The run's `--compile` setting applied to its training steps (`graft.speed.compiling`)."""
     return TrainingCompiler(context.config.compile, context.device, total_steps, say=context.reporter.say)
 
 

@@ -7,7 +7,7 @@ computed, the `Task` (loss, best-epoch score, predictions), the epochs and patie
 `before_epoch` (thaw stages, set train mode; its note goes in the history), `batch_status` (the
 progress line after a batch), `saved_extra`/`restore_extra` (what the checkpoint keeps beside the
 weights). `run_phase` does the rest the same way for all: the checkpoint phase and resume, the
-progress bar, `graft.loop.fit`, the best epoch's weights restored, the final validation logits.
+progress bar, `graft.training.loop.fit`, the best epoch's weights restored, the final validation logits.
 
     feature-extract   one phase "head" (HeadSteps over cached features)
     partial, gradual… one phase "finetune" (TrainSteps over prefix outputs or images)
@@ -23,9 +23,9 @@ from typing import Any, Callable, Iterable, Protocol
 import torch
 from torch import nn
 
-from graft.checkpoint import start_phase
-from graft.loop import FitResult, fit, optimizer_step
-from graft.numerics import intra_op_threads
+from graft.training.checkpoint import start_phase
+from graft.training.loop import FitResult, fit, optimizer_step
+from graft.speed.numerics import intra_op_threads
 from graft.training.task import CLASSIFICATION, Task
 
 

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from graft.bundle import Bundle, load_bundle
+from graft.shipping.bundle import Bundle, load_bundle
 from graft.errors import ConfigError, GraftError
 
 DEFAULT_OPSET = 17
@@ -106,7 +106,7 @@ def export_onnx(
         entry.key, entry.value = key, value
     proto.doc_string = (
         f"graft classifier ({model_bundle.backbone}, {len(model_bundle.class_names)} classes). "
-        f"Input {INPUT_NAME!r}: float32 (N, 3, H, W) after resize/crop/normalise as in graft.preprocessing; "
+        f"Input {INPUT_NAME!r}: float32 (N, 3, H, W) after resize/crop/normalise as in graft.input.preprocessing; "
         f"output {OUTPUT_NAME!r}: logits (N, classes) in graft.class_names order."
     )
     onnx.checker.check_model(proto)
@@ -138,7 +138,7 @@ def onnx_metadata(bundle: Bundle) -> dict[str, str]:
         "graft.version": __version__,
         "graft.backbone": bundle.backbone,
         "graft.class_names": json.dumps(bundle.class_names),
-        "graft.preprocessing": json.dumps(pre.to_dict()),
+        "graft.input.preprocessing": json.dumps(pre.to_dict()),
         "graft.input_size": json.dumps(list(pre.input_size)),
         "graft.interpolation": pre.interpolation,
         "graft.mean": json.dumps(list(pre.mean)),
@@ -188,7 +188,7 @@ def _max_logit_difference(bundle: Bundle, session: Any, batch: torch.Tensor) -> 
     """Largest |PyTorch - onnxruntime| over the whole batch and over each image alone."""
     with torch.inference_mode():
         # The same memory format as `Bundle.logits`, in fp32 like the ONNX graph (predict may run in
-        # bf16 where the bundle was trained so; that path is within graft.numerics.BF16_TOLERANCE).
+        # bf16 where the bundle was trained so; that path is within graft.speed.numerics.BF16_TOLERANCE).
         expected = bundle.model.cpu()(batch.contiguous(memory_format=torch.channels_last)).float().numpy()
     bundle.model.to(bundle.device)
     got = session.run([OUTPUT_NAME], {INPUT_NAME: batch.numpy()})[0]
@@ -200,7 +200,7 @@ def _max_logit_difference(bundle: Bundle, session: Any, batch: torch.Tensor) -> 
 
 
 def _check_images(images: Sequence[str | Path | Image.Image] | None) -> tuple[list[Image.Image], str]:
-    from graft.images import load_image, to_rgb
+    from graft.input.images import load_image, to_rgb
 
     if images is not None:
         loaded = [to_rgb(image) if isinstance(image, Image.Image) else load_image(image) for image in images]

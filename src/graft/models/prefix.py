@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from graft.stages import Stage
+from graft.models.stages import Stage
 
 
 def sequential_chain(backbone: nn.Module, input_size: tuple[int, int, int]) -> list[tuple[str, nn.Module]] | None:

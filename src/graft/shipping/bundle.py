@@ -18,13 +18,13 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import torch
 from PIL import Image
 
-from graft.bundle_schema import BUNDLE_FORMAT, BundleDocument
+from graft.shipping.bundle_schema import BUNDLE_FORMAT, BundleDocument
 from graft.errors import BundleError, ImageError, TrainingError
-from graft.folding import inference_network
-from graft.heads import HeadSpec, make_head
-from graft.model import GraftModel
-from graft.numerics import autocast, inference_precision
-from graft.preprocessing import Preprocessing, build_transforms
+from graft.speed.folding import inference_network
+from graft.models.heads import HeadSpec, make_head
+from graft.models.model import GraftModel
+from graft.speed.numerics import autocast, inference_precision
+from graft.input.preprocessing import Preprocessing, build_transforms
 
 MODEL_FILE = "model.safetensors"
 META_FILE = "graft.json"
@@ -137,7 +137,7 @@ class Bundle:
 
     def _stream_predictions(self, sources: Iterable[str | Path | Image.Image], top_k: int, batch_size: int,
                             on_error: Callable[[ImageError], None] | None) -> Iterator[Prediction]:
-        from graft.images import load_image, to_rgb
+        from graft.input.images import load_image, to_rgb
 
         min_size = self.preprocessing.resize_size  # files are decoded no larger than the resize needs
         names: list[str] = []
@@ -176,15 +176,15 @@ def load_bundle(path: str | Path) -> Bundle:
 
     graft.json is checked against its schema and against the tensors of model.safetensors, and
     one blank image is run through the model, before the bundle is returned
-    (`graft.bundle_schema`): a damaged or mismatched bundle raises one `BundleError` naming the
+    (`graft.shipping.bundle_schema`): a damaged or mismatched bundle raises one `BundleError` naming the
     field at fault, here rather than at its first prediction.
     """
     from safetensors.torch import load_file
 
-    from graft.allocator import reuse_freed_memory
-    from graft.bundle_schema import DAMAGED, check_adapters, check_head, check_runs, check_weights, read_document, safetensors_shapes
+    from graft.speed.allocator import reuse_freed_memory
+    from graft.shipping.bundle_schema import DAMAGED, check_adapters, check_head, check_runs, check_weights, read_document, safetensors_shapes
 
-    reuse_freed_memory()  # see graft.allocator
+    reuse_freed_memory()  # see graft.speed.allocator
     path = Path(path)
     if (path / "bundle" / META_FILE).is_file() and not (path / META_FILE).is_file():
         path = path / "bundle"
@@ -214,10 +214,10 @@ def _build_model(meta_path: Path, document: BundleDocument) -> GraftModel:
     """The untrained network graft.json describes, ready for model.safetensors."""
     import timm
 
-    from graft.backbones import create_architecture
-    from graft.bundle_schema import DAMAGED
+    from graft.models.backbones import create_architecture
+    from graft.shipping.bundle_schema import DAMAGED
     from graft.errors import ConfigError
-    from graft.pooling import pooled_model
+    from graft.models.pooling import pooled_model
 
     backbone = document.backbone
     try:
@@ -235,7 +235,7 @@ def _build_model(meta_path: Path, document: BundleDocument) -> GraftModel:
     model = GraftModel(network, make_head(HeadSpec(**document.head.model_dump())))
     adapters = document.adapters
     if adapters is not None:
-        from graft.lora import apply_lora
+        from graft.models.lora import apply_lora
 
         try:
             apply_lora(model, rank=adapters.rank, alpha=adapters.alpha, target_modules=list(adapters.target_modules))

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from graft.errors import BackboneError, ConfigError
-from graft.preprocessing import Preprocessing, resolve_preprocessing
+from graft.input.preprocessing import Preprocessing, resolve_preprocessing
 
 DEFAULT_BACKBONE = "efficientnet_lite0"
 
@@ -73,17 +73,17 @@ class Backbone:
     weights_id: str  # content hash of the weights, part of every feature-cache key
     num_features: int  # the width of what `model` returns (its pooling's)
     imagenet_classifier: nn.Module | None = field(default=None, repr=False)  # takes the average-pooled features
-    pooling: str = "avg"  # graft.pooling: the model's own global average, or a grid (of the last 1 or 2 stages)
+    pooling: str = "avg"  # graft.models.pooling: the model's own global average, or a grid (of the last 1 or 2 stages)
 
 
 def with_pooling(backbone: Backbone, pooling: str) -> Backbone:
-    """The same backbone pooling its last feature map by `pooling` ("avg", "grid", "grid-2", "grid-3"; `graft.pooling`).
+    """The same backbone pooling its last feature map by `pooling` ("avg", "grid", "grid-2", "grid-3"; `graft.models.pooling`).
 
     The weights are shared, not copied; only the pooling module and the feature width change.
     """
     import dataclasses
 
-    from graft.pooling import pooled_model, pooled_width
+    from graft.models.pooling import pooled_model, pooled_width
 
     if pooling == backbone.pooling:
         return backbone
@@ -121,9 +121,9 @@ def load_backbone(
     """
     import timm
 
-    from graft.allocator import reuse_freed_memory
+    from graft.speed.allocator import reuse_freed_memory
 
-    reuse_freed_memory()  # the model is about to run: large tensors reuse freed memory (graft.allocator)
+    reuse_freed_memory()  # the model is about to run: large tensors reuse freed memory (graft.speed.allocator)
     bundled = BUNDLED.get(name)
     architecture = bundled.architecture if bundled else name
     _check_known_architecture(architecture, name)

@@ -25,13 +25,13 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from graft import distributed
-from graft.backbones import Backbone
-from graft.folding import inference_network
-from graft.images import load_image
-from graft.numerics import autocast
-from graft.pipeline import default_batch_size, extraction_workers, image_batches, preprocessing_id
-from graft.preprocessing import Preprocessing, build_transforms
+from graft.training import distributed
+from graft.models.backbones import Backbone
+from graft.speed.folding import inference_network
+from graft.input.images import load_image
+from graft.speed.numerics import autocast
+from graft.input.pipeline import default_batch_size, extraction_workers, image_batches, preprocessing_id
+from graft.input.preprocessing import Preprocessing, build_transforms
 
 FEATURE_FORMAT = 1
 
@@ -155,11 +155,11 @@ class Tap:
 class SidePooling:
     """Another pooling of the same last feature map, computed in the same pass and cached.
 
-    auto compares the backbone's average with grids of it (`graft.pooling`) on the same images;
+    auto compares the backbone's average with grids of it (`graft.models.pooling`) on the same images;
     pooling the maps the average pass already computed spares another pass of the whole backbone
     over them. `pooling` ("grid", "grid-2", "grid-3") runs on the input of the backbone's
     `global_pool` (the last feature map) and, for "grid-2" and "grid-3", on the outputs of the
-    modules named `earlier` (`graft.pooling.earlier_module_names`); its outputs go into `cache`
+    modules named `earlier` (`graft.models.pooling.earlier_module_names`); its outputs go into `cache`
     under the same item keys as the pass's own features.
     """
 
@@ -244,7 +244,7 @@ def extract_features(
             device=device,
         )
         network = model if model is not None else backbone.model
-        if precision == "fp32":  # exact there (2e-6 relative); in bf16 folding loses accuracy (graft.folding)
+        if precision == "fp32":  # exact there (2e-6 relative); in bf16 folding loses accuracy (graft.speed.folding)
             network.eval().to(device)  # as forward_batches leaves it; the folded copy is made there
         network = inference_network(network, backbone.preprocessing.input_size, precision)
         tapped: list[torch.Tensor] = []
@@ -259,7 +259,7 @@ def extract_features(
             hooks.append(network.get_submodule(tap.module_name).register_forward_hook(keep))
         side_outputs: list[list[torch.Tensor]] = [[] for _ in side_poolings]
         if side_poolings and model is None and not compile:
-            from graft.pooling import pool_maps
+            from graft.models.pooling import pool_maps
 
             earlier: dict[str, torch.Tensor] = {}  # this batch's output of each module a side pooling reads
 

@@ -3,7 +3,7 @@
 A CPU with native bf16 does not always run a network faster in it. On one 2-core AVX-512 BF16
 machine bf16 autocast ran EfficientNet-Lite0 about 1.7x as fast as fp32; on another (an AVX-512
 BF16 CPU without AMX, oneDNN's ISA "AVX 10.1") the two ran at the same speed, and fp32 with
-BatchNorm folded (`graft.folding`) ran 1.3x as fast as bf16 (docs/performance.md).
+BatchNorm folded (`graft.speed.folding`) ran 1.3x as fast as bf16 (docs/performance.md).
 Which is faster depends on the chip and the network, so `precision="auto"` on such a CPU times
 both on the backbone itself: its inference forward at the input size, fp32 folded against bf16
 eager (what extraction and prediction run), alternated, after a warm-up. bf16 is chosen only if
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from graft.backbones import Backbone
+from graft.models.backbones import Backbone
 
 # bf16 must be at least this much faster than fp32 to be chosen.
 BF16_MIN_SPEEDUP = 1.1
@@ -94,8 +94,8 @@ def record_key(backbone: Backbone) -> str:
 def forward_speeds(backbone: Backbone) -> tuple[float, float]:
     """Images per second of the backbone's inference forward in fp32 (BatchNorm folded) and in bf16
     autocast, channels_last, batch 16 at its input size: medians of alternated repetitions."""
-    from graft.folding import inference_network
-    from graft.numerics import autocast
+    from graft.speed.folding import inference_network
+    from graft.speed.numerics import autocast
 
     model = backbone.model.eval().to(memory_format=torch.channels_last)
     size = tuple(backbone.preprocessing.input_size)

@@ -34,10 +34,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from graft import distributed
+from graft.training import distributed
 from graft.atomic import atomic_dir
 from graft.errors import ConfigError
-from graft.loop import EpochRecord, FitState
+from graft.training.loop import EpochRecord, FitState
 
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_FORMAT = 1

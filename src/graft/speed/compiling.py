@@ -150,7 +150,7 @@ class TrainingCompiler:
         self.decision.reason = f"compiling failed ({type(error).__name__})"
 
     def _decide(self) -> None:
-        from graft import distributed
+        from graft.training import distributed
 
         count = len(self._probe)
         wait = sum(w for w, _ in self._probe) / count
@@ -185,6 +185,6 @@ def compile_mode(device: torch.device) -> str:
     """torch.compile's mode for training steps: CUDA graphs on one GPU, where a small backbone's
     step is bound by kernel launches (EfficientNet-Lite0 at batch 32 on an H100: 3.35x eager with
     them, 1.03x without); the default elsewhere (a CPU; DDP, whose hooks CUDA graphs do not take)."""
-    from graft import distributed
+    from graft.training import distributed
 
     return "reduce-overhead" if device.type == "cuda" and not distributed.active() else "default"

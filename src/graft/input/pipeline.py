@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from graft.images import load_image
+from graft.input.images import load_image
 
 DEFAULT_DECODED_CACHE_MB = 1024
 
@@ -494,7 +494,7 @@ class EvalImages:
     """
 
     def __init__(self, paths: Sequence[Path], digests: Sequence[str], preprocessing: Any, *, batch_size: int, device: torch.device | None = None) -> None:
-        from graft.preprocessing import build_transforms
+        from graft.input.preprocessing import build_transforms
 
         self.paths = list(paths)
         view = preprocessing_id(preprocessing)

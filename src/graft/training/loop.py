@@ -18,10 +18,10 @@ import torch
 from torch import nn
 
 from graft.errors import TrainingError
-from graft.numerics import autocast, train_depthwise_in_fp32
+from graft.speed.numerics import autocast, train_depthwise_in_fp32
 
 if TYPE_CHECKING:
-    from graft.compiling import TrainingCompiler
+    from graft.speed.compiling import TrainingCompiler
     from graft.training.task import Task
 
 
@@ -105,7 +105,7 @@ class TrainSteps:
         self.task = task or CLASSIFICATION  # what counts as a right prediction in the running score
         self.precision, self.device = precision, device
         self.prepare = prepare  # run on the device before the forward (uint8 batches: the normalisation)
-        self.compiler = compiler  # decides when the step runs through torch.compile (graft.compiling)
+        self.compiler = compiler  # decides when the step runs through torch.compile (graft.speed.compiling)
         if device.type == "cpu" and precision == "bf16":
             train_depthwise_in_fp32(network)  # oneDNN's bf16 depthwise backward is the slow one there
         self._reset()

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from graft.bundle import Bundle, Prediction, load_bundle
+from graft.shipping.bundle import Bundle, Prediction, load_bundle
 from graft.console import QUIET, Reporter
 from graft.errors import ConfigError, ImageError
 from graft.ranges import BATCH_SIZE, TOP_K, check_number

@@ -14,7 +14,7 @@ can be anywhere in the frame (photos of ImageNet-like things) the average may be
 summary (not measured: nothing offline is such a labelled set), so `auto` measures which fits the
 data (`graft.strategies.auto_measure.choose_pooling`).
 
-`pooling="grid-2"` adds the same grid of the output of the stage before the last (`graft.stages`):
+`pooling="grid-2"` adds the same grid of the output of the stage before the last (`graft.models.stages`):
 for EfficientNet-Lite0, `blocks.5` (192 x 7 x 7) beside the final 1 280-channel map, 13 248
 features. The last stage and its 1x1 expansion are where the features become ImageNet's classes;
 the stage before is more generic, which is what a distant domain needs. With scikit-learn's probe
@@ -129,7 +129,7 @@ def pool_maps(pooling: str, maps: torch.Tensor, earlier: Sequence[torch.Tensor] 
     """What a model pooling by `pooling` ("grid", "grid-2", "grid-3") makes of its last feature map
     and of the earlier stages' outputs (`earlier`, the nearest first; `earlier_module_names`): the
     same arithmetic as its `global_pool`, for pooling a pass's maps on the side
-    (`graft.features.SidePooling`)."""
+    (`graft.training.features.SidePooling`)."""
     count = levels(pooling) if pooling in POOLINGS else 0
     if count == 0 or len(earlier) != count - 1:
         raise ValueError(f"pool_maps: cannot pool by {pooling!r} with {len(earlier)} earlier outputs")
@@ -177,10 +177,10 @@ _SUPPORTS_GRID: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDi
 
 def earlier_stage_outputs(model: nn.Module, count: int) -> list[tuple[str, int]] | None:
     """Where `grid-(count + 1)` reads the outputs of the `count` stages before the last
-    (`graft.stages`), the nearest first: for each, a top-level `nn.Sequential` of `model` and the
+    (`graft.models.stages`), the nearest first: for each, a top-level `nn.Sequential` of `model` and the
     index of the module in it whose output that is; None when one of them is not such a module's
     (then that pooling cannot be built without hooks)."""
-    from graft.stages import discover_stages
+    from graft.models.stages import discover_stages
 
     model = _base(model)
     stages = discover_stages(model)

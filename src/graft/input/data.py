@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Iterator, Literal
 
 from graft.errors import ConfigError, DataError, ImageError
-from graft.images import is_image_name, load_image, read_image_file
+from graft.input.images import is_image_name, load_image, read_image_file
 
 OnBadImage = Literal["error", "skip"]
 IGNORED_DIR_NAMES = frozenset({"__MACOSX", "__pycache__"})

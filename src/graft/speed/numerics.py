@@ -2,7 +2,7 @@
 
 `precision="auto"` (the default) picks bf16 autocast where the hardware runs it natively (CUDA
 with bf16, CPUs with AVX-512 BF16 / AMX) and fp32 elsewhere; for a training run on such a CPU,
-`graft.cpu_precision` then times the backbone in both and keeps the faster (bf16 ran
+`graft.speed.cpu_precision` then times the backbone in both and keeps the faster (bf16 ran
 EfficientNet-Lite0 about 1.7x as fast as fp32 on one 2-core AVX-512 BF16 machine, and no faster
 than fp32 with BatchNorm folded on an AVX-512 BF16 CPU without AMX). Every choice is recorded
 (cache keys, bundles). bf16 stays within `BF16_TOLERANCE` of fp32 on real images

@@ -29,12 +29,12 @@ import torch
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, FiniteFloat, StrictInt, StrictStr, ValidationError, ValidationInfo, field_validator
 
 from graft.errors import BundleError
-from graft.heads import HEAD_KINDS
-from graft.pooling import POOLINGS
-from graft.preprocessing import CROP_MODES, INTERPOLATIONS
+from graft.models.heads import HEAD_KINDS
+from graft.models.pooling import POOLINGS
+from graft.input.preprocessing import CROP_MODES, INTERPOLATIONS
 
 if TYPE_CHECKING:
-    from graft.bundle import Bundle
+    from graft.shipping.bundle import Bundle
 
 BUNDLE_FORMAT = 1
 # Sanity bounds, far outside what any pretrained config uses (timm's: sides 106 to 1 024 px, std 0.14 to 1),
@@ -72,7 +72,7 @@ class BackboneRecord(_Record):
     architecture: Name
     weights_source: StrictStr = ""
     weights_id: StrictStr = ""
-    pooling: Literal[POOLINGS] = "avg"  # type: ignore[valid-type]  # bundles from before graft.pooling averaged
+    pooling: Literal[POOLINGS] = "avg"  # type: ignore[valid-type]  # bundles from before graft.models.pooling averaged
 
 
 class HeadRecord(_Record):
@@ -199,7 +199,7 @@ def _shown(value: Any) -> str:
 
 def check_head(meta_path: Path, document: BundleDocument, shapes: dict[str, tuple[int, ...]]) -> None:
     """The head graft.json describes is the one in model.safetensors, and it has one output per class name."""
-    from graft.heads import HeadSpec, make_head
+    from graft.models.heads import HeadSpec, make_head
 
     head = document.head
     with torch.device("meta"):  # shapes only: a tampered width allocates nothing
@@ -230,7 +230,7 @@ def check_head(meta_path: Path, document: BundleDocument, shapes: dict[str, tupl
 
 def check_adapters(meta_path: Path, document: BundleDocument, shapes: dict[str, tuple[int, ...]]) -> None:
     """graft.json records LoRA adapters exactly when model.safetensors holds them, of the recorded rank."""
-    from graft.lora import is_adapter_parameter
+    from graft.models.lora import is_adapter_parameter
 
     adapter_shapes = {k: v for k, v in shapes.items() if is_adapter_parameter(k)}
     adapters = document.adapters
@@ -253,7 +253,7 @@ def check_adapters(meta_path: Path, document: BundleDocument, shapes: dict[str, 
 
 def check_weights(meta_path: Path, document: BundleDocument, expected: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]]) -> None:
     """The model built from graft.json has exactly the tensors of model.safetensors, shape for shape."""
-    from graft.lora import is_adapter_parameter
+    from graft.models.lora import is_adapter_parameter
 
     missing = [k for k in expected if k not in shapes]
     unexpected = [k for k in shapes if k not in expected]
@@ -284,7 +284,7 @@ def check_runs(meta_path: Path, bundle: "Bundle") -> None:
     """A blank image, preprocessed as predict does, gives one finite logit per class."""
     from PIL import Image
 
-    from graft.numerics import intra_op_threads
+    from graft.speed.numerics import intra_op_threads
 
     meta = bundle.meta
     channels, height, width = bundle.preprocessing.input_size
@@ -301,7 +301,7 @@ def check_runs(meta_path: Path, bundle: "Bundle") -> None:
     model = bundle.model
     batch = tensor.unsqueeze(0).contiguous(memory_format=torch.channels_last)
     architecture, pooling = meta["backbone"]["architecture"], meta["backbone"].get("pooling", "avg")
-    # One small image: one thread is faster than waking a pool (graft.numerics.intra_op_threads).
+    # One small image: one thread is faster than waking a pool (graft.speed.numerics.intra_op_threads).
     with torch.no_grad(), intra_op_threads(1):
         try:
             features = model.backbone(batch)

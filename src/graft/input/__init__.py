@@ -1,0 +1,1 @@
+"""Images in: folders and CSVs read into a checked split, files decoded, preprocessing, batches."""

@@ -1,0 +1,1 @@
+"""The network: backbones and their stages, heads, pooling, LoRA adapters, frozen-prefix caching."""

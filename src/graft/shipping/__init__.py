@@ -1,0 +1,1 @@
+"""Results out: the bundle (save, load, predict), batch prediction over folders, ONNX export."""
