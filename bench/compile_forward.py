@@ -23,9 +23,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import max_rss_mb, print_table, write_results  # noqa: E402
 
+from graft.input.pipeline import default_batch_size  # noqa: E402
 from graft.models.backbones import load_backbone  # noqa: E402
 from graft.speed.numerics import autocast, resolve_precision  # noqa: E402
-from graft.input.pipeline import default_batch_size  # noqa: E402
 
 
 def main() -> None:

@@ -24,10 +24,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import Timer, max_rss_mb, print_table, task_folder, write_results  # noqa: E402
 
 from graft.input import pipeline  # noqa: E402
-from graft.models.backbones import load_backbone  # noqa: E402
 from graft.input.data import load_labelled_folder  # noqa: E402
 from graft.input.images import load_image  # noqa: E402
 from graft.input.preprocessing import build_transforms  # noqa: E402
+from graft.models.backbones import load_backbone  # noqa: E402
 
 
 def main() -> None:

@@ -38,13 +38,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import Timer, max_rss_mb, print_table, task_folder, write_results  # noqa: E402
 
 from graft.input import pipeline  # noqa: E402
-from graft.models.backbones import load_backbone  # noqa: E402
 from graft.input.data import load_labelled_folder  # noqa: E402
-from graft.training.features import ImageFiles, extract_features, forward_batches  # noqa: E402
-from graft.speed.folding import folded_for_inference  # noqa: E402
-from graft.speed.numerics import cpu_supports_bf16  # noqa: E402
 from graft.input.pipeline import default_batch_size  # noqa: E402
 from graft.input.preprocessing import build_transforms  # noqa: E402
+from graft.models.backbones import load_backbone  # noqa: E402
+from graft.speed.folding import folded_for_inference  # noqa: E402
+from graft.speed.numerics import cpu_supports_bf16  # noqa: E402
+from graft.training.features import ImageFiles, extract_features, forward_batches  # noqa: E402
 
 
 FOLDED = "ceiling, BatchNorm folded (graft's fp32 forward)"

@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, Timer, max_rss_mb, print_table, task_folder, write_results  # noqa: E402
 
 import graft  # noqa: E402
-from graft.models.backbones import load_backbone  # noqa: E402
 from graft.input.data import load_labelled_folder  # noqa: E402
+from graft.models.backbones import load_backbone  # noqa: E402
 from graft.training.features import FeatureCache, backbone_key, extract_features  # noqa: E402
 
 

@@ -29,8 +29,9 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).parent))
 from common import max_rss_mb, print_table, task_folder, write_results  # noqa: E402
 
-from graft.models.backbones import DEFAULT_BACKBONE, load_backbone, with_crop  # noqa: E402
+from graft.choices import DEFAULT_BACKBONE  # noqa: E402
 from graft.input.data import load_labelled_folder  # noqa: E402
+from graft.models.backbones import load_backbone, with_crop  # noqa: E402
 from graft.training.features import extract_features  # noqa: E402
 
 SPLITS = ("train", "valid", "test")

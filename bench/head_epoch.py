@@ -24,12 +24,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import Timer, max_rss_mb, print_table, task_folder, write_results  # noqa: E402
 
 from graft.input import pipeline  # noqa: E402
-from graft.models.backbones import load_backbone  # noqa: E402
 from graft.input.data import load_labelled_folder  # noqa: E402
-from graft.training.features import extract_features  # noqa: E402
+from graft.input.preprocessing import build_transforms  # noqa: E402
+from graft.models.backbones import load_backbone  # noqa: E402
 from graft.models.heads import HeadSpec, make_head  # noqa: E402
 from graft.speed.numerics import autocast, intra_op_threads, resolve_precision  # noqa: E402
-from graft.input.preprocessing import build_transforms  # noqa: E402
+from graft.training.features import extract_features  # noqa: E402
 
 
 def main() -> None:

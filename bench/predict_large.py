@@ -33,8 +33,8 @@ from common import print_table, task_folder, write_results  # noqa: E402
 
 import graft  # noqa: E402
 from graft.input import images  # noqa: E402
-from graft.models.backbones import load_backbone  # noqa: E402
 from graft.input.preprocessing import build_transforms  # noqa: E402
+from graft.models.backbones import load_backbone  # noqa: E402
 
 PHONE_SIZE = (4032, 3024)
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "retina")

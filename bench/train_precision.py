@@ -26,15 +26,15 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).parent))
 from common import Timer, max_rss_mb, print_table, training_batch, write_results  # noqa: E402
 
-from graft.models.backbones import load_backbone  # noqa: E402
 from graft.config import TrainConfig  # noqa: E402
-from graft.training.features import extract_features  # noqa: E402
+from graft.models.backbones import load_backbone  # noqa: E402
 from graft.models.heads import HeadSpec, make_head  # noqa: E402
 from graft.models.model import GraftModel  # noqa: E402
-from graft.speed.numerics import autocast, cpu_supports_bf16, train_depthwise_in_fp32  # noqa: E402
 from graft.models.prefix import Chain, sequential_chain, split_index  # noqa: E402
 from graft.models.stages import discover_stages  # noqa: E402
+from graft.speed.numerics import autocast, cpu_supports_bf16, train_depthwise_in_fp32  # noqa: E402
 from graft.strategies.finetune import Full, apply_trainability, param_groups  # noqa: E402
+from graft.training.features import extract_features  # noqa: E402
 
 PATHS = {"fp32": "fp32", "bf16 everywhere": "bf16", "graft: bf16, depthwise fp32": "bf16"}
 

@@ -15,10 +15,10 @@ from graft.speed import allocator
 # backbone, warm up, then count the minor page faults of three more batches of 64 in bf16 or fp32.
 FAULTS_SCRIPT = """
 import json, resource, torch
-from graft.speed import allocator
 from graft.models.backbones import load_backbone
-from graft.training.features import forward_batches
+from graft.speed import allocator
 from graft.speed.numerics import resolve_precision
+from graft.training.features import forward_batches
 torch.set_num_threads(2)
 backbone = load_backbone()
 batches = [torch.rand(64, 3, 224, 224)] * 3

@@ -3,10 +3,10 @@ import time
 import pytest
 import torch
 
-from graft.models.backbones import bundled_names, load_backbone
 from graft.errors import BackboneError, ConfigError
 from graft.input.images import load_image
 from graft.input.preprocessing import build_transforms
+from graft.models.backbones import bundled_names, load_backbone
 
 
 def _imagenet_accuracy(backbone, preprocessing, images):

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from graft.errors import ConfigError
 from graft.shipping.batch_predict import CSV_COLUMNS, predict_to_csv, read_predictions
 from graft.shipping.bundle import load_bundle
-from graft.errors import ConfigError
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,8 @@ from typing import Any, Callable
 
 import pytest
 
-from graft.shipping.bundle import META_FILE, load_bundle, save_bundle
 from graft.errors import BundleError
+from graft.shipping.bundle import META_FILE, load_bundle, save_bundle
 
 
 NULL = object()  # an edit's result that makes graft.json the JSON document `null`

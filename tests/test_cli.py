@@ -182,6 +182,6 @@ def test_config_checks_strategy_names_without_importing_the_strategies():
             "print(sorted(m for m in sys.modules if m.startswith('graft.strategies')))")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
     from graft import strategies
-    from graft.strategy_names import STRATEGY_NAMES
+    from graft.choices import STRATEGY_NAMES
 
     assert strategies.STRATEGY_NAMES == STRATEGY_NAMES == tuple(strategies._STRATEGY_CLASSES)

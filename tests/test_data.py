@@ -4,8 +4,8 @@ import shutil
 
 import pytest
 
-from graft.input.data import load_dataset
 from graft.errors import ConfigError, DataError
+from graft.input.data import load_dataset
 
 
 def test_seeded_split_is_stratified_and_reproducible(fashion_folder):

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from graft.shipping.bundle import load_bundle
 from graft.errors import ConfigError
 from graft.report.explain import explain_images, target_layer
+from graft.shipping.bundle import load_bundle
 
 
 @pytest.fixture(scope="module")

@@ -16,9 +16,9 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 skimage_data = pytest.importorskip("skimage.data")
 
+from graft.input.images import load_image  # noqa: E402
 from graft.shipping.bundle import load_bundle  # noqa: E402
 from graft.shipping.export import ExportError, export_onnx  # noqa: E402
-from graft.input.images import load_image  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from graft.input.data import load_labelled_folder
-from graft.training.features import FeatureCache, Tap, extract_features
 from graft.models.prefix import Chain, sequential_chain
+from graft.training.features import FeatureCache, Tap, extract_features
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])

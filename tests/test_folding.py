@@ -9,8 +9,8 @@ import timm
 import torch
 from torch import nn
 
-from graft.training.features import extract_features
 from graft.speed.folding import fold_batchnorm, foldable_pairs, folded_for_inference, same_outputs
+from graft.training.features import extract_features
 
 
 @pytest.fixture(autouse=True)

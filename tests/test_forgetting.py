@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from graft.report.forgetting import linear_cka, stage_forgetting, weight_drift
 from graft.models.stages import discover_stages
+from graft.report.forgetting import linear_cka, stage_forgetting, weight_drift
 
 
 @pytest.fixture

@@ -13,11 +13,11 @@ import pytest
 import torch
 
 import graft
-from graft.shipping.bundle import load_bundle
 from graft.input.data import load_labelled_folder
-from graft.training.features import extract_features
-from graft.speed.numerics import BF16_TOLERANCE, cpu_supports_bf16
 from graft.models.stages import discover_stages
+from graft.shipping.bundle import load_bundle
+from graft.speed.numerics import BF16_TOLERANCE, cpu_supports_bf16
+from graft.training.features import extract_features
 
 pytestmark = [
     pytest.mark.gpu,

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from graft.training.features import extract_features
 from graft.speed.numerics import BF16_TOLERANCE, cpu_supports_bf16, inference_precision, resolve_precision
+from graft.training.features import extract_features
 
 needs_bf16 = pytest.mark.skipif(not cpu_supports_bf16(), reason="this CPU has no native bf16")
 

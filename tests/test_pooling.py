@@ -11,9 +11,11 @@ import torch.nn.functional as F
 
 import graft
 from graft.models.backbones import load_backbone, with_crop, with_pooling
+from graft.models.pooling import (
+    GRID_SIZE, LEVEL_GRIDS, GridPool, LevelPool, earlier_module_names, pooled_model, supports_grid,
+)
 from graft.shipping.bundle import load_bundle
 from graft.training.features import backbone_key
-from graft.models.pooling import GRID_SIZE, LEVEL_GRIDS, GridPool, LevelPool, earlier_module_names, pooled_model, supports_grid
 
 
 @pytest.mark.parametrize("height, width", [(7, 7), (8, 8), (9, 7), (5, 6), (3, 3), (2, 2)])

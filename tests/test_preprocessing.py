@@ -4,8 +4,9 @@ import pytest
 import torch
 from PIL import Image
 
+from graft.choices import AUGMENT_LEVELS
 from graft.errors import ConfigError
-from graft.input.preprocessing import AUGMENT_LEVELS, build_transforms
+from graft.input.preprocessing import build_transforms
 
 
 @pytest.fixture(scope="module")

@@ -20,10 +20,10 @@ import pytest
 from PIL import Image
 
 import graft
-from graft.shipping.bundle import BUNDLE_FORMAT, META_FILE, MODEL_FILE, load_bundle
-from graft.input.data import load_dataset
 from graft.errors import BackboneError, BundleError, ConfigError, DataError
+from graft.input.data import load_dataset
 from graft.input.images import MAX_IMAGE_PIXELS
+from graft.shipping.bundle import BUNDLE_FORMAT, META_FILE, MODEL_FILE, load_bundle
 
 # File name -> the words its refusal must contain.
 BAD = {

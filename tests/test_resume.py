@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 import graft
-from graft.training.checkpoint import CHECKPOINT_DIR, read_checkpoint
 from graft.errors import ConfigError
+from graft.training.checkpoint import CHECKPOINT_DIR, read_checkpoint
 
 RUN_FILES = ("config.json", "split.json", "history.jsonl", "metrics.json", "val_predictions.json", "report.html")
 

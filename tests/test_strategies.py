@@ -5,13 +5,13 @@ import pytest
 import torch
 
 import graft
-from graft.models.backbones import load_backbone
-from graft.shipping.bundle import load_bundle
 from graft.config import TrainConfig
+from graft.models.backbones import load_backbone
+from graft.models.model import GraftModel
 from graft.models.stages import discover_stages
+from graft.shipping.bundle import load_bundle
 from graft.strategies import STRATEGY_NAMES, get_strategy
 from graft.strategies.finetune import param_groups
-from graft.models.model import GraftModel
 from torch import nn
 
 

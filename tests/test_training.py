@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from graft.console import Reporter
-from graft.training.loop import view_batches, warmup_cosine_schedule
 from graft.training import CLASSIFICATION, HeadSteps, Phase, run_phase
+from graft.training.loop import view_batches, warmup_cosine_schedule
 
 
 class MultiLabel:

@@ -12,15 +12,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, get_args
 
-from graft.models.backbones import DEFAULT_BACKBONE, load_backbone, with_pooling
-from graft.shipping.bundle import Bundle, Prediction, load_bundle
+from graft.choices import DEFAULT_BACKBONE
 from graft.config import TrainConfig
 from graft.console import Reporter
-from graft.input.data import OnBadImage, load_labelled_folder
 from graft.errors import ConfigError, DataError
+from graft.input.data import OnBadImage, load_labelled_folder, walk_images
+from graft.input.images import IMAGE_EXTENSIONS
+from graft.models.backbones import load_backbone, with_pooling
 from graft.models.heads import HeadSpec, make_head
-from graft.run import RunResult, labelled_metrics, train_with_config, write_run_report
 from graft.models.stages import Stage, discover_stages
+from graft.ranges import CLASS_COUNT, check_number
+from graft.run import RunResult, labelled_metrics, train_with_config, write_run_report
+from graft.shipping.bundle import Bundle, Prediction, load_bundle
 from graft.strategies import AuditRow, get_strategy
 from graft.strategies.base import count_params
 
@@ -79,8 +82,6 @@ def expand_image_paths(paths: Iterable[str | Path]) -> Iterator[Path]:
     A folder that holds no image file (in it or its sub-folders) is a `DataError` naming it,
     raised here, before any image is listed: predicting "nothing" is almost always a wrong path.
     """
-    from graft.input.data import walk_images
-    from graft.input.images import IMAGE_EXTENSIONS
 
     given = [Path(raw) for raw in paths]
     for path in given:
@@ -93,7 +94,6 @@ def expand_image_paths(paths: Iterable[str | Path]) -> Iterator[Path]:
 
 
 def _expand_image_paths(paths: list[Path]) -> Iterator[Path]:
-    from graft.input.data import walk_images
 
     for path in paths:
         if path.is_dir():
@@ -125,7 +125,6 @@ def inspect(
     **options: Any,
 ) -> Inspection:
     """The backbone's stages (name, parameters, channels, stride) and a strategy's audit."""
-    from graft.ranges import CLASS_COUNT, check_number
 
     check_number("num_classes", num_classes, CLASS_COUNT)
     backbone = load_backbone(name, weights=weights, pretrained=pretrained)

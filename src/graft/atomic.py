@@ -10,6 +10,7 @@ temporary is removed and the target is left as it was.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -19,7 +20,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
-from graft.errors import OutputError
+from graft.errors import GraftError, OutputError
 
 
 @contextlib.contextmanager
@@ -53,7 +54,6 @@ def write_json(target: Path, data: Any) -> None:
     try:
         text = json.dumps(data, indent=2, sort_keys=False, default=str, allow_nan=False)
     except ValueError:
-        from graft.errors import GraftError
 
         raise GraftError(f"{target}: not written, {_first_non_finite(data)} is not a finite number and JSON has no nan or inf") from None
     write_text(target, text + "\n")
@@ -75,17 +75,10 @@ def _first_non_finite(data: Any, where: str = "") -> str | None:
 def atomic_dir(target: Path) -> Iterator[Path]:
     """Yield a temporary folder; on success it replaces `target` (an older one is removed first).
 
-    An existing `target` is replaced only where graft wrote it (`graft.run_folder.may_replace`:
-    its folder's manifest lists it); any other is refused with `OutputError`, before any work.
+    Whether `target` may be replaced at all is the caller's question: `graft.run_folder.replace_dir`
+    asks the folder's manifest first.
     """
-    from graft.run_folder import may_replace
-
     target = Path(target)
-    if target.exists() and not may_replace(target):
-        raise OutputError(
-            f"{target} exists and graft did not write it (no graft manifest beside it lists it), so it is "
-            "not replaced; move it away or write somewhere else"
-        )
     temporary = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -136,9 +129,26 @@ def _output_error(target: Path, error: Exception) -> Exception:
         if found is None:
             return error
         error = OSError(int(found[1]), os.strerror(int(found[1])))
-    from graft.run_folder import output_error
 
     return output_error(target, error)
+
+
+def output_error(path: str | Path, error: OSError, option: str | None = None) -> OutputError:
+    """An `OSError` met writing `path`, as one `OutputError` that names it and says what to do."""
+    where = f"{option} {path}" if option else str(path)
+    reason = error.strerror or str(error)
+    if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        fix = "free some disk space, or write elsewhere"
+    elif error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        fix = "give yourself write permission there, or choose another folder"
+    elif error.errno in (errno.ENOTDIR, errno.EEXIST, errno.EISDIR):
+        fix = "a file stands where a folder is needed (or the reverse); choose another path"
+    else:
+        fix = "check the path"
+    return OutputError(
+        f"{where}: cannot write ({reason}); the files graft wrote before are whole, since each is "
+        f"written under a temporary name and renamed into place; {fix}"
+    )
 
 
 def _fsync_dir(folder: Path) -> None:

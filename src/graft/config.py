@@ -7,14 +7,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from graft.models.backbones import DEFAULT_BACKBONE
+from graft.choices import (
+    AUGMENT_LEVELS, COMPILE_SETTINGS, DEFAULT_BACKBONE, HEAD_KINDS, POOLINGS, PRECISIONS, STRATEGY_NAMES,
+)
 from graft.errors import ConfigError
-from graft.models.heads import HEAD_KINDS
-from graft.speed.numerics import COMPILE_SETTINGS, PRECISIONS
-from graft.models.pooling import POOLINGS
-from graft.input.preprocessing import AUGMENT_LEVELS
 from graft.ranges import BATCH_SIZE, EPOCHS_MAX, SEED, Range, check_number
-from graft.strategy_names import STRATEGY_NAMES
 
 CLASS_WEIGHTINGS = ("none", "balanced")
 BN_STATS = ("auto", "frozen", "update")

@@ -13,9 +13,15 @@ from pathlib import Path
 import numpy as np
 from rich.text import Text
 
+from graft.api import evaluate, predict, train_with_config
+from graft.config import TrainConfig
 from graft.console import Reporter
 from graft.errors import OutputError
-from graft.input.sample_data import ImageSet, fashion_mnist_available, load_fashion_mnist, load_mnist5k, sample_per_class, write_image_folder
+from graft.input.sample_data import (
+    ImageSet, fashion_mnist_available, load_fashion_mnist, load_mnist5k, sample_per_class, write_image_folder,
+)
+from graft.ranges import Range, check_number
+from graft.run_folder import claim_folder
 
 
 @dataclass
@@ -62,10 +68,6 @@ def run_demo(
     `root` is a graft folder (`graft.run_folder`): new or empty, or an earlier demo that
     `overwrite=True` replaces; a folder holding anything else is refused untouched.
     """
-    from graft.api import evaluate, predict, train_with_config
-    from graft.config import TrainConfig
-    from graft.ranges import Range, check_number
-    from graft.run_folder import claim_folder
 
     check_number("per_class", per_class, Range(int, 2, None, hint="(a fifth of them, at least 1, is held out)"))
     reporter = reporter or Reporter()

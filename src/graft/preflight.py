@@ -11,6 +11,9 @@ from pathlib import Path
 
 from graft.config import TrainConfig
 from graft.errors import BackboneError
+from graft.models.backbones import BUNDLED, check_backbone_name
+from graft.models.stages import discover_stages
+from graft.strategies import get_strategy
 
 
 def check_options(config: TrainConfig) -> None:
@@ -19,7 +22,6 @@ def check_options(config: TrainConfig) -> None:
     Unknown backbone names are listed with close matches and the offline choices; a `--weights`
     file must exist; `--train-stages` must fit the backbone's stage count (1 to N, N named).
     """
-    from graft.models.backbones import BUNDLED, check_backbone_name
 
     check_backbone_name(config.backbone)
     if config.weights is not None and not Path(config.weights).is_file():
@@ -28,8 +30,6 @@ def check_options(config: TrainConfig) -> None:
         import timm
         import torch
 
-        from graft.models.stages import discover_stages
-        from graft.strategies import get_strategy
 
         spec = BUNDLED.get(config.backbone)
         architecture = spec.architecture if spec else config.backbone

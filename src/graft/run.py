@@ -29,22 +29,27 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from graft.training import distributed
 from graft.atomic import write_json, write_text
-from graft.models.backbones import Backbone, load_backbone, with_crop, with_pooling
-from graft.shipping.bundle import Bundle, load_bundle, save_bundle
 from graft.config import TrainConfig
 from graft.console import QUIET, Reporter, show_audit
-from graft.input.data import Dataset, LabelledImages, load_dataset, relative_path
 from graft.errors import TrainingError
-from graft.training.features import FeatureCache, backbone_key
+from graft.input.data import Dataset, LabelledImages, load_dataset, relative_path
+from graft.models.backbones import Backbone, load_backbone, with_crop, with_pooling
 from graft.models.heads import HeadSpec, make_head
-from graft.training.loop import EpochRecord, seed_everything
-from graft.training.metrics import classification_metrics
-from graft.speed.numerics import resolve_device, resolve_precision, should_compile
 from graft.models.stages import Stage, discover_stages
+from graft.preflight import check_options
+from graft.report import write_report
+from graft.run_folder import RUN_FILES, check_folder, check_writable_folder, claim_folder
+from graft.shipping.bundle import Bundle, load_bundle, save_bundle
+from graft.speed.cpu_precision import choose_cpu_precision
+from graft.speed.numerics import resolve_device, resolve_precision, should_compile
 from graft.strategies import AuditRow, TrainContext, get_strategy
 from graft.strategies.base import cache_dir_of, count_params, resolve_bn_stats
+from graft.training import distributed
+from graft.training.checkpoint import check_same_data, prepare_checkpoints
+from graft.training.features import FeatureCache, backbone_key
+from graft.training.loop import EpochRecord, seed_everything
+from graft.training.metrics import classification_metrics
 
 if TYPE_CHECKING:
     from graft.training.checkpoint import Checkpointer
@@ -130,9 +135,6 @@ def train_with_config(
 
 def _open_run(config: TrainConfig, reporter: Reporter, *, resume: bool, overwrite: bool) -> RunPlaces:
     """Check everything that needs no image read: options, run folder, cache folder, checkpoints."""
-    from graft.training.checkpoint import prepare_checkpoints
-    from graft.preflight import check_options
-    from graft.run_folder import check_folder, check_writable_folder
 
     check_options(config)
     run_dir = Path(config.out)
@@ -147,7 +149,6 @@ def _open_run(config: TrainConfig, reporter: Reporter, *, resume: bool, overwrit
 
 def _load_data(config: TrainConfig, reporter: Reporter, *, resume: bool) -> Dataset:
     """The labelled images and their split; with `resume`, the same images the run started on."""
-    from graft.training.checkpoint import check_same_data
 
     dataset = load_dataset(config.data, val_fraction=config.val_fraction, seed=config.seed, on_bad_image=config.on_bad_image)
     if resume:
@@ -207,7 +208,6 @@ def _resolve_numerics(
 def _measure_cpu_precision(backbone: Backbone, cache_root: Path, reporter: Reporter) -> dict[str, Any]:
     """A CPU with native bf16 may still run this backbone faster in fp32 (graft.speed.cpu_precision).
     Under torchrun rank 0 decides, for every rank: they must all train in one precision."""
-    from graft.speed.cpu_precision import choose_cpu_precision
 
     choice = choose_cpu_precision(backbone, cache_root) if distributed.is_main() else None
     if choice is not None:
@@ -235,7 +235,6 @@ def _start_run_files(
 ) -> None:
     """Claim the run folder (an earlier run's files go first, with `overwrite`), then write
     config.json (the options as given, and what they resolved to) and split.json."""
-    from graft.run_folder import RUN_FILES, claim_folder
 
     resolved: dict[str, Any] = {
         "device": str(numerics.device),
@@ -355,7 +354,6 @@ def _summary(metrics: dict[str, Any], outcome: TrainOutcome, run_dir: Path) -> s
 def write_run_report(run_dir: Path, reporter: Reporter) -> None:
     """Write the run's report.html; a failure warns instead of costing the finished run."""
     try:
-        from graft.report import write_report
 
         started = time.perf_counter()
         path = write_report(run_dir)

@@ -24,8 +24,8 @@ run folders) is removed through that manifest, so what a user put inside it stay
 
 from __future__ import annotations
 
+import contextlib
 import datetime
-import errno
 import json
 import os
 import re
@@ -33,8 +33,10 @@ import shutil
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
+from graft import __version__
+from graft.atomic import atomic_dir, output_error, write_json
 from graft.errors import ConfigError, OutputError
 
 MANIFEST_NAME = "graft-manifest.json"
@@ -168,30 +170,29 @@ def may_replace(target: str | Path) -> bool:
     return owned is not None and target.name in owned.files
 
 
+@contextlib.contextmanager
+def replace_dir(target: str | Path) -> Iterator[Path]:
+    """`graft.atomic.atomic_dir` for a folder that may already exist: replaced only if graft wrote it.
+
+    An existing `target` is replaced only where its folder's manifest lists it (`may_replace`); any
+    other is refused with `OutputError`, before any work.
+    """
+    target = Path(target)
+    if target.exists() and not may_replace(target):
+        raise OutputError(
+            f"{target} exists and graft did not write it (no graft manifest beside it lists it), so it is "
+            "not replaced; move it away or write somewhere else"
+        )
+    with atomic_dir(target) as temporary:
+        yield temporary
+
+
 def check_writable_folder(path: str | Path, option: str) -> None:
     """Refuse (`OutputError`) a folder option that names a file, lies under a file, or cannot be created."""
     folder = Path(path)
     _check_place(folder, option)
     with _writing(folder, option):
         folder.mkdir(parents=True, exist_ok=True)
-
-
-def output_error(path: str | Path, error: OSError, option: str | None = None) -> OutputError:
-    """An `OSError` met writing `path`, as one `OutputError` that names it and says what to do."""
-    where = f"{option} {path}" if option else str(path)
-    reason = error.strerror or str(error)
-    if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-        fix = "free some disk space, or write elsewhere"
-    elif error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        fix = "give yourself write permission there, or choose another folder"
-    elif error.errno in (errno.ENOTDIR, errno.EEXIST, errno.EISDIR):
-        fix = "a file stands where a folder is needed (or the reverse); choose another path"
-    else:
-        fix = "check the path"
-    return OutputError(
-        f"{where}: cannot write ({reason}); the files graft wrote before are whole, since each is "
-        f"written under a temporary name and renamed into place; {fix}"
-    )
 
 
 # --- helpers ------------------------------------------------------------------------------------
@@ -225,8 +226,6 @@ class _writing:
 
 
 def _write_manifest(owned: OwnedFolder) -> None:
-    from graft import __version__
-    from graft.atomic import write_json
 
     write_json(owned.path / MANIFEST_NAME, {
         "graft_folder": owned.kind,

@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from graft.cli import options
+from graft.console import Reporter
 
 
 def compare(
@@ -27,8 +28,7 @@ def compare(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the comparison in --out: its files are removed first (files graft did not write are never touched)."),
 ) -> None:
     """Train several strategies on the same split, budget and seed; write one comparison report."""
-    from graft.console import Reporter
-    from graft.report.compare import compare as run_compare
+    from graft.report.compare import compare as run_compare  # torch loads only when a command runs: `graft --help` stays instant
 
     result = run_compare(
         data, strategies, out, reporter=Reporter(verbose=not quiet), overwrite=overwrite, backbone=backbone, epochs=epochs,

@@ -13,6 +13,6 @@ def demo(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier demo in --out (files graft did not write are never touched)."),
 ) -> None:
     """Build a small real few-shot task, then train, evaluate and predict on it (no download)."""
-    from graft.demo import run_demo
+    from graft.demo import run_demo  # torch loads only when a command runs: `graft --help` stays instant
 
     run_demo(out, per_class=per_class, overwrite=overwrite)

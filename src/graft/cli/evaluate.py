@@ -7,6 +7,8 @@ from pathlib import Path
 
 import typer
 
+from graft.console import Reporter, make_console
+
 
 def evaluate(
     bundle: Path = typer.Argument(..., help="A bundle folder (or the run folder that holds one)."),
@@ -15,8 +17,7 @@ def evaluate(
     on_bad_image: str = typer.Option("error", help="error: stop and list unreadable images; skip: evaluate without them (each is named)."),
 ) -> None:
     """Evaluate a trained bundle on a labelled folder."""
-    from graft.api import evaluate as evaluate_bundle
-    from graft.console import Reporter
+    from graft.api import evaluate as evaluate_bundle  # torch loads only when a command runs: `graft --help` stays instant
 
     metrics = evaluate_bundle(bundle, data, on_bad_image=on_bad_image)
     reporter = Reporter()  # on stderr, so --json keeps stdout clean
@@ -27,7 +28,6 @@ def evaluate(
         return
     from rich.table import Table
 
-    from graft.console import make_console
 
     console = make_console()
     averaged = metrics["macro_f1_classes"]

@@ -8,6 +8,8 @@ from typing import List, Optional
 
 import typer
 
+from graft.errors import ConfigError
+
 
 def export(
     bundle: Path = typer.Argument(..., help="A bundle folder (or the run folder that holds one)."),
@@ -20,12 +22,11 @@ def export(
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Export a bundle to ONNX, checked with onnxruntime against PyTorch."""
-    from graft.errors import ConfigError
 
     if not onnx:
         raise ConfigError("graft export: choose a format; --onnx is the one supported (graft export BUNDLE --onnx)")
-    from graft.api import expand_image_paths
-    from graft.shipping.export import export_onnx
+    from graft.api import expand_image_paths  # torch loads only when a command runs: `graft --help` stays instant
+    from graft.shipping.export import export_onnx  # torch loads only when a command runs: `graft --help` stays instant
 
     images = list(expand_image_paths(check_images)) if check_images else None
     result = export_onnx(bundle, out=out, opset=opset, check_images=images)

@@ -7,8 +7,9 @@ from typing import Optional
 
 import typer
 
-from graft.models.backbones import DEFAULT_BACKBONE
+from graft.choices import DEFAULT_BACKBONE
 from graft.cli import options
+from graft.console import Reporter, make_console, show_audit
 
 
 def inspect(
@@ -30,8 +31,7 @@ def inspect(
     """Show a backbone's stages (name, parameters, output channels and stride) and preprocessing."""
     from rich.table import Table
 
-    from graft.api import inspect as inspect_backbone
-    from graft.console import make_console
+    from graft.api import inspect as inspect_backbone  # torch loads only when a command runs: `graft --help` stays instant
 
     found = inspect_backbone(name, pretrained=pretrained, weights=str(weights) if weights else None,
                              strategy=strategy, num_classes=num_classes, head=head, lr=lr,
@@ -46,6 +46,5 @@ def inspect(
         table.add_row(str(stage.index), stage.name, f"{stage.num_params:,}", str(stage.out_channels or "-"), str(stage.reduction or "-"))
     console.print(table)
     if found.audit is not None:
-        from graft.console import Reporter, show_audit
 
         show_audit(Reporter(console=console), f"strategy {strategy}: what trains", found.audit)

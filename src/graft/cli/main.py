@@ -6,9 +6,11 @@ import sys
 
 import typer
 
-from graft.cli import demo, evaluate, inspect, predict, train
+from graft.cli import Interrupted, export, serve
 from graft.cli import compare, show_features
-from graft.cli import export, serve
+from graft.cli import demo, evaluate, inspect, predict, train
+from graft.cli.options import flag
+from graft.errors import ConfigError, GraftError
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
 
@@ -32,8 +34,6 @@ app.command(name="serve")(serve.serve)
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code (0 ok, 1 some inputs failed, 2 usage or data error)."""
-    from graft.cli import Interrupted
-    from graft.errors import GraftError
 
     try:
         # Without standalone mode click returns a command's exit code instead of exiting.
@@ -63,8 +63,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _in_flags(error: Exception) -> str:
     """The message of `error` with the parameter it names shown as the flag that sets it (`lr` -> `--lr`)."""
-    from graft.cli.options import flag
-    from graft.errors import ConfigError
 
     if isinstance(error, ConfigError) and error.parameter:
         return f"{flag(error.parameter)}: {error.message}"

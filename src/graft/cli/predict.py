@@ -10,6 +10,10 @@ from typing import List
 
 import typer
 
+from graft.console import Reporter, make_console
+from graft.errors import ConfigError, ImageError
+from graft.ranges import BATCH_SIZE, TOP_K, check_number
+
 FORMATS = ("table", "csv", "json")
 
 
@@ -27,9 +31,7 @@ def predict(
     ),
 ) -> None:
     """Predict the labels of images with a trained bundle."""
-    from graft.shipping.bundle import load_bundle
-    from graft.errors import ConfigError, ImageError
-    from graft.ranges import BATCH_SIZE, TOP_K, check_number
+    from graft.shipping.bundle import load_bundle  # torch loads only when a command runs: `graft --help` stays instant
 
     if output_format not in FORMATS:
         raise ConfigError(f"--format: {output_format!r} is not one of {', '.join(FORMATS)}")
@@ -74,7 +76,6 @@ def _print_predictions(stream, output_format: str, top_k: int) -> None:
     else:
         from rich.table import Table
 
-        from graft.console import make_console
 
         table = Table()
         table.add_column("path", overflow="fold")  # the whole name, wrapped, never cut to "…"
@@ -94,15 +95,14 @@ def _remember(stream, seen: list):
 
 
 def _explain(model, predictions: list, folder: Path) -> None:
-    from graft.report.explain import explain_images
+    from graft.report.explain import explain_images  # torch loads only when a command runs: `graft --help` stays instant
 
     written = explain_images(model, [p.path for p in predictions], folder, labels=[p.label for p in predictions])
     print(f"graft: {len(written)} class activation maps written to {folder}", file=sys.stderr)
 
 
 def _predict_to_file(model, paths: List[Path], out: Path, top_k: int, batch_size: int) -> None:
-    from graft.shipping.batch_predict import predict_to_csv
-    from graft.console import Reporter
+    from graft.shipping.batch_predict import predict_to_csv  # torch loads only when a command runs: `graft --help` stays instant
 
     result = predict_to_csv(model, paths, out, top_k=top_k, batch_size=batch_size, reporter=Reporter())
     print(f"graft: {result.written} predictions appended to {result.out} ({result.skipped} already there, "
@@ -112,6 +112,6 @@ def _predict_to_file(model, paths: List[Path], out: Path, top_k: int, batch_size
 
 
 def _expand(paths: List[Path]):
-    from graft.api import expand_image_paths
+    from graft.api import expand_image_paths  # torch loads only when a command runs: `graft --help` stays instant
 
     return expand_image_paths(paths)

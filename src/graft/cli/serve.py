@@ -7,6 +7,10 @@ from pathlib import Path
 
 import typer
 
+from graft.errors import ConfigError
+from graft.extras import require_extra
+from graft.ranges import PORT, UPLOAD_MB, check_number
+
 
 def serve(
     bundle: Path = typer.Argument(..., help="A bundle folder (or the run folder that holds one)."),
@@ -21,14 +25,11 @@ def serve(
     access_log: bool = typer.Option(True, "--access-log/--no-access-log", help="Log every request (uvicorn)."),
 ) -> None:
     """Serve a bundle: POST /predict, GET /healthz, a web page at / and API docs at /docs."""
-    from graft.errors import ConfigError
-    from graft.extras import require_extra
-    from graft.ranges import PORT, UPLOAD_MB, check_number
 
     (uvicorn,) = require_extra("serve", "uvicorn")
     from uvicorn.config import LOG_LEVELS
 
-    from graft.serve import create_app
+    from graft.serve import create_app  # fastapi is the serve extra's
 
     check_number("port", port, PORT)
     check_number("max_upload_mb", max_upload_mb, UPLOAD_MB)

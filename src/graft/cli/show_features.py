@@ -15,8 +15,8 @@ def show_features(
     channels: int = typer.Option(6, help="How many channels per stage (the most active on this image)."),
 ) -> None:
     """Draw the activations of a few channels at each chosen stage of the bundle's backbone."""
-    from graft.shipping.bundle import load_bundle
-    from graft.report.activations import write_feature_maps
+    from graft.shipping.bundle import load_bundle  # torch loads only when a command runs: `graft --help` stays instant
+    from graft.report.activations import write_feature_maps  # torch loads only when a command runs: `graft --help` stays instant
 
     written = write_feature_maps(load_bundle(bundle), image, out, stages=stages, channels=channels)
     typer.echo(f"feature maps written to {written}")

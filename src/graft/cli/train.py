@@ -9,6 +9,9 @@ from typing import TYPE_CHECKING, Optional
 import typer
 
 from graft.cli import Interrupted, options
+from graft.console import Reporter
+from graft.errors import OutputError
+from graft.run_folder import read_manifest
 
 if TYPE_CHECKING:
     from graft.run_folder import OwnedFolder
@@ -59,10 +62,7 @@ def train(
     Every option but --quiet, --resume and --overwrite is a setting of the run, saved in its config.json
     (graft.TrainConfig, whose fields give these options their names, defaults and help).
     """
-    from graft.api import train_with_config
-    from graft.console import Reporter
-    from graft.errors import OutputError
-    from graft.run_folder import read_manifest
+    from graft.api import train_with_config  # torch loads only when a command runs: `graft --help` stays instant
 
     config = options.train_config(ctx.params)
     before = read_manifest(out)
@@ -79,7 +79,6 @@ def train(
 
 def continue_hint(ctx: typer.Context, out: Path, before: "OwnedFolder | None", resume: bool) -> str:
     """How to go on after a stopped run: once this run wrote its config.json, the command with --resume."""
-    from graft.run_folder import read_manifest
 
     now = read_manifest(out)
     started = now is not None and (resume or before is None or now.run_id != before.run_id)

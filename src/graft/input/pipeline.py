@@ -38,6 +38,7 @@ import torch
 from PIL import Image
 
 from graft.input.images import load_image
+from graft.input.preprocessing import build_transforms
 
 DEFAULT_DECODED_CACHE_MB = 1024
 
@@ -494,7 +495,6 @@ class EvalImages:
     """
 
     def __init__(self, paths: Sequence[Path], digests: Sequence[str], preprocessing: Any, *, batch_size: int, device: torch.device | None = None) -> None:
-        from graft.input.preprocessing import build_transforms
 
         self.paths = list(paths)
         view = preprocessing_id(preprocessing)

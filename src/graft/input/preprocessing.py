@@ -11,13 +11,10 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 from torch import nn
+from graft.choices import AUGMENT_LEVELS
+from graft.errors import ConfigError
 
 AugmentLevel = Literal["none", "light", "strong"]
-AUGMENT_LEVELS: tuple[str, ...] = ("none", "light", "strong")
-# The resampling filters and crop modes timm's evaluation transform takes
-# (`timm.data.transforms.str_to_interp_mode`, `transforms_imagenet_eval`): what a bundle may record.
-INTERPOLATIONS: tuple[str, ...] = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
-CROP_MODES: tuple[str, ...] = ("center", "squash", "border")
 
 
 @dataclass(frozen=True)
@@ -101,6 +98,5 @@ def build_transforms(preprocessing: Preprocessing, *, augment: str = "none") -> 
             is_training=True, scale=(0.35, 1.0), hflip=0.5, color_jitter=0.0,
             auto_augment="rand-m9-mstd0.5", **common,
         )
-    from graft.errors import ConfigError
 
     raise ConfigError(f"expected one of {', '.join(AUGMENT_LEVELS)}, got {augment!r}", parameter="augment")

@@ -24,10 +24,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from graft.choices import DEFAULT_BACKBONE
 from graft.errors import BackboneError, ConfigError
 from graft.input.preprocessing import Preprocessing, resolve_preprocessing
+from graft.models.pooling import pooled_model, pooled_width
+from graft.speed.allocator import reuse_freed_memory
 
-DEFAULT_BACKBONE = "efficientnet_lite0"
 
 
 @dataclass(frozen=True)
@@ -83,7 +85,6 @@ def with_pooling(backbone: Backbone, pooling: str) -> Backbone:
     """
     import dataclasses
 
-    from graft.models.pooling import pooled_model, pooled_width
 
     if pooling == backbone.pooling:
         return backbone
@@ -121,7 +122,6 @@ def load_backbone(
     """
     import timm
 
-    from graft.speed.allocator import reuse_freed_memory
 
     reuse_freed_memory()  # the model is about to run: large tensors reuse freed memory (graft.speed.allocator)
     bundled = BUNDLED.get(name)

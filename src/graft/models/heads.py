@@ -7,9 +7,9 @@ from typing import Any
 
 from torch import nn
 
+from graft.choices import HEAD_KINDS
 from graft.errors import ConfigError
 
-HEAD_KINDS = ("linear", "mlp")
 
 
 @dataclass(frozen=True)

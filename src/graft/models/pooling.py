@@ -40,9 +40,10 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from graft.choices import POOLINGS
 from graft.errors import ConfigError
+from graft.models.stages import discover_stages
 
-POOLINGS = ("avg", "grid", "grid-2", "grid-3")
 GRID_SIZE = 3
 # The grid of each level, the last map first: the stage before the last is as coarse as the last
 # (7 x 7 in EfficientNet-Lite0), the one before that twice as fine (14 x 14), so finer cells.
@@ -180,7 +181,6 @@ def earlier_stage_outputs(model: nn.Module, count: int) -> list[tuple[str, int]]
     (`graft.models.stages`), the nearest first: for each, a top-level `nn.Sequential` of `model` and the
     index of the module in it whose output that is; None when one of them is not such a module's
     (then that pooling cannot be built without hooks)."""
-    from graft.models.stages import discover_stages
 
     model = _base(model)
     stages = discover_stages(model)

@@ -13,11 +13,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from graft.shipping.bundle import Bundle
+from graft.atomic import atomic_path
 from graft.errors import ConfigError
+from graft.input.images import load_image
 from graft.input.preprocessing import Preprocessing
-from graft.report.forgetting import stage_features
 from graft.models.stages import Stage, discover_stages
+from graft.report.forgetting import stage_features
+from graft.shipping.bundle import Bundle
 
 DEFAULT_CHANNELS = 6
 
@@ -66,7 +68,7 @@ def feature_maps_figure(
     """A figure with the image and, per chosen stage, its most active channels on that image."""
     if channels < 1:
         raise ConfigError(f"--channels: expected 1 or more, got {channels}")
-    from graft.report.figures import feature_maps
+    from graft.report.figures import feature_maps  # matplotlib loads only when a figure is drawn
 
     backbone = bundle.model.backbone
     chosen = select_stages(discover_stages(backbone), stages)
@@ -99,8 +101,6 @@ def write_feature_maps(
 
     >>> write_feature_maps(load_bundle("runs/birds/bundle"), "robin.jpg", "maps.png", stages="1,4,-1")
     """
-    from graft.atomic import atomic_path
-    from graft.input.images import load_image
 
     out = Path(out)
     if out.suffix.lower() != ".png":

@@ -26,9 +26,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from graft.atomic import write_json, write_text
 from graft.config import TrainConfig
 from graft.console import QUIET, Reporter
 from graft.errors import ConfigError
+from graft.report.html import esc, fmt, img, note, page, section, table
+from graft.run_folder import claim_folder
+from graft.strategies import STRATEGY_NAMES
 
 # Strategies differ in their default epochs; a comparison needs one budget for all of them.
 DEFAULT_COMPARE_EPOCHS = 10
@@ -60,7 +64,6 @@ class Comparison:
 
 def parse_strategies(spec: str | Sequence[str]) -> list[str]:
     """"a,b,c" or a list → checked, de-duplicated strategy names, in order."""
-    from graft.strategies import STRATEGY_NAMES
 
     names = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else [str(s).strip() for s in spec]
     names = [n for n in names if n]
@@ -99,7 +102,6 @@ def compare(
     options.setdefault("epochs", DEFAULT_COMPARE_EPOCHS)
     out = Path(out)
     base = TrainConfig(data=str(data), out=str(out / names[0]), strategy=names[0], **options)
-    from graft.run_folder import claim_folder
 
     files = ["compare.json", "compare.html"] + [part for name in names for part in (name, f"{name}.log")]
     claim_folder(out, kind="compare", files=files, overwrite=overwrite)
@@ -117,7 +119,6 @@ def compare(
                     f"{row.wall_seconds:.1f} s, peak {row.peak_rss_mb:.0f} MB"
                 )
             rows.append(row)
-    from graft.atomic import write_json, write_text
 
     json_path, html_path = out / "compare.json", out / "compare.html"
     write_json(json_path, {"data": str(data), "settings": {k: v for k, v in base.to_dict().items() if k not in ("out", "strategy")}, "rows": [asdict(r) for r in rows]})
@@ -161,8 +162,7 @@ def run_child(config: TrainConfig, scratch: Path) -> CompareRow:
 
 def compare_html(rows: Sequence[CompareRow], base: TrainConfig, out: Path) -> str:
     """compare.html: the table, overlaid curves, and the forgetting chart of every strategy."""
-    from graft.report import figures
-    from graft.report.html import esc, fmt, img, note, page, section, table
+    from graft.report import figures  # matplotlib loads only when a figure is drawn
 
     done = [r for r in rows if r.error is None]
     settings = ", ".join(

@@ -14,12 +14,13 @@ import sys
 import time
 from pathlib import Path
 
+from graft.api import train_with_config
+from graft.config import TrainConfig
+from graft.console import Reporter
+
 
 def main(argv: list[str]) -> int:
     request, result = Path(argv[0]), Path(argv[1])
-    from graft.api import train_with_config
-    from graft.config import TrainConfig
-    from graft.console import Reporter
 
     config = TrainConfig.from_dict(json.loads(request.read_text(encoding="utf-8")))
     started = time.perf_counter()

@@ -15,8 +15,12 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from graft.shipping.bundle import Bundle
 from graft.errors import ConfigError
+from graft.extras import require_extra
+from graft.input.images import load_image
+from graft.models.stages import discover_stages
+from graft.report.activations import displayable
+from graft.shipping.bundle import Bundle
 
 
 @dataclass(frozen=True)
@@ -31,7 +35,6 @@ class Explanation:
 
 def target_layer(model: torch.nn.Module) -> tuple[str, torch.nn.Module]:
     """The backbone's last stage's last module (name, module): the Grad-CAM layer."""
-    from graft.models.stages import discover_stages
 
     backbone = model.backbone
     modules = dict(backbone.named_modules())
@@ -70,15 +73,12 @@ def explain_images(
     >>> explain_images(load_bundle("runs/birds/bundle"), ["robin.jpg"], "cams/")[0].out
     PosixPath('cams/robin.cam.png')
     """
-    from graft.extras import require_extra
 
     require_extra("report", "pytorch_grad_cam")
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.image import show_cam_on_image
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    from graft.input.images import load_image
-    from graft.report.activations import displayable
 
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from graft.models.stages import Stage
+from graft.models.stages import Stage, discover_stages
 
 # CKA needs every image's features at once (a Gram matrix); this many images bound the cost.
 MAX_CKA_IMAGES = 64
@@ -158,7 +158,6 @@ def stage_forgetting(
     before them) are bit-identical to the pretrained ones get CKA 1 without a forward pass: their
     outputs are the same numbers. A feature-extract run therefore costs no forward pass at all.
     """
-    from graft.models.stages import discover_stages
 
     if isinstance(trained, nn.Module) and hasattr(trained, "backbone") and hasattr(trained, "head"):
         trained = trained.backbone  # a GraftModel: compare its backbone

@@ -16,7 +16,16 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
-from graft.errors import BundleError
+from graft.atomic import write_json, write_text
+from graft.config import TrainConfig
+from graft.errors import BundleError, ImageError
+from graft.input.images import load_image
+from graft.models.backbones import load_backbone
+from graft.models.stages import discover_stages
+from graft.report.activations import feature_maps_figure
+from graft.report.forgetting import MAX_CKA_IMAGES, stage_forgetting
+from graft.shipping.bundle import load_bundle
+from graft.strategies import STRATEGY_NAMES, get_strategy
 
 # The report's sections, in page order: (id, heading). Tests and readers rely on these ids.
 SECTIONS: tuple[tuple[str, str], ...] = (
@@ -142,8 +151,6 @@ class Run:
 
 def load_batch(paths: Sequence[Path], transform: Any) -> torch.Tensor:
     """Preprocessed images (n, 3, H, W); unreadable files are skipped (they were reported in training)."""
-    from graft.errors import ImageError
-    from graft.input.images import load_image
 
     tensors = []
     for path in paths:
@@ -176,12 +183,7 @@ def write_report(run_dir: str | Path, *, cka_images: int | None = None) -> Path:
     >>> write_report("runs/birds")  # doctest: +SKIP
     PosixPath('runs/birds/report.html')
     """
-    from graft.atomic import write_json, write_text
-    from graft.models.backbones import load_backbone
-    from graft.shipping.bundle import load_bundle
-    from graft.report import figures
-    from graft.report.forgetting import MAX_CKA_IMAGES, stage_forgetting
-    from graft.models.stages import discover_stages
+    from graft.report import figures  # matplotlib loads only when a figure is drawn
 
     started = time.perf_counter()
     run_dir = Path(run_dir)
@@ -273,8 +275,6 @@ def data_section(run: Run) -> str:
 
 
 def strategy_section(run: Run, bundle: Any, pretrained: Any, stages: Sequence[Any]) -> str:
-    from graft.config import TrainConfig
-    from graft.strategies import STRATEGY_NAMES, get_strategy
 
     name = run.metrics.get("strategy") or run.config.get("strategy")
     settings = {k: v for k, v in run.config.items() if k not in ("data", "out", "resolved")}
@@ -319,8 +319,6 @@ def per_class_section(run: Run) -> str:
 
 
 def mistakes_section(run: Run, figures: Any) -> str:
-    from graft.errors import ImageError
-    from graft.input.images import load_image
 
     wrong = sorted((r for r in run.predictions if r["label"] != r["true"]), key=lambda r: -r["score"])
     if not run.predictions:
@@ -360,9 +358,7 @@ def filters_section(trained: torch.nn.Module, pretrained: torch.nn.Module, figur
 
 
 def feature_maps_section(bundle: Any, val_images: Sequence[tuple[Path, str]]) -> str:
-    from graft.input.images import load_image
-    from graft.report.activations import feature_maps_figure
-    from graft.report.figures import figure_uri
+    from graft.report.figures import figure_uri  # matplotlib loads only when a figure is drawn
 
     if not val_images:
         return note("no validation image could be read to show feature maps for")
@@ -377,7 +373,6 @@ def feature_maps_section(bundle: Any, val_images: Sequence[tuple[Path, str]]) ->
 
 def spread_stages(backbone: torch.nn.Module, count: int) -> list[int]:
     """`count` stage indices spread from the first to the last stage (the report's feature maps)."""
-    from graft.models.stages import discover_stages
 
     total = len(discover_stages(backbone))
     if total <= count:

@@ -35,11 +35,12 @@ from fastapi.exceptions import RequestValidationError  # noqa: E402
 from fastapi.responses import HTMLResponse, JSONResponse  # noqa: E402
 from starlette.concurrency import run_in_threadpool  # noqa: E402
 
-from graft.shipping.bundle import Bundle, load_bundle  # noqa: E402
 from graft.errors import ConfigError, ImageError, ImageTooLargeError  # noqa: E402
-from graft.input.images import MAX_IMAGE_PIXELS  # noqa: E402
+from graft.input.images import MAX_IMAGE_PIXELS, image_size, load_image
 from graft.ranges import IMAGES_PER_REQUEST, TOP_K, UPLOAD_BYTES, check_number  # noqa: E402
 from graft.serve.page import PAGE_HTML  # noqa: E402
+from graft.shipping.bundle import Bundle, load_bundle  # noqa: E402
+from graft.speed.allocator import release_free_memory
 
 DEFAULT_MAX_UPLOAD_BYTES = 10 * 1024 * 1024
 DEFAULT_MAX_IMAGES = 16
@@ -219,7 +220,6 @@ async def _read_uploads(files: list[UploadFile], max_upload_bytes: int) -> list[
 
 def _image_sizes(payloads: list[tuple[str, bytes]]) -> list[tuple[int, int]]:
     """(width, height) of every upload, from its header alone."""
-    from graft.input.images import image_size
 
     return [image_size(data, name=name) for name, data in payloads]
 
@@ -256,8 +256,6 @@ def _predict(
     top_k: int,
 ) -> list[dict[str, Any]]:
     """Decode every upload at the model's size, within the pixel budget; one forward pass at a time."""
-    from graft.speed.allocator import release_free_memory
-    from graft.input.images import load_image
 
     images = []
     try:

@@ -25,10 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from graft.shipping.bundle import Bundle, Prediction, load_bundle
+from graft.api import expand_image_paths
 from graft.console import QUIET, Reporter
 from graft.errors import ConfigError, ImageError
 from graft.ranges import BATCH_SIZE, TOP_K, check_number
+from graft.shipping.bundle import Bundle, Prediction, load_bundle
 
 CSV_COLUMNS = ("path", "label", "score", "top_k", "error")
 
@@ -59,7 +60,6 @@ def predict_to_csv(
     run) is removed first. Missing parent folders of `out` are created. Progress is shown by
     `reporter` (a rich bar on stderr in the CLI).
     """
-    from graft.api import expand_image_paths
 
     check_number("top_k", top_k, TOP_K)
     check_number("batch_size", batch_size, BATCH_SIZE)

@@ -18,13 +18,24 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import torch
 from PIL import Image
 
-from graft.shipping.bundle_schema import BUNDLE_FORMAT, BundleDocument
-from graft.errors import BundleError, ImageError, TrainingError
-from graft.speed.folding import inference_network
-from graft.models.heads import HeadSpec, make_head
-from graft.models.model import GraftModel
-from graft.speed.numerics import autocast, inference_precision
+from graft import __version__
+from graft.errors import BundleError, ConfigError, ImageError, TrainingError
+from graft.input.images import load_image, to_rgb
 from graft.input.preprocessing import Preprocessing, build_transforms
+from graft.models.backbones import create_architecture
+from graft.models.heads import HeadSpec, make_head
+from graft.models.lora import apply_lora
+from graft.models.model import GraftModel
+from graft.models.pooling import pooled_model
+from graft.ranges import BATCH_SIZE, TOP_K, check_number
+from graft.run_folder import replace_dir
+from graft.shipping.bundle_schema import (
+    BUNDLE_FORMAT, BundleDocument, DAMAGED, check_adapters, check_head, check_runs, check_weights, read_document,
+    safetensors_shapes,
+)
+from graft.speed.allocator import reuse_freed_memory
+from graft.speed.folding import inference_network
+from graft.speed.numerics import autocast, inference_precision
 
 MODEL_FILE = "model.safetensors"
 META_FILE = "graft.json"
@@ -52,8 +63,6 @@ def save_bundle(path: str | Path, model: GraftModel, meta: dict[str, Any]) -> Pa
     """Write `model` and its metadata as a bundle folder at `path`, atomically."""
     from safetensors.torch import save_file
 
-    from graft import __version__
-    from graft.atomic import atomic_dir
 
     path = Path(path)
     full_meta = {"format_version": BUNDLE_FORMAT, "graft_version": __version__, **meta}
@@ -65,7 +74,7 @@ def save_bundle(path: str | Path, model: GraftModel, meta: dict[str, Any]) -> Pa
     if diverged:
         raise TrainingError(f"{path}: not written, {len(diverged)} tensors hold nan or inf ({diverged[0]} first): the training diverged; "
                             "rerun with a lower --lr")
-    with atomic_dir(path) as folder:
+    with replace_dir(path) as folder:
         save_file(state, str(folder / MODEL_FILE), metadata={"format": "graft", "format_version": str(BUNDLE_FORMAT)})
         (folder / META_FILE).write_text(json.dumps(full_meta, indent=2) + "\n", encoding="utf-8")
     return path
@@ -129,7 +138,6 @@ class Bundle:
         An unreadable file raises `ImageError`, or, with `on_error`, is handed to it and skipped.
         `top_k` and `batch_size` out of range raise `ConfigError` here, before any image is read.
         """
-        from graft.ranges import BATCH_SIZE, TOP_K, check_number
 
         check_number("top_k", top_k, TOP_K)
         check_number("batch_size", batch_size, BATCH_SIZE)
@@ -137,7 +145,6 @@ class Bundle:
 
     def _stream_predictions(self, sources: Iterable[str | Path | Image.Image], top_k: int, batch_size: int,
                             on_error: Callable[[ImageError], None] | None) -> Iterator[Prediction]:
-        from graft.input.images import load_image, to_rgb
 
         min_size = self.preprocessing.resize_size  # files are decoded no larger than the resize needs
         names: list[str] = []
@@ -181,8 +188,6 @@ def load_bundle(path: str | Path) -> Bundle:
     """
     from safetensors.torch import load_file
 
-    from graft.speed.allocator import reuse_freed_memory
-    from graft.shipping.bundle_schema import DAMAGED, check_adapters, check_head, check_runs, check_weights, read_document, safetensors_shapes
 
     reuse_freed_memory()  # see graft.speed.allocator
     path = Path(path)
@@ -214,10 +219,6 @@ def _build_model(meta_path: Path, document: BundleDocument) -> GraftModel:
     """The untrained network graft.json describes, ready for model.safetensors."""
     import timm
 
-    from graft.models.backbones import create_architecture
-    from graft.shipping.bundle_schema import DAMAGED
-    from graft.errors import ConfigError
-    from graft.models.pooling import pooled_model
 
     backbone = document.backbone
     try:
@@ -235,7 +236,6 @@ def _build_model(meta_path: Path, document: BundleDocument) -> GraftModel:
     model = GraftModel(network, make_head(HeadSpec(**document.head.model_dump())))
     adapters = document.adapters
     if adapters is not None:
-        from graft.models.lora import apply_lora
 
         try:
             apply_lora(model, rank=adapters.rank, alpha=adapters.alpha, target_modules=list(adapters.target_modules))

@@ -28,10 +28,11 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 import torch
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, FiniteFloat, StrictInt, StrictStr, ValidationError, ValidationInfo, field_validator
 
+from graft.choices import CROP_MODES, HEAD_KINDS, INTERPOLATIONS, POOLINGS
 from graft.errors import BundleError
-from graft.models.heads import HEAD_KINDS
-from graft.models.pooling import POOLINGS
-from graft.input.preprocessing import CROP_MODES, INTERPOLATIONS
+from graft.models.heads import HeadSpec, make_head
+from graft.models.lora import is_adapter_parameter
+from graft.speed.numerics import intra_op_threads
 
 if TYPE_CHECKING:
     from graft.shipping.bundle import Bundle
@@ -199,7 +200,6 @@ def _shown(value: Any) -> str:
 
 def check_head(meta_path: Path, document: BundleDocument, shapes: dict[str, tuple[int, ...]]) -> None:
     """The head graft.json describes is the one in model.safetensors, and it has one output per class name."""
-    from graft.models.heads import HeadSpec, make_head
 
     head = document.head
     with torch.device("meta"):  # shapes only: a tampered width allocates nothing
@@ -230,7 +230,6 @@ def check_head(meta_path: Path, document: BundleDocument, shapes: dict[str, tupl
 
 def check_adapters(meta_path: Path, document: BundleDocument, shapes: dict[str, tuple[int, ...]]) -> None:
     """graft.json records LoRA adapters exactly when model.safetensors holds them, of the recorded rank."""
-    from graft.models.lora import is_adapter_parameter
 
     adapter_shapes = {k: v for k, v in shapes.items() if is_adapter_parameter(k)}
     adapters = document.adapters
@@ -253,7 +252,6 @@ def check_adapters(meta_path: Path, document: BundleDocument, shapes: dict[str, 
 
 def check_weights(meta_path: Path, document: BundleDocument, expected: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]]) -> None:
     """The model built from graft.json has exactly the tensors of model.safetensors, shape for shape."""
-    from graft.models.lora import is_adapter_parameter
 
     missing = [k for k in expected if k not in shapes]
     unexpected = [k for k in shapes if k not in expected]
@@ -284,7 +282,6 @@ def check_runs(meta_path: Path, bundle: "Bundle") -> None:
     """A blank image, preprocessed as predict does, gives one finite logit per class."""
     from PIL import Image
 
-    from graft.speed.numerics import intra_op_threads
 
     meta = bundle.meta
     channels, height, width = bundle.preprocessing.input_size

@@ -27,8 +27,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from graft.shipping.bundle import Bundle, load_bundle
+from graft import __version__
+from graft.atomic import atomic_path
 from graft.errors import ConfigError, GraftError
+from graft.extras import require_extra
+from graft.input.images import load_image, to_rgb
+from graft.run_folder import read_manifest
+from graft.shipping.bundle import Bundle, load_bundle
 
 DEFAULT_OPSET = 17
 # fp32 logits from two runtimes on the same tensor; measured differences are around 1e-6.
@@ -74,10 +79,8 @@ def export_onnx(
     PyTorch and onnxruntime; without them scikit-image's bundled photos are used (the `[data]`
     extra). Raises `ExportError`, and writes nothing, if the logits differ by `tolerance` or more.
     """
-    from graft.extras import require_extra
 
     onnx, onnxruntime = require_extra("export", "onnx", "onnxruntime")
-    from graft.atomic import atomic_path
 
     model_bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
     if not 7 <= opset <= 23:
@@ -110,7 +113,6 @@ def export_onnx(
         f"output {OUTPUT_NAME!r}: logits (N, classes) in graft.class_names order."
     )
     onnx.checker.check_model(proto)
-    from graft.run_folder import read_manifest
 
     run_folder = read_manifest(target.parent)
     if run_folder is not None:  # model.onnx beside a run's bundle is the run's: --overwrite removes it too
@@ -130,7 +132,6 @@ def export_onnx(
 
 def onnx_metadata(bundle: Bundle) -> dict[str, str]:
     """The ONNX `metadata_props` for a bundle: class names and the preprocessing, as strings."""
-    from graft import __version__
 
     pre = bundle.preprocessing
     return {
@@ -200,7 +201,6 @@ def _max_logit_difference(bundle: Bundle, session: Any, batch: torch.Tensor) -> 
 
 
 def _check_images(images: Sequence[str | Path | Image.Image] | None) -> tuple[list[Image.Image], str]:
-    from graft.input.images import load_image, to_rgb
 
     if images is not None:
         loaded = [to_rgb(image) if isinstance(image, Image.Image) else load_image(image) for image in images]

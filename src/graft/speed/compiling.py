@@ -28,6 +28,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from graft.training import distributed
+
 # Conservative figures for the rule above, from bench/gpu_resnet50.py on one H100 (bf16, CUDA
 # graphs, docs/performance.md): the compiled step ran 1.43x eager for ResNet-50 at batch 256 and
 # 3.6x for EfficientNet-Lite0 at batch 32, after 45 s and 35 s of compiling (60 s without CUDA
@@ -150,7 +152,6 @@ class TrainingCompiler:
         self.decision.reason = f"compiling failed ({type(error).__name__})"
 
     def _decide(self) -> None:
-        from graft.training import distributed
 
         count = len(self._probe)
         wait = sum(w for w, _ in self._probe) / count
@@ -185,6 +186,5 @@ def compile_mode(device: torch.device) -> str:
     """torch.compile's mode for training steps: CUDA graphs on one GPU, where a small backbone's
     step is bound by kernel launches (EfficientNet-Lite0 at batch 32 on an H100: 3.35x eager with
     them, 1.03x without); the default elsewhere (a CPU; DDP, whose hooks CUDA graphs do not take)."""
-    from graft.training import distributed
 
     return "reduce-overhead" if device.type == "cuda" and not distributed.active() else "default"

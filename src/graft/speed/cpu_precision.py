@@ -28,7 +28,10 @@ from pathlib import Path
 
 import torch
 
+from graft.atomic import write_json
 from graft.models.backbones import Backbone
+from graft.speed.folding import inference_network
+from graft.speed.numerics import autocast
 
 # bf16 must be at least this much faster than fp32 to be chosen.
 BF16_MIN_SPEEDUP = 1.1
@@ -56,7 +59,6 @@ def faster_precision(fp32_images_per_second: float, bf16_images_per_second: floa
 
 def choose_cpu_precision(backbone: Backbone, cache_root: Path) -> PrecisionChoice:
     """The remembered choice for this machine and backbone, measuring it first if there is none."""
-    from graft.atomic import write_json
 
     path = Path(cache_root) / RECORD_FILE
     key = record_key(backbone)
@@ -94,8 +96,6 @@ def record_key(backbone: Backbone) -> str:
 def forward_speeds(backbone: Backbone) -> tuple[float, float]:
     """Images per second of the backbone's inference forward in fp32 (BatchNorm folded) and in bf16
     autocast, channels_last, batch 16 at its input size: medians of alternated repetitions."""
-    from graft.speed.folding import inference_network
-    from graft.speed.numerics import autocast
 
     model = backbone.model.eval().to(memory_format=torch.channels_last)
     size = tuple(backbone.preprocessing.input_size)

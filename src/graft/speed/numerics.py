@@ -19,10 +19,10 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
+from graft.choices import COMPILE_SETTINGS, PRECISIONS
 from graft.errors import ConfigError
 
-PRECISIONS = ("auto", "fp32", "bf16")
-COMPILE_SETTINGS = ("auto", "on", "off")
+
 
 # `torch.compile` of the frozen backbone's forward (bench/compile_forward.py, EfficientNet-Lite0, 2
 # CPU cores, bf16, channels_last, malloc thresholds raised as `load_backbone` does): 34 s to compile

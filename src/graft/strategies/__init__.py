@@ -12,8 +12,8 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from graft.choices import STRATEGY_NAMES
 from graft.errors import ConfigError
-from graft.strategy_names import STRATEGY_NAMES
 
 if TYPE_CHECKING:
     from graft.strategies.base import AuditRow, Strategy, TrainContext, TrainOutcome

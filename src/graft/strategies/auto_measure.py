@@ -40,11 +40,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from graft.choices import POOLINGS
 from graft.models.backbones import Backbone, with_crop, with_pooling
-from graft.training.features import ExtractionStats, FeatureCache, SidePooling, Tap, backbone_key, extract_features
-from graft.models.pooling import GRID_SIZE, LEVEL_GRIDS, POOLINGS, earlier_module_names, supports_grid
+from graft.models.pooling import GRID_SIZE, LEVEL_GRIDS, earlier_module_names, supports_grid
 from graft.strategies.auto_rule import LP_FT_PER_CLASS, Measurements, ViewScore, accuracy_difference_se, first_wins
 from graft.strategies.base import TrainContext
+from graft.training.features import ExtractionStats, FeatureCache, SidePooling, Tap, backbone_key, extract_features
 
 FRAMING_SAMPLE = 2000  # at most this many training (and validation) images measure the framing and pooling
 

@@ -9,16 +9,17 @@ from typing import TYPE_CHECKING, Callable, Protocol
 import torch
 from torch import nn
 
-from graft.models.backbones import Backbone
 from graft.config import TrainConfig
 from graft.console import Reporter
 from graft.input.data import Dataset
-from graft.training.features import FeatureCache, Tap
-from graft.models.heads import HeadSpec
-from graft.training.loop import EpochRecord, FitResult
-from graft.models.model import GraftModel
 from graft.input.preprocessing import Preprocessing
+from graft.models.backbones import Backbone
+from graft.models.heads import HeadSpec
+from graft.models.model import GraftModel
 from graft.models.stages import Stage
+from graft.training import distributed
+from graft.training.features import FeatureCache, Tap, default_cache_dir
+from graft.training.loop import EpochRecord, FitResult
 
 if TYPE_CHECKING:
     from graft.training.checkpoint import Checkpointer
@@ -54,7 +55,6 @@ def with_prefix_tap(context: TrainContext, module_name: str) -> TrainContext:
     torchrun (each rank sees its share) or with a compiled backbone (hooks are not compiled)."""
     from dataclasses import replace
 
-    from graft.training import distributed
 
     if context.cache is None or distributed.active() or context.compile_backbone:
         return context
@@ -130,6 +130,5 @@ def count_params(module: nn.Module, trainable_only: bool = False) -> int:
 
 
 def cache_dir_of(config: TrainConfig) -> Path | None:
-    from graft.training.features import default_cache_dir
 
     return Path(config.cache_dir) if config.cache_dir else default_cache_dir()

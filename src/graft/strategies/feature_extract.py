@@ -14,15 +14,16 @@ import torch
 from torch import nn
 
 from graft.config import TrainConfig
-from graft.training.features import ExtractionStats, extract_features
+from graft.errors import ConfigError
 from graft.models.heads import make_head
-from graft.training.loop import view_batches, warmup_cosine_schedule
 from graft.models.model import GraftModel
-from graft.speed.numerics import intra_op_threads
 from graft.models.pooling import pooling_of
 from graft.models.stages import Stage
+from graft.speed.numerics import intra_op_threads
 from graft.strategies.base import AuditRow, TrainContext, TrainOutcome, count_params, has_batchnorm
 from graft.training import CLASSIFICATION, HeadSteps, Phase, class_weights, run_phase
+from graft.training.features import ExtractionStats, extract_features
+from graft.training.loop import EpochRecord, FitResult, view_batches, warmup_cosine_schedule
 
 
 class FeatureExtract:
@@ -191,11 +192,9 @@ def fit_logistic_regression(
     """
     import time
 
-    from graft.training.loop import EpochRecord, FitResult
 
     linear = next((m for m in head.modules() if isinstance(m, nn.Linear)), None)
     if linear is None or sum(isinstance(m, nn.Linear) for m in head.modules()) != 1:
-        from graft.errors import ConfigError
 
         raise ConfigError("--head-solver lbfgs: fits a linear head only; use --head linear, or --head-solver adamw")
     config = context.config

@@ -16,9 +16,11 @@ from torch import nn
 from graft.config import TrainConfig
 from graft.errors import ConfigError
 from graft.models.heads import make_head
+from graft.models.lora import apply_lora, lora_targets
 from graft.models.model import GraftModel
-from graft.models.stages import Stage
+from graft.models.stages import Stage, discover_stages
 from graft.strategies.base import AuditRow, TrainContext, TrainOutcome, has_batchnorm, with_prefix_tap
+from graft.strategies.feature_extract import FeatureExtract
 from graft.strategies.finetune_images import train_on_images, training_workers
 from graft.strategies.finetune_prefix import DEFAULT_PREFIX_VIEWS, cached_prefix_split, train_on_cached_prefix
 from graft.strategies.plan import StagePlan, apply_trainability, param_groups
@@ -200,7 +202,6 @@ def train_probe(context: TrainContext) -> TrainOutcome:
     has cached already), while `--augment-views` sets the augmented views of the fine-tuning
     phase; and to the probe's own budget of epochs, since `--epochs` and `--patience` are the
     fine-tuning's (head epochs on cached features are nearly free)."""
-    from graft.strategies.feature_extract import FeatureExtract
 
     probe_config = context.config.replace(augment_views=0, epochs=None, patience=None)
     outcome = FeatureExtract().train(replace(context, config=probe_config))
@@ -222,7 +223,6 @@ class Lora(FineTune):
                          notes={"lora_rank": config.lora_rank})
 
     def audit(self, backbone: nn.Module, stages: list[Stage], head: nn.Module, config: TrainConfig) -> list[AuditRow]:
-        from graft.models.lora import lora_targets
 
         modules = dict(backbone.named_modules())
         lr = config.lr or self.default_lr
@@ -239,8 +239,6 @@ class Lora(FineTune):
         return rows
 
     def train(self, context: TrainContext) -> TrainOutcome:
-        from graft.models.lora import apply_lora, lora_targets
-        from graft.models.stages import discover_stages
 
         config = context.config
         model = GraftModel(context.backbone.model, make_head(context.head_spec))

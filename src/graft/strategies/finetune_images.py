@@ -10,19 +10,19 @@ from typing import Callable
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from graft.training import distributed
-from graft.speed.compiling import TrainingCompiler
-from graft.speed.folding import inference_network
 from graft.input.images import load_image
-from graft.training.loop import TrainSteps, make_optimizer, warmup_cosine_schedule
-from graft.models.model import GraftModel
-from graft.speed.numerics import autocast
 from graft.input.pipeline import EvalImages, SplitTransform, default_batch_size, split_transform
 from graft.input.preprocessing import build_transforms
+from graft.models.model import GraftModel
 from graft.models.stages import Stage
+from graft.speed.compiling import TrainingCompiler
+from graft.speed.folding import inference_network
+from graft.speed.numerics import autocast
 from graft.strategies.base import TrainContext, TrainOutcome
 from graft.strategies.plan import StagePlan, apply_trainability, param_groups
 from graft.training import CLASSIFICATION, Phase, run_phase
+from graft.training import distributed
+from graft.training.loop import TrainSteps, make_optimizer, warmup_cosine_schedule
 
 
 def train_on_images(

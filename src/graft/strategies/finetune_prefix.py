@@ -11,15 +11,16 @@ import math
 import torch
 from torch import nn
 
-from graft.speed.folding import inference_network
-from graft.training.loop import TrainSteps, make_optimizer, view_batches, warmup_cosine_schedule
 from graft.models.model import GraftModel
+from graft.models.prefix import Chain, sequential_chain, split_index
+from graft.speed.folding import inference_network
 from graft.speed.numerics import autocast
-from graft.models.prefix import Chain
 from graft.strategies.base import TrainContext, TrainOutcome
 from graft.strategies.finetune_images import training_compiler
 from graft.strategies.plan import StagePlan, apply_trainability, param_groups
 from graft.training import CLASSIFICATION, Phase, run_phase
+from graft.training.features import ExtractionStats, FeatureCache, backbone_key, extract_features
+from graft.training.loop import TrainSteps, make_optimizer, view_batches, warmup_cosine_schedule
 
 # Augmented views cached per training image when only a suffix trains on cached activations
 # (the prefix's output cannot be re-augmented each epoch, so a few fixed views stand in).
@@ -28,7 +29,6 @@ DEFAULT_PREFIX_VIEWS = 4
 
 def cached_prefix_split(backbone: nn.Module, plan: StagePlan, context: TrainContext, epochs: int) -> tuple[Chain, Chain] | None:
     """(frozen prefix, trainable suffix) of `backbone` when the prefix stays frozen all run and can be cut off."""
-    from graft.models.prefix import sequential_chain, split_index
 
     trains = plan.trainable_at(epochs)
     if plan.train_bn or not any(trains) or all(trains):
@@ -57,7 +57,6 @@ def train_on_cached_prefix(model: GraftModel, plan: StagePlan, context: TrainCon
 
 def prefix_outputs(context: TrainContext, prefix: Chain, suffix: Chain) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """The prefix's outputs: training ones (views, N, ...; view 0 plain), validation ones, and notes."""
-    from graft.training.features import ExtractionStats, FeatureCache, backbone_key, extract_features
 
     config, backbone = context.config, context.backbone
     views = DEFAULT_PREFIX_VIEWS if config.augment_views is None else config.augment_views

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from graft.models.lora import is_adapter_parameter
 from graft.models.model import GraftModel
 from graft.models.stages import Stage
 
@@ -43,7 +44,6 @@ class StagePlan:
 def apply_trainability(model: GraftModel, stages: list[Stage], trainable: list[bool], plan: StagePlan) -> None:
     """Set requires_grad per stage; BatchNorm of frozen stages (and of every stage when the plan
     freezes BN statistics) runs in eval mode, so its running statistics never move."""
-    from graft.models.lora import is_adapter_parameter
 
     adapters = plan.adapter_lr is not None
     modules = dict(model.backbone.named_modules())
@@ -67,7 +67,6 @@ def apply_trainability(model: GraftModel, stages: list[Stage], trainable: list[b
 
 def param_groups(model: GraftModel, stages: list[Stage], plan: StagePlan, weight_decay: float) -> list[dict]:
     """One optimizer group per stage that ever trains (or has BN to train), plus the head."""
-    from graft.models.lora import is_adapter_parameter
 
     params = dict(model.backbone.named_parameters())
     groups = []

@@ -8,7 +8,7 @@
                             strategy extras (the thaw stage of `gradual`)
 
 Nothing here is pickled: tensors go to safetensors, everything else to JSON. The folder is
-written with `atomic_dir`, so a SIGKILL leaves the previous epoch's checkpoint or the new one.
+written with `graft.run_folder.replace_dir`, so a SIGKILL leaves the previous epoch's checkpoint or the new one.
 
 A strategy's training function asks for a `PhaseCheckpoint` right before `fit` with
 `start_phase(context, "head", model=..., optimizer=..., scheduler=..., generators={...})`; on
@@ -34,9 +34,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from graft.errors import ConfigError, DataError
+from graft.run_folder import replace_dir
 from graft.training import distributed
-from graft.atomic import atomic_dir
-from graft.errors import ConfigError
 from graft.training.loop import EpochRecord, FitState
 
 CHECKPOINT_DIR = "checkpoint"
@@ -253,7 +253,7 @@ def write_checkpoint(folder: Path, meta: dict[str, Any], tensors: dict[str, torc
 
     # safetensors refuses views and shared storage: every tensor gets its own contiguous copy.
     plain = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
-    with atomic_dir(folder) as temporary:
+    with replace_dir(folder) as temporary:
         save_file(plain, str(temporary / TENSORS_FILE))
         (temporary / STATE_FILE).write_text(json.dumps(meta) + "\n", encoding="utf-8")
 
@@ -397,7 +397,6 @@ def check_same_data(run_dir: Path, data: str | Path, record: Mapping[str, Any]) 
     A resumed run must see the images it started with: other classes change the head's shape,
     other files change the batches, and neither could continue the checkpointed epoch.
     """
-    from graft.errors import DataError
 
     saved_path = Path(run_dir) / "split.json"
     try:

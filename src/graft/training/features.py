@@ -25,13 +25,15 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from graft.training import distributed
-from graft.models.backbones import Backbone
-from graft.speed.folding import inference_network
+from graft.atomic import atomic_path
 from graft.input.images import load_image
-from graft.speed.numerics import autocast
 from graft.input.pipeline import default_batch_size, extraction_workers, image_batches, preprocessing_id
 from graft.input.preprocessing import Preprocessing, build_transforms
+from graft.models.backbones import Backbone
+from graft.models.pooling import pool_maps
+from graft.speed.folding import inference_network
+from graft.speed.numerics import autocast
+from graft.training import distributed
 
 FEATURE_FORMAT = 1
 
@@ -111,7 +113,6 @@ class FeatureCache:
             return
         from safetensors.torch import save_file
 
-        from graft.atomic import atomic_path
 
         self.folder.mkdir(parents=True, exist_ok=True)
         shard = self.folder / f"{uuid.uuid4().hex}.safetensors"
@@ -259,7 +260,6 @@ def extract_features(
             hooks.append(network.get_submodule(tap.module_name).register_forward_hook(keep))
         side_outputs: list[list[torch.Tensor]] = [[] for _ in side_poolings]
         if side_poolings and model is None and not compile:
-            from graft.models.pooling import pool_maps
 
             earlier: dict[str, torch.Tensor] = {}  # this batch's output of each module a side pooling reads
 

@@ -19,6 +19,7 @@ from torch import nn
 
 from graft.errors import TrainingError
 from graft.speed.numerics import autocast, train_depthwise_in_fp32
+from graft.training.task import CLASSIFICATION
 
 if TYPE_CHECKING:
     from graft.speed.compiling import TrainingCompiler
@@ -99,7 +100,6 @@ class TrainSteps:
     def __init__(self, network: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
                  *, precision: str, device: torch.device, prepare: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  compiler: "TrainingCompiler | None" = None, task: "Task | None" = None) -> None:
-        from graft.training.task import CLASSIFICATION
 
         self.network, self.loss_fn, self.optimizer, self.scheduler = network, loss_fn, optimizer, scheduler
         self.task = task or CLASSIFICATION  # what counts as a right prediction in the running score

@@ -23,9 +23,9 @@ from typing import Any, Callable, Iterable, Protocol
 import torch
 from torch import nn
 
+from graft.speed.numerics import intra_op_threads
 from graft.training.checkpoint import start_phase
 from graft.training.loop import FitResult, fit, optimizer_step
-from graft.speed.numerics import intra_op_threads
 from graft.training.task import CLASSIFICATION, Task
 
 
