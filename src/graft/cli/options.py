@@ -1,21 +1,55 @@
 """Command-line options taken from `TrainConfig`: one declaration per option.
 
 A `TrainConfig` field is the source of its option's name (`warmup_epochs`: `--warmup-epochs`),
-default and help line; `graft train`, `graft inspect` and `graft compare` declare such options
-with `config_option`, and `graft train` builds its config from them with `train_config`.
+type, default and help line. `graft train`, `graft inspect` and `graft compare` take such options
+with `config_options` (a decorator that adds them to the command's signature, as typer reads it),
+and `graft train` builds its config from them with `train_config`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import typer
 
 from graft.config import TrainConfig
 
 CONFIG_FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(TrainConfig)}
+# Option names other than the field's name with dashes (a bool that is a plain flag, a short name).
+_OPTION_NAMES = {"train_bn": ("--train-bn",), "out": ("--out", "-o")}
+# Fields the command line takes as paths; config.json keeps them as strings.
+_PATH_FIELDS = {"out": Path, "weights": Path | None, "cache_dir": Path | None}
+Command = TypeVar("Command", bound=Callable[..., Any])
+
+
+def config_options(*names: str, first: tuple[str, ...] = (), **defaults: Any) -> Callable[[Command], Command]:
+    """Give a command one option per named `TrainConfig` field, after its own parameters.
+
+    The command receives them as keyword arguments (declare `**settings`); `defaults` replace a
+    field's default where the command has its own (`out=Path("runs/graft")`). In `--help` they
+    come after the command's arguments and the options named in `first`, before its other options.
+    """
+    hints = {**typing.get_type_hints(TrainConfig), **_PATH_FIELDS}
+
+    def add_options(command: Command) -> Command:
+        signature = inspect.signature(command, eval_str=True)
+        parameters = [p for p in signature.parameters.values() if p.kind is not p.VAR_KEYWORD]
+        leading = [p for p in parameters if not isinstance(p.default, typer.models.OptionInfo) or p.name in first]
+        trailing = [p.replace(kind=p.KEYWORD_ONLY) for p in parameters if p not in leading]
+        added = [
+            inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=hints[name],
+                              default=config_option(name, *_OPTION_NAMES.get(name, ()), default=defaults.get(name, dataclasses.MISSING)))
+            for name in names
+        ]
+        command.__signature__ = signature.replace(parameters=leading + added + trailing)  # type: ignore[attr-defined]
+        command.__annotations__ = {**typing.get_type_hints(command), **{name: hints[name] for name in names}}
+        return command
+
+    return add_options
 
 
 def config_option(name: str, *flags: str, default: Any = dataclasses.MISSING) -> Any:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shlex
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 import typer
 
@@ -17,45 +17,14 @@ if TYPE_CHECKING:
     from graft.run_folder import OwnedFolder
 
 
+@options.config_options(*(name for name in options.CONFIG_FIELDS if name != "data"), out=Path("runs/graft"))
 def train(
     ctx: typer.Context,
     data: Path = typer.Argument(..., help=options.config_help("data")),
-    out: Path = options.config_option("out", "--out", "-o", default=Path("runs/graft")),
-    backbone: str = options.config_option("backbone"),
-    weights: Optional[Path] = options.config_option("weights"),
-    strategy: str = options.config_option("strategy"),
-    head: str = options.config_option("head"),
-    hidden: int = options.config_option("hidden"),
-    dropout: float = options.config_option("dropout"),
-    epochs: Optional[int] = options.config_option("epochs"),
-    batch_size: int = options.config_option("batch_size"),
-    lr: Optional[float] = options.config_option("lr"),
-    weight_decay: float = options.config_option("weight_decay"),
-    warmup_epochs: int = options.config_option("warmup_epochs"),
-    label_smoothing: float = options.config_option("label_smoothing"),
-    patience: Optional[int] = options.config_option("patience"),
-    seed: int = options.config_option("seed"),
-    val_fraction: float = options.config_option("val_fraction"),
-    on_bad_image: str = options.config_option("on_bad_image"),
-    augment: str = options.config_option("augment"),
-    augment_views: Optional[int] = options.config_option("augment_views"),
-    train_stages: Optional[int] = options.config_option("train_stages"),
-    lr_decay: float = options.config_option("lr_decay"),
-    thaw_every: int = options.config_option("thaw_every"),
-    train_bn: bool = options.config_option("train_bn", "--train-bn"),
-    lora_rank: int = options.config_option("lora_rank"),
-    bn_stats: str = options.config_option("bn_stats"),
-    crop_pct: Optional[float] = options.config_option("crop_pct"),
-    pooling: Optional[str] = options.config_option("pooling"),
-    head_solver: str = options.config_option("head_solver"),
-    class_weighting: str = options.config_option("class_weighting"),
-    precision: str = options.config_option("precision"),
-    device: str = options.config_option("device"),
-    compile: str = options.config_option("compile"),
-    cache_dir: Optional[Path] = options.config_option("cache_dir"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing but errors."),
     resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run in --out from its last checkpointed epoch (same options)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the graft run in --out: its files are removed first (files graft did not write are never touched)."),
+    **settings: object,
 ) -> None:
     """Train a classifier on DATA and write the run folder (with its bundle) to --out.
 
@@ -65,6 +34,7 @@ def train(
     from graft.api import train_with_config  # torch loads only when a command runs: `graft --help` stays instant
 
     config = options.train_config(ctx.params)
+    out = Path(config.out)
     before = read_manifest(out)
     try:
         result = train_with_config(config, reporter=Reporter(verbose=not quiet), resume=resume, overwrite=overwrite)
