@@ -78,7 +78,7 @@ def test_metadata_documents_classes_and_preprocessing(exported, bundle):
     meta = {entry.key: entry.value for entry in model.metadata_props}
     pre = bundle.preprocessing
     assert json.loads(meta["graft.class_names"]) == bundle.class_names
-    assert json.loads(meta["graft.input.preprocessing"]) == json.loads(json.dumps(pre.to_dict()))
+    assert json.loads(meta["graft.preprocessing"]) == json.loads(json.dumps(pre.to_dict()))
     assert json.loads(meta["graft.mean"]) == list(pre.mean) and json.loads(meta["graft.std"]) == list(pre.std)
     assert json.loads(meta["graft.input_size"]) == list(pre.input_size)
     assert meta["graft.interpolation"] == pre.interpolation == "bicubic"

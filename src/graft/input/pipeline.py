@@ -11,7 +11,7 @@ Decoding runs one batch ahead of the model in a background thread by default: Pi
 GIL while it decodes and resamples, so on a small CPU most of the decode hides behind the forward
 pass without a worker process (which would fight torch's own threads and copy every image between
 processes). Not all of it: with EfficientNet-Lite0 in bf16 at 5-6 ms per image on 2 cores, graft
-extracts at 0.88-0.90 of the bare forward, and at 0.93 where the model is slower (docs/performance.md). `workers > 0` uses DataLoader worker
+extracts at 0.88-0.90 of the bare forward, and at 0.93 where the model is slower (docs/benchmarks.md). `workers > 0` uses DataLoader worker
 processes instead (on a GPU machine with cores to spare, where the model is much faster than
 one decoding thread; `extraction_workers` picks). On a GPU every batch, for training and for
 inference, crosses to the device as uint8 and is normalised there (`SplitTransform.normalizer_on`).
@@ -318,7 +318,7 @@ def extraction_workers(count: int, device: torch.device) -> int:
     """Decoding processes for inference over `count` images on `device`.
 
     0 (one decoding thread beside the model) on a CPU: there the model's forward needs the cores,
-    and the thread keeps up with it (docs/performance.md). On a GPU the forward is far faster than
+    and the thread keeps up with it (docs/benchmarks.md). On a GPU the forward is far faster than
     one thread can decode, so all cores but one decode, up to 16, once there are enough images to
     be worth starting processes for (512: a round guess, not measured; below it one thread is
     done in well under a second of decoding).
@@ -444,7 +444,7 @@ def _process_batches(paths, split, batch_size, keys, store, workers) -> Iterator
     # memory lives as long as one of its rows is kept. Pinning a whole batch afterwards (about 1 ms
     # for 256 images of 224 px) rather than in the DataLoader leaves those rows in ordinary memory;
     # a copy of each row out of a pinned batch cost 0.06 ms, and `clone()` 0.4 ms (it pins again),
-    # per image on the H100 machine of docs/performance.md.
+    # per image on the H100 machine of docs/benchmarks.md.
     loader = DataLoader(_PixelFiles([paths[i] for i in missing], split), batch_size=batch_size, num_workers=workers,
                         collate_fn=_stacked)
     if missing and len(missing) == len(paths):  # nothing in the store: the workers' batches are the batches

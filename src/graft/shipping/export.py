@@ -109,7 +109,7 @@ def export_onnx(
         entry.key, entry.value = key, value
     proto.doc_string = (
         f"graft classifier ({model_bundle.backbone}, {len(model_bundle.class_names)} classes). "
-        f"Input {INPUT_NAME!r}: float32 (N, 3, H, W) after resize/crop/normalise as in graft.input.preprocessing; "
+        f"Input {INPUT_NAME!r}: float32 (N, 3, H, W) after resize/crop/normalise as in graft.preprocessing; "
         f"output {OUTPUT_NAME!r}: logits (N, classes) in graft.class_names order."
     )
     onnx.checker.check_model(proto)
@@ -139,7 +139,7 @@ def onnx_metadata(bundle: Bundle) -> dict[str, str]:
         "graft.version": __version__,
         "graft.backbone": bundle.backbone,
         "graft.class_names": json.dumps(bundle.class_names),
-        "graft.input.preprocessing": json.dumps(pre.to_dict()),
+        "graft.preprocessing": json.dumps(pre.to_dict()),
         "graft.input_size": json.dumps(list(pre.input_size)),
         "graft.interpolation": pre.interpolation,
         "graft.mean": json.dumps(list(pre.mean)),

@@ -7,7 +7,7 @@ every op of every batch faults in and zeroes new pages. Measured on the 2-core A
 as much time in the kernel as in the model. With the mmap threshold at 1 GB and trimming off, the
 heap keeps freed memory and the next batch reuses it: no page faults, and the bare forward goes
 from 83 to 181 img/s in bf16 and from 33 to 103 img/s in fp32 (`bench/allocator.py`,
-docs/performance.md); a training step gains 1.2x, since its allocations mostly stay under 32 MB
+docs/benchmarks.md); a training step gains 1.2x, since its allocations mostly stay under 32 MB
 already.
 
 Trimming is off, not merely raised: with the trim threshold at 1 GB as well, an fp32 forward at

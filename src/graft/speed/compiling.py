@@ -1,7 +1,7 @@
 """torch.compile for the training step, decided from the run's own measured steps.
 
 Compiling a training network costs tens of seconds before its first step and pays back a
-fraction of every later step (bench/gpu_resnet50.py on one H100: docs/performance.md). Whether a
+fraction of every later step (bench/gpu_resnet50.py on one H100: docs/benchmarks.md). Whether a
 run is long enough to win is only known once its steps have been timed, so under
 `--compile auto` on a GPU graft runs the first steps eagerly, times a window of them, and
 compiles when the time it expects to save over the rest of the run is larger than the time it
@@ -31,7 +31,7 @@ from torch import nn
 from graft.training import distributed
 
 # Conservative figures for the rule above, from bench/gpu_resnet50.py on one H100 (bf16, CUDA
-# graphs, docs/performance.md): the compiled step ran 1.43x eager for ResNet-50 at batch 256 and
+# graphs, docs/benchmarks.md): the compiled step ran 1.43x eager for ResNet-50 at batch 256 and
 # 3.6x for EfficientNet-Lite0 at batch 32, after 45 s and 35 s of compiling (60 s without CUDA
 # graphs). graft assumes the lower speed-up and the longest compile.
 TRAIN_COMPILE_SPEEDUP = 1.4

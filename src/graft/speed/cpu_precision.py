@@ -3,7 +3,7 @@
 A CPU with native bf16 does not always run a network faster in it. On one 2-core AVX-512 BF16
 machine bf16 autocast ran EfficientNet-Lite0 about 1.7x as fast as fp32; on another (an AVX-512
 BF16 CPU without AMX, oneDNN's ISA "AVX 10.1") the two ran at the same speed, and fp32 with
-BatchNorm folded (`graft.speed.folding`) ran 1.3x as fast as bf16 (docs/performance.md).
+BatchNorm folded (`graft.speed.folding`) ran 1.3x as fast as bf16 (docs/benchmarks.md).
 Which is faster depends on the chip and the network, so `precision="auto"` on such a CPU times
 both on the backbone itself: its inference forward at the input size, fp32 folded against bf16
 eager (what extraction and prediction run), alternated, after a warm-up. bf16 is chosen only if

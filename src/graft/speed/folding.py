@@ -5,7 +5,7 @@ folded into that convolution's weights and bias (`torch.nn.utils.fusion.fuse_con
 cost nothing. Eager PyTorch does not do this by itself: every BatchNorm is one more pass over the
 activations. On EfficientNet-Lite0 (49 convolution + BatchNorm pairs, 2-core AVX-512 CPU, batch 64,
 channels_last, fp32) the folded forward runs 1.20x as fast as the eager one (`bench/extraction.py`
-measures both, docs/performance.md). graft folds for fp32 inference only: in bf16 the folded
+measures both, docs/benchmarks.md). graft folds for fp32 inference only: in bf16 the folded
 weights, rounded after scaling, moved EfficientNet-Lite0's ImageNet logits 0.045 from fp32 where
 the eager bf16 forward moves them 0.035, too close to `numerics.BF16_TOLERANCE`.
 

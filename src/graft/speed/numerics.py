@@ -137,7 +137,7 @@ def train_depthwise_in_fp32(network: nn.Module) -> int:
     """On a CPU under bf16 autocast, run the depthwise convolutions that autograd records in fp32.
 
     oneDNN's bf16 backward of a depthwise convolution is slower than its fp32 one on the 2-core
-    AVX-512 BF16 machine of docs/performance.md (a 5x5 one 2.4-4.7x; forward + backward of 3x3
+    AVX-512 BF16 machine of docs/benchmarks.md (a 5x5 one 2.4-4.7x; forward + backward of 3x3
     ones 0.65-1.5x), while pointwise convolutions are 1.6-1.7x faster in bf16. There, with batch
     32, EfficientNet-Lite0's full training step took 1.63 s in fp32, 1.80 s in bf16 autocast and
     1.18 s with its depthwise convolutions in fp32 and the rest in bf16; its top two stages on
