@@ -16,8 +16,8 @@ free at the top of the heap, glibc gave it back, and the next batch faulted it a
 (about 830 000 faults per three batches instead of 0, in roughly half of the fresh processes,
 depending on where small allocations landed). With trimming off the outcome no longer depends on
 the layout. The price: the heap keeps its peak until the process ends rather than giving freed
-memory back to the OS (max RSS, the peak, is what it was: a `full` fp32 training step at batch 32
-went 4.0 → 4.6 GB when the thresholds were first raised).
+memory back to the OS (max RSS, the peak, grows: a `full` fp32 training step at batch 32 peaks at
+4.6 GB with the raised thresholds, 4.0 GB with glibc's defaults).
 A long-running process with rare large transients (the server decoding a big image in one of its
 threads, each thread with its own malloc arena) calls `release_free_memory` after them instead.
 `GRAFT_TUNE_MALLOC=0` leaves malloc as it is. Nothing changes on other C libraries or systems.

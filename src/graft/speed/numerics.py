@@ -27,8 +27,8 @@ from graft.errors import ConfigError
 # `torch.compile` of the frozen backbone's forward (bench/compile_forward.py, EfficientNet-Lite0, 2
 # CPU cores, bf16, channels_last, malloc thresholds raised as `load_backbone` does): 34 s to compile
 # with inductor's caches off, then 0.92x the eager time per batch (0.96 in a second run), so it
-# pays off after about 53 000 images. (Before the malloc fix eager paid for page faults: 69 s,
-# 0.81x, 7 900 images.) auto compiles on CPU from this many images through the frozen backbone.
+# pays off after about 53 000 images (with glibc's default malloc thresholds eager pays for page
+# faults and compiling pays off sooner: 69 s, 0.81x, 7 900 images). auto compiles on CPU from this many images through the frozen backbone.
 # On CUDA it stays eager: on an H100 the compiled forward ran at 0.62x the eager time (Lite0,
 # batch 256, 18 s to compile; break-even 920 000 images), but extraction from files there is fed
 # at a fifth to a quarter of the eager forward's rate (bench/extraction.py --device cuda), so a
