@@ -3,7 +3,7 @@
 The files: 48 JPEGs (quality 90) made from scikit-image's photos (astronaut, coffee, chelsea,
 rocket; each its own seeded crop, `graft.input.sample_data.write_photos`) at 4032x3024, a
 12 MP phone photo, and the same crops at 299x224. With pillow-heif installed, 12 of them as
-HEIC too.
+HEIC too (one per photo).
 
 Measured, interleaved over `--repeats` rounds, each configuration in a child process of its own
 (so its max RSS is its own; timing starts after the model is loaded and warmed up), medians:
@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import print_table, write_results  # noqa: E402
+from common import RESULTS, print_table, write_results  # noqa: E402
 
 import graft  # noqa: E402
 from graft.input.data import load_dataset  # noqa: E402
@@ -51,24 +51,28 @@ from graft.models.backbones import load_backbone  # noqa: E402
 from graft.training.features import extract_features  # noqa: E402
 
 PER_CLASS = 12
-HEIC_PER_CLASS = 3
 
 
 def make_files(folder: Path) -> dict[str, Path]:
-    """The photo folders (class sub-folders) by name: phone, small, and heic when it can be written."""
+    """The photo folders (class sub-folders) by name: phone, small, and heic when pillow-heif can
+    write it (one file per class: x265 takes minutes per 12 MP picture on a loaded 2-core machine);
+    kept in `folder` for the next run."""
     folders = {"phone": folder / "phone", "small": folder / "small"}
-    write_photos(folders["phone"], PER_CLASS)
-    write_photos(folders["small"], PER_CLASS, size=(299, 224))
+    if not (folder / ".complete").exists():
+        write_photos(folders["phone"], PER_CLASS)
+        write_photos(folders["small"], PER_CLASS, size=(299, 224))
+        (folder / ".complete").write_text("ok\n")
     try:
         import pillow_heif
         from PIL import Image
     except ImportError:
         return folders
     folders["heic"] = folder / "heic"
-    for path in sorted(folders["phone"].glob("*/*.jpg")):
-        if int(path.stem.rsplit("-", 1)[1]) < HEIC_PER_CLASS:
-            (folders["heic"] / path.parent.name).mkdir(parents=True, exist_ok=True)
-            pillow_heif.from_pillow(Image.open(path)).save(folders["heic"] / path.parent.name / f"{path.stem}.heic", quality=90)
+    for path in sorted(folders["phone"].glob("*/*-0.jpg")):
+        target = folders["heic"] / path.parent.name / f"{path.stem}.heic"
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            pillow_heif.from_pillow(Image.open(path)).save(target, quality=90, enc_params={"preset": "ultrafast"})
     return folders
 
 
@@ -123,8 +127,9 @@ def speed(folders: dict[str, Path], bundle_dir: Path, repeats: int) -> list[dict
     cases = [("predict", "small"), ("predict", "phone"), ("extraction", "small"), ("extraction", "phone"),
              ("torchvision", "phone")] + ([("predict", "heic")] if "heic" in folders else [])
     runs: dict[tuple[str, str], list[dict]] = {case: [] for case in cases}
-    for _ in range(repeats):
+    for repeat in range(repeats):
         for kind, files in cases:
+            say(f"round {repeat + 1}/{repeats}: {kind} on {files}")
             out = subprocess.run([sys.executable, __file__, "--child", kind, str(folders[files]), str(bundle_dir)],
                                  check=True, capture_output=True, text=True).stdout
             runs[(kind, files)].append(json.loads(out.strip().splitlines()[-1]))
@@ -210,19 +215,26 @@ def main() -> None:
         return
     torch.set_num_threads(2)
     load = os.getloadavg()
+    folders = make_files(RESULTS / "data" / "photos")
+    say("files ready; training the bundle")
     with tempfile.TemporaryDirectory() as folder:
-        folders = make_files(Path(folder))
         run = graft.train(folders["small"], out=Path(folder) / "run", strategy="feature-extract", epochs=5,
                           precision="fp32", verbose=False)
         rows = speed(folders, run.bundle_dir, args.repeats)
-        print_table(rows, ["pipeline", "files", "images", "images/s", "min-max", "x 224 px", "x torchvision", "max RSS MB"])
-        agree = agreement(folders)
-        print(f"fast vs full decode on {agree['files']} files: top-1 agreement {agree['top-1 agreement']:.3f}, "
-              f"min feature cosine {agree['min feature cosine']:.5f}")
-        decoding = decoders(folders["phone"], args.repeats)
-        print_table(decoding, ["decoder", "ms per file", "x Pillow draft"])
-    print(f"load average before the run: {load[0]:.2f}")
-    write_results("photos", rows, {"agreement": agree, "decoders": decoding, "load_average": load[0]})
+    print_table(rows, ["pipeline", "files", "images", "images/s", "min-max", "x 224 px", "x torchvision", "max RSS MB"])
+    say("agreement")
+    agree = agreement(folders)
+    print(f"fast vs full decode on {agree['files']} files: top-1 agreement {agree['top-1 agreement']:.3f}, "
+          f"min feature cosine {agree['min feature cosine']:.5f}")
+    decoding = decoders(folders["phone"], args.repeats)
+    print_table(decoding, ["decoder", "ms per file", "x Pillow draft"])
+    load_after = os.getloadavg()
+    print(f"load average (1 min) before the run: {load[0]:.2f}, after: {load_after[0]:.2f}")
+    write_results("photos", rows, {"agreement": agree, "decoders": decoding, "load_average": [load[0], load_after[0]]})
+
+
+def say(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

@@ -293,3 +293,42 @@ def test_a_run_decodes_each_photo_once_at_the_models_size_and_a_rerun_none(tmp_p
     decoded.clear()
     graft.train(tmp_path / "data", out=tmp_path / "again", **options)
     assert len(decoded) == 1  # the report's feature maps: no check, no extraction
+
+
+def test_listing_and_checking_show_progress_file_by_file(fashion_folder):
+    import contextlib
+
+    bars: list[list] = []
+
+    @contextlib.contextmanager
+    def progress(description, total):
+        bars.append([description, total, 0])
+        yield lambda n=1, status=None: bars[-1].__setitem__(2, bars[-1][2] + n)
+
+    load_dataset(fashion_folder, progress=progress)
+    # Listing has no total yet, but counts each file as it is found; checking counts against the total.
+    assert bars == [["listing images", None, 36], ["checking images", 36, 36]]
+
+
+def test_unchanged_files_are_trusted_changed_ones_checked_again(fashion_folder, tmp_path):
+    from graft.input.data import CheckedFiles
+    from graft.input.images import load_image
+
+    root = tmp_path / "data"
+    shutil.copytree(fashion_folder, root)
+    decoded: list[str] = []
+
+    def decode(data, name, digest):
+        decoded.append(name)
+        load_image(data, name=name)
+
+    first = load_dataset(root, decode=decode, checked=CheckedFiles(tmp_path / "cache"))
+    assert len(decoded) == 36
+    decoded.clear()
+    again = load_dataset(root, decode=decode, checked=CheckedFiles(tmp_path / "cache"))
+    assert decoded == [] and again.train.digests == first.train.digests
+    damaged = sorted((root / "bag").iterdir())[0]
+    damaged.write_bytes(damaged.read_bytes()[:40])  # truncated: size and mtime change
+    with pytest.raises(DataError, match=damaged.name):
+        load_dataset(root, decode=decode, checked=CheckedFiles(tmp_path / "cache"))
+    assert decoded == [str(damaged)]

@@ -151,9 +151,8 @@ def load_dataset(
 ) -> Dataset:
     """Find, check and split the labelled images under `source` (a folder or a CSV file).
 
-    `decode` and `checked` are those of `verify_images`; `progress` (`Reporter.progress`) shows
-    the listing and the check file by file, from the first file on.
-    """
+    `decode` and `checked` are `verify_images`'s; `progress` (`Reporter.progress`) shows the
+    listing and the check file by file."""
     if on_bad_image not in ("error", "skip"):
         raise ConfigError(f"--on-bad-image: expected 'error' or 'skip', got {on_bad_image!r}")
     if not 0.0 < val_fraction < 1.0:
@@ -183,12 +182,7 @@ def load_dataset(
     all_paths = [p for p, _ in train_items + val_items + (test_items or [])]
     digests, bad = verify_images(all_paths, workers=workers, decode=decode, checked=checked, progress=progress)
     if bad and on_bad_image == "error":
-        listing = "\n".join(f"  {b.path}: {b.reason}" for b in bad[:50])
-        more = f"\n  ... and {len(bad) - 50} more" if len(bad) > 50 else ""
-        raise DataError(
-            f"{len(bad)} of {len(all_paths)} images in {root} cannot be used:\n{listing}{more}\n"
-            "Fix or remove them, or pass --on-bad-image skip to train without them."
-        )
+        _refuse_bad_images(bad, len(all_paths), root)
     if bad:
         warnings.append(f"skipped {len(bad)} unreadable image(s) (listed in the data summary)")
     train = _labelled([(p, y) for p, y in train_items if p in digests], class_names, digests)
@@ -409,6 +403,15 @@ def _stat(path: Path) -> os.stat_result | None:
         return os.stat(path)
     except OSError:
         return None  # read_image_file says why
+
+
+def _refuse_bad_images(bad: list[BadImage], count: int, root: Path) -> None:
+    listing = "\n".join(f"  {b.path}: {b.reason}" for b in bad[:50])
+    more = f"\n  ... and {len(bad) - 50} more" if len(bad) > 50 else ""
+    raise DataError(
+        f"{len(bad)} of {count} images in {root} cannot be used:\n{listing}{more}\n"
+        "Fix or remove them, or pass --on-bad-image skip to train without them."
+    )
 
 
 def _counted(paths: Iterator[Path], found_one: Callable[[], None] | None) -> Iterator[Path]:

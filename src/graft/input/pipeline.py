@@ -340,10 +340,7 @@ def image_batches(
     device: torch.device | None = None,
     min_size: int | None = None,
 ) -> Iterator[torch.Tensor]:
-    """Normalised float batches (channels_last) of the images, in order.
-
-    `min_size` (the preprocessing's `resize_size`) decodes a large picture at the size the
-    transform needs (`load_image(min_size=...)`) rather than in full.
+    """Normalised float batches (channels_last) of the images, in order, decoded by `load_image(min_size=...)`.
 
     `keys` (one per path, e.g. the file digest plus a preprocessing id) enable the in-memory
     `store`; give them only for deterministic transforms (the evaluation view), never for random
@@ -357,11 +354,8 @@ def image_batches(
     split = split_transform(transform)
     on_gpu = device is not None and device.type == "cuda"
     chunks = [list(range(s, min(s + batch_size, len(paths)))) for s in range(0, len(paths), batch_size)]
-    if split is None:
-        # An unusual transform: the whole of it per image, still decoded ahead of the model.
-        batches = _ahead(chunks, lambda chunk: torch.stack([transform(load_image(paths[i], min_size=min_size)) for i in chunk])
-                         .contiguous(memory_format=torch.channels_last), prefetch)
-        yield from ((batch.pin_memory().to(device, non_blocking=True) for batch in batches) if on_gpu else batches)
+    if split is None:  # an unusual transform: the whole of it per image, still decoded ahead of the model
+        yield from _whole_transform_batches(paths, transform, chunks, prefetch, min_size, device if on_gpu else None)
         return
     if store is not None and (keys is None or store.budget_bytes == 0):
         store = None
@@ -393,6 +387,13 @@ def image_batches(
         if not pixels.is_pinned():  # the worker-process path's batches
             pixels = pixels.pin_memory()
         yield normalize(pixels.to(device, non_blocking=True))
+
+
+def _whole_transform_batches(paths: Sequence[Path], transform: Any, chunks: list[list[int]], prefetch: int,
+                             min_size: int | None, gpu: torch.device | None) -> Iterator[torch.Tensor]:
+    batches = _ahead(chunks, lambda chunk: torch.stack([transform(load_image(paths[i], min_size=min_size)) for i in chunk])
+                     .contiguous(memory_format=torch.channels_last), prefetch)
+    yield from ((batch.pin_memory().to(gpu, non_blocking=True) for batch in batches) if gpu is not None else batches)
 
 
 def _ahead(chunks: list[list[int]], work: Callable[[list[int]], torch.Tensor], prefetch: int) -> Iterator[torch.Tensor]:
