@@ -133,6 +133,8 @@ def speed(folders: dict[str, Path], bundle_dir: Path, repeats: int) -> list[dict
             out = subprocess.run([sys.executable, __file__, "--child", kind, str(folders[files]), str(bundle_dir)],
                                  check=True, capture_output=True, text=True).stdout
             runs[(kind, files)].append(json.loads(out.strip().splitlines()[-1]))
+            last = runs[(kind, files)][-1]
+            say(f"  {last['images'] / last['seconds']:.2f} img/s ({last['seconds']:.1f} s), max RSS {last['max_rss_mb']:.0f} MB")
     rows = []
     for (kind, files), measured in runs.items():
         rates = [m["images"] / m["seconds"] for m in measured]
