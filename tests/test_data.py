@@ -265,3 +265,70 @@ def test_train_measures_the_final_model_on_the_held_out_test_folder(fashion_fold
     assert len(json.loads((run.run_dir / "split.json").read_text())["test"]) == 9
     with pytest.raises(DataError, match=r"split folders \(test/, train/\).*give the split to evaluate on"):
         graft.evaluate(run.bundle_dir, root)
+
+
+@pytest.mark.slow
+def test_a_run_decodes_each_photo_once_at_the_models_size_and_a_rerun_none(tmp_path, monkeypatch):
+    """The image check is the run's first decode (kept for extraction); an unchanged folder is not
+    re-read. The report decodes one validation image more, for its feature maps."""
+    import graft
+    from PIL import ImageFile
+
+    from graft.input.sample_data import write_photos
+
+    photos = write_photos(tmp_path / "data", 3, names=("coffee", "chelsea"))  # 4032x3024 JPEGs
+    decoded: list[tuple[int, int]] = []
+    load = ImageFile.ImageFile.load
+
+    def counted(image):
+        if image.tile:  # pixels still to decode (a loaded picture has none)
+            decoded.append(image.size)
+        return load(image)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", counted)
+    options = dict(strategy="feature-extract", epochs=3, precision="fp32", cache_dir=str(tmp_path / "cache"), verbose=False)
+    graft.train(tmp_path / "data", out=tmp_path / "first", **options)
+    assert len(decoded) == len(photos) + 1
+    assert all(max(size) <= 4032 // 4 for size in decoded)  # DCT-scaled, not 12 MP
+    decoded.clear()
+    graft.train(tmp_path / "data", out=tmp_path / "again", **options)
+    assert len(decoded) == 1  # the report's feature maps: no check, no extraction
+
+
+def test_listing_and_checking_show_progress_file_by_file(fashion_folder):
+    import contextlib
+
+    bars: list[list] = []
+
+    @contextlib.contextmanager
+    def progress(description, total):
+        bars.append([description, total, 0])
+        yield lambda n=1, status=None: bars[-1].__setitem__(2, bars[-1][2] + n)
+
+    load_dataset(fashion_folder, progress=progress)
+    # Listing has no total yet, but counts each file as it is found; checking counts against the total.
+    assert bars == [["listing images", None, 36], ["checking images", 36, 36]]
+
+
+def test_unchanged_files_are_trusted_changed_ones_checked_again(fashion_folder, tmp_path):
+    from graft.input.data import CheckedFiles
+    from graft.input.images import load_image
+
+    root = tmp_path / "data"
+    shutil.copytree(fashion_folder, root)
+    decoded: list[str] = []
+
+    def decode(data, name, digest):
+        decoded.append(name)
+        load_image(data, name=name)
+
+    first = load_dataset(root, decode=decode, checked=CheckedFiles(tmp_path / "cache"))
+    assert len(decoded) == 36
+    decoded.clear()
+    again = load_dataset(root, decode=decode, checked=CheckedFiles(tmp_path / "cache"))
+    assert decoded == [] and again.train.digests == first.train.digests
+    damaged = sorted((root / "bag").iterdir())[0]
+    damaged.write_bytes(damaged.read_bytes()[:40])  # truncated: size and mtime change
+    with pytest.raises(DataError, match=damaged.name):
+        load_dataset(root, decode=decode, checked=CheckedFiles(tmp_path / "cache"))
+    assert decoded == [str(damaged)]

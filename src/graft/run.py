@@ -4,8 +4,9 @@
 
 1. `_open_run`: the options checked against the backbone, the run folder checked (read-only), the
    feature cache folder, the checkpoints (and, with `resume`, that the run can be continued);
-2. `_load_data`: the images, split, and with `resume` checked to be the run's own;
-3. `_build_backbone`: the pretrained backbone with the crop and pooling asked for;
+2. `_build_backbone`: the pretrained backbone with the crop and pooling asked for;
+3. `_load_data`: the images, checked at the backbone's size (the check is the first decode of
+   each image), split, and with `resume` checked to be the run's own;
 4. `_join_ranks`: the device, and torchrun's process group when there is one;
 5. `_resolve_numerics`: precision and compilation (`Numerics`);
 6. `_plan_strategy`: the options with BatchNorm statistics resolved, the head, and what trains
@@ -33,7 +34,8 @@ from graft.atomic import write_json, write_text
 from graft.config import TrainConfig
 from graft.console import QUIET, Reporter, show_audit
 from graft.errors import TrainingError
-from graft.input.data import Dataset, LabelledImages, load_dataset, relative_path
+from graft.input.data import CheckedFiles, Dataset, LabelledImages, load_dataset, relative_path
+from graft.input.pipeline import eval_view_check
 from graft.models.backbones import Backbone, load_backbone, with_crop, with_pooling
 from graft.models.heads import HeadSpec, make_head
 from graft.models.stages import Stage, discover_stages
@@ -116,8 +118,8 @@ def train_with_config(
     """
     started = time.perf_counter()
     places = _open_run(config, reporter, resume=resume, overwrite=overwrite)
-    dataset = _load_data(config, reporter, resume=resume)
     backbone = _build_backbone(config, reporter)
+    dataset = _load_data(config, backbone, places.cache_root, reporter, resume=resume)
     device = _join_ranks(config)
     main_rank = distributed.is_main()
     voice = reporter if main_rank else QUIET  # one voice, one set of files: rank 0's
@@ -147,10 +149,18 @@ def _open_run(config: TrainConfig, reporter: Reporter, *, resume: bool, overwrit
     return RunPlaces(run_dir=run_dir, cache_root=cache_root, checkpoints=checkpoints)
 
 
-def _load_data(config: TrainConfig, reporter: Reporter, *, resume: bool) -> Dataset:
-    """The labelled images and their split; with `resume`, the same images the run started on."""
+def _load_data(config: TrainConfig, backbone: Backbone, cache_root: Path, reporter: Reporter, *, resume: bool) -> Dataset:
+    """The labelled images and their split; with `resume`, the same images the run started on.
 
-    dataset = load_dataset(config.data, val_fraction=config.val_fraction, seed=config.seed, on_bad_image=config.on_bad_image)
+    Each image is checked by decoding it at the backbone's size, and that decode is kept for the
+    run's first pass (`eval_view_check`); files unchanged since an earlier run's check are trusted
+    from `CheckedFiles` in the cache folder without being read.
+    """
+
+    dataset = load_dataset(
+        config.data, val_fraction=config.val_fraction, seed=config.seed, on_bad_image=config.on_bad_image,
+        decode=eval_view_check(backbone.preprocessing), checked=CheckedFiles(cache_root), progress=reporter.progress,
+    )
     if resume:
         check_same_data(Path(config.out), config.data, dataset.split_record())
     for warning in dataset.warnings:

@@ -16,21 +16,29 @@ with the reason.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
+import json
 import os
 import random
 import stat
+import threading
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Callable, ContextManager, Iterator, Literal
 
-from graft.errors import ConfigError, DataError, ImageError
+from graft.atomic import write_text
+from graft.errors import ConfigError, DataError, ImageError, OutputError
 from graft.input.images import is_image_name, load_image, read_image_file
 
 OnBadImage = Literal["error", "skip"]
+# Decodes one file's bytes (data, name, content digest) or raises `ImageError`: the image check.
+ImageCheck = Callable[[bytes, str, str], None]
+# `Reporter.progress`: (description, total or None) -> a context yielding `advance(n=1)`.
+Progress = Callable[[str, "int | None"], ContextManager[Callable[..., None]]]
 IGNORED_DIR_NAMES = frozenset({"__MACOSX", "__pycache__"})
 # The folder names (compared case-insensitively) that mark a split rather than a class.
 SPLIT_NAMES: dict[str, tuple[str, ...]] = {
@@ -137,8 +145,14 @@ def load_dataset(
     seed: int = 0,
     on_bad_image: OnBadImage = "error",
     workers: int | None = None,
+    decode: ImageCheck | None = None,
+    checked: CheckedFiles | None = None,
+    progress: Progress | None = None,
 ) -> Dataset:
-    """Find, check and split the labelled images under `source` (a folder or a CSV file)."""
+    """Find, check and split the labelled images under `source` (a folder or a CSV file).
+
+    `decode` and `checked` are `verify_images`'s; `progress` (`Reporter.progress`) shows the
+    listing and the check file by file."""
     if on_bad_image not in ("error", "skip"):
         raise ConfigError(f"--on-bad-image: expected 'error' or 'skip', got {on_bad_image!r}")
     if not 0.0 < val_fraction < 1.0:
@@ -153,7 +167,8 @@ def load_dataset(
         base = root.parent
     elif root.is_dir():
         base = root
-        split, class_names, train_items, val_items, test_items = _read_folder(root, val_fraction, seed, warnings)
+        with (progress or _no_progress)("listing images", None) as advance:
+            split, class_names, train_items, val_items, test_items = _read_folder(root, val_fraction, seed, warnings, advance)
     elif root.exists():
         raise DataError(f"{root}: expected a folder of class sub-folders or a .csv file with path,label columns")
     else:
@@ -165,14 +180,9 @@ def load_dataset(
             "a classifier needs at least 2 classes, each in its own sub-folder with images"
         )
     all_paths = [p for p, _ in train_items + val_items + (test_items or [])]
-    digests, bad = verify_images(all_paths, workers=workers)
+    digests, bad = verify_images(all_paths, workers=workers, decode=decode, checked=checked, progress=progress)
     if bad and on_bad_image == "error":
-        listing = "\n".join(f"  {b.path}: {b.reason}" for b in bad[:50])
-        more = f"\n  ... and {len(bad) - 50} more" if len(bad) > 50 else ""
-        raise DataError(
-            f"{len(bad)} of {len(all_paths)} images in {root} cannot be used:\n{listing}{more}\n"
-            "Fix or remove them, or pass --on-bad-image skip to train without them."
-        )
+        _refuse_bad_images(bad, len(all_paths), root)
     if bad:
         warnings.append(f"skipped {len(bad)} unreadable image(s) (listed in the data summary)")
     train = _labelled([(p, y) for p, y in train_items if p in digests], class_names, digests)
@@ -242,7 +252,7 @@ def split_role(name: str) -> str | None:
 
 
 def scan_class_folders(
-    root: Path, warnings: list[str], *, data_root: Path | None = None
+    root: Path, warnings: list[str], *, data_root: Path | None = None, found_one: Callable[[], None] | None = None
 ) -> tuple[list[str], list[tuple[Path, str]]]:
     """(class names in sorted order, [(image path, class name)]) under one sub-folder per class.
 
@@ -278,7 +288,8 @@ def scan_class_folders(
                 f"{class_dir}: the class folder '{class_dir.name}' has a split folder's name; if it is a split, "
                 f"it belongs directly in the data folder next to train/, not among the classes"
             )
-        images = [p for p in sorted(walk_images(class_dir, root=data_root, warnings=warnings)) if _regular_or_warn(p, warnings)]
+        listed = walk_images(class_dir, root=data_root, warnings=warnings)
+        images = [p for p in sorted(_counted(listed, found_one)) if _regular_or_warn(p, warnings)]
         if not images:
             warnings.append(f"{class_dir}: empty class folder (no images) skipped")
             continue
@@ -338,27 +349,128 @@ def read_csv_labels(csv_path: Path, warnings: list[str] | None = None) -> tuple[
     return class_names, [(p, index[label]) for p, label in pairs]
 
 
-def verify_images(paths: list[Path], *, workers: int | None = None) -> tuple[dict[Path, str], list[BadImage]]:
-    """Decode every image once; returns ({path: content digest} for good ones, [bad ones])."""
+def verify_images(
+    paths: list[Path],
+    *,
+    workers: int | None = None,
+    decode: ImageCheck | None = None,
+    checked: CheckedFiles | None = None,
+    progress: Progress | None = None,
+) -> tuple[dict[Path, str], list[BadImage]]:
+    """Decode every image once; returns ({path: content digest} for good ones, [bad ones]).
+
+    `decode(data, name, digest)` decodes one file's bytes (raising `ImageError`); a training run
+    passes one that decodes at the model's size and keeps the result for the first extraction
+    (`graft.input.pipeline.eval_view_check`), so checking costs no decode of its own. Without
+    it, the check decodes at the smallest scale a JPEG offers (`load_image(min_size=1)`: every
+    byte is still read and entropy-decoded, so truncated or damaged files are still found).
+    A file `checked` knows with the same size and modification time is neither read nor decoded.
+    """
     workers = workers or min(8, (os.cpu_count() or 1) * 2)
+    decode = decode or _smallest_decode
 
     def check(path: Path) -> tuple[Path, str | None, str | None]:
         try:
+            info = _stat(path)
+            known = checked.digest(path, info) if checked is not None and info is not None else None
+            if known is not None:
+                return path, known, None
             data = read_image_file(path)  # refuses a FIFO or device rather than blocking on it
-            load_image(data, name=str(path))
+            digest = file_digest(data)
+            decode(data, str(path), digest)
         except ImageError as exc:
             return path, None, exc.reason
-        return path, file_digest(data), None
+        if checked is not None and info is not None:
+            checked.add(path, info, digest)
+        return path, digest, None
 
     digests: dict[Path, str] = {}
     bad: list[BadImage] = []
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    with (progress or _no_progress)("checking images", len(paths)) as advance, ThreadPoolExecutor(max_workers=workers) as pool:
         for path, digest, reason in pool.map(check, paths):
+            advance()
             if digest is None:
                 bad.append(BadImage(str(path), reason or "unreadable"))
             else:
                 digests[path] = digest
+    if checked is not None:
+        checked.save()
     return digests, bad
+
+
+def _stat(path: Path) -> os.stat_result | None:
+    try:
+        return os.stat(path)
+    except OSError:
+        return None  # read_image_file says why
+
+
+def _refuse_bad_images(bad: list[BadImage], count: int, root: Path) -> None:
+    listing = "\n".join(f"  {b.path}: {b.reason}" for b in bad[:50])
+    more = f"\n  ... and {len(bad) - 50} more" if len(bad) > 50 else ""
+    raise DataError(
+        f"{len(bad)} of {count} images in {root} cannot be used:\n{listing}{more}\n"
+        "Fix or remove them, or pass --on-bad-image skip to train without them."
+    )
+
+
+def _counted(paths: Iterator[Path], found_one: Callable[[], None] | None) -> Iterator[Path]:
+    for path in paths:
+        if found_one is not None:
+            found_one()
+        yield path
+
+
+def _smallest_decode(data: bytes, name: str, digest: str) -> None:
+    load_image(data, name=name, min_size=1)
+
+
+@contextlib.contextmanager
+def _no_progress(description: str, total: int | None) -> Iterator[Callable[..., None]]:
+    yield lambda n=1, status=None: None
+
+
+class CheckedFiles:
+    """The image files earlier runs decoded without error: resolved path, size, mtime, digest.
+
+    A file whose size and modification time (in ns) are unchanged is trusted without reading it
+    again, as `make` and git's index trust a file's stat: on a folder of phone photos whose
+    features are cached, a second run then reads no image at all (hashing alone costs about a
+    fifteenth of a decode at the model's size, docs/performance.md). Kept as
+    `checked-files.json` in graft's cache folder; a lost or damaged record only means checking again.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.path = Path(folder) / "checked-files.json"
+        self._lock = threading.Lock()
+        self._added = False
+        try:
+            loaded = json.loads(self.path.read_text())
+            self._files: dict[str, list] = loaded["files"] if loaded.get("format") == 1 else {}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            self._files = {}
+
+    def digest(self, path: Path, info: os.stat_result) -> str | None:
+        """The digest recorded for `path` if its size and mtime still match the record."""
+        entry = self._files.get(os.path.realpath(path))
+        if entry and entry[0] == info.st_size and entry[1] == info.st_mtime_ns:
+            return str(entry[2])
+        return None
+
+    def add(self, path: Path, info: os.stat_result, digest: str) -> None:
+        with self._lock:
+            self._files[os.path.realpath(path)] = [info.st_size, info.st_mtime_ns, digest]
+            self._added = True
+
+    def save(self) -> None:
+        """Write the record if it changed; a cache folder that cannot be written costs only speed."""
+        if not self._added:
+            return
+        try:
+            write_text(self.path, json.dumps({"format": 1, "files": self._files}, separators=(",", ":")))
+        except OutputError:
+            pass
+        self._added = False
 
 
 def file_digest(data: bytes) -> str:
@@ -420,12 +532,12 @@ def walk_images(folder: Path, *, root: Path | None = None, warnings: list[str] |
 
 
 def _read_folder(
-    root: Path, val_fraction: float, seed: int, warnings: list[str]
+    root: Path, val_fraction: float, seed: int, warnings: list[str], found_one: Callable[[], None]
 ) -> tuple[str, list[str], list[Item], list[Item], list[Item] | None]:
     """(split kind, class names, train, validation, test or None) of an image folder."""
     parts = split_folders(root)
     if not parts:
-        class_names, found = scan_class_folders(root, warnings)
+        class_names, found = scan_class_folders(root, warnings, found_one=found_one)
         _one_label_per_file([(p, c, "") for p, c in found], warnings)
         index = {name: i for i, name in enumerate(class_names)}
         train, val = _seeded_split([(p, index[c]) for p, c in found], val_fraction, seed, warnings)
@@ -443,7 +555,7 @@ def _read_folder(
     if "test" in parts and not _has_class_folders(parts["test"]):
         warnings.append(f"{parts['test']}: no class sub-folders (unlabelled images?); the test folder is ignored")
         del parts["test"]
-    scanned = {role: scan_class_folders(folder, warnings, data_root=root) for role, folder in parts.items()}
+    scanned = {role: scan_class_folders(folder, warnings, data_root=root, found_one=found_one) for role, folder in parts.items()}
     class_names = scanned["train"][0]
     for role in ("valid", "test"):
         if role in scanned:

@@ -338,8 +338,9 @@ def image_batches(
     workers: int = 0,
     prefetch: int = 2,
     device: torch.device | None = None,
+    min_size: int | None = None,
 ) -> Iterator[torch.Tensor]:
-    """Normalised float batches (channels_last) of the images, in order.
+    """Normalised float batches (channels_last) of the images, in order, decoded by `load_image(min_size=...)`.
 
     `keys` (one per path, e.g. the file digest plus a preprocessing id) enable the in-memory
     `store`; give them only for deterministic transforms (the evaluation view), never for random
@@ -353,16 +354,13 @@ def image_batches(
     split = split_transform(transform)
     on_gpu = device is not None and device.type == "cuda"
     chunks = [list(range(s, min(s + batch_size, len(paths)))) for s in range(0, len(paths), batch_size)]
-    if split is None:
-        # An unusual transform: the whole of it per image, still decoded ahead of the model.
-        batches = _ahead(chunks, lambda chunk: torch.stack([transform(load_image(paths[i])) for i in chunk])
-                         .contiguous(memory_format=torch.channels_last), prefetch)
-        yield from ((batch.pin_memory().to(device, non_blocking=True) for batch in batches) if on_gpu else batches)
+    if split is None:  # an unusual transform: the whole of it per image, still decoded ahead of the model
+        yield from _whole_transform_batches(paths, transform, chunks, prefetch, min_size, device if on_gpu else None)
         return
     if store is not None and (keys is None or store.budget_bytes == 0):
         store = None
     if workers > 0:
-        batches = _process_batches(paths, split, batch_size, keys, store, workers)  # uint8
+        batches = _process_batches(paths, split, batch_size, keys, store, workers, min_size)  # uint8
         if not on_gpu:
             batches = (split.normalize(pixels) for pixels in batches)
     else:
@@ -371,7 +369,7 @@ def image_batches(
             for i in chunk:
                 found = store.get(keys[i]) if store is not None else None
                 if found is None:
-                    found = split.pixels(load_image(paths[i], keep_gray=split.channel_blind))
+                    found = split.pixels(load_image(paths[i], keep_gray=split.channel_blind, min_size=min_size))
                     if store is not None:
                         store.put(keys[i], found)
                 found_pixels.append(found)
@@ -389,6 +387,13 @@ def image_batches(
         if not pixels.is_pinned():  # the worker-process path's batches
             pixels = pixels.pin_memory()
         yield normalize(pixels.to(device, non_blocking=True))
+
+
+def _whole_transform_batches(paths: Sequence[Path], transform: Any, chunks: list[list[int]], prefetch: int,
+                             min_size: int | None, gpu: torch.device | None) -> Iterator[torch.Tensor]:
+    batches = _ahead(chunks, lambda chunk: torch.stack([transform(load_image(paths[i], min_size=min_size)) for i in chunk])
+                     .contiguous(memory_format=torch.channels_last), prefetch)
+    yield from ((batch.pin_memory().to(gpu, non_blocking=True) for batch in batches) if gpu is not None else batches)
 
 
 def _ahead(chunks: list[list[int]], work: Callable[[list[int]], torch.Tensor], prefetch: int) -> Iterator[torch.Tensor]:
@@ -418,14 +423,14 @@ def _ahead(chunks: list[list[int]], work: Callable[[list[int]], torch.Tensor], p
 
 
 class _PixelFiles(torch.utils.data.Dataset):
-    def __init__(self, paths: Sequence[Path], split: SplitTransform) -> None:
-        self.paths, self.split = list(paths), split
+    def __init__(self, paths: Sequence[Path], split: SplitTransform, min_size: int | None) -> None:
+        self.paths, self.split, self.min_size = list(paths), split, min_size
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        return self.split.pixels(load_image(self.paths[index], keep_gray=self.split.channel_blind))
+        return self.split.pixels(load_image(self.paths[index], keep_gray=self.split.channel_blind, min_size=self.min_size))
 
 
 def _stacked(pixels: list[torch.Tensor]) -> torch.Tensor:
@@ -434,7 +439,7 @@ def _stacked(pixels: list[torch.Tensor]) -> torch.Tensor:
     return torch.from_numpy(stack_pixels(pixels))
 
 
-def _process_batches(paths, split, batch_size, keys, store, workers) -> Iterator[torch.Tensor]:
+def _process_batches(paths, split, batch_size, keys, store, workers, min_size) -> Iterator[torch.Tensor]:
     """uint8 (N, H, W, C) batches in order: worker processes decode what the store lacks (and
     start only if it lacks something)."""
     from torch.utils.data import DataLoader
@@ -445,7 +450,7 @@ def _process_batches(paths, split, batch_size, keys, store, workers) -> Iterator
     # for 256 images of 224 px) rather than in the DataLoader leaves those rows in ordinary memory;
     # a copy of each row out of a pinned batch cost 0.06 ms, and `clone()` 0.4 ms (it pins again),
     # per image on the H100 machine of docs/benchmarks.md.
-    loader = DataLoader(_PixelFiles([paths[i] for i in missing], split), batch_size=batch_size, num_workers=workers,
+    loader = DataLoader(_PixelFiles([paths[i] for i in missing], split, min_size), batch_size=batch_size, num_workers=workers,
                         collate_fn=_stacked)
     if missing and len(missing) == len(paths):  # nothing in the store: the workers' batches are the batches
         for start, batch in zip(range(0, len(paths), batch_size), loader):
@@ -502,9 +507,32 @@ class EvalImages:
         self.transform = build_transforms(preprocessing)
         self.batch_size = batch_size
         self.device = device
+        self.min_size = preprocessing.resize_size
 
     def __len__(self) -> int:
         return (len(self.paths) + self.batch_size - 1) // self.batch_size
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        return image_batches(self.paths, self.transform, batch_size=self.batch_size, keys=self.keys, device=self.device)
+        return image_batches(self.paths, self.transform, batch_size=self.batch_size, keys=self.keys, device=self.device,
+                             min_size=self.min_size)
+
+
+def eval_view_check(preprocessing: Any, store: DecodedImages | None = DECODED) -> Callable[[bytes, str, str], None]:
+    """An image check (`graft.input.data.verify_images`) that is also the first decode of the run.
+
+    Each file is decoded at the size `preprocessing` resizes to, and its evaluation view (resized,
+    cropped uint8 pixels, what `image_batches` would compute) is kept in `store` under the key
+    extraction and validation look up, while the store has room: the run's first pass over those
+    images then decodes nothing. Past the store's budget the check still decodes at the model's
+    size and the pass decodes such an image again.
+    """
+    split = split_transform(build_transforms(preprocessing))
+    view, min_size = preprocessing_id(preprocessing), preprocessing.resize_size
+
+    def check(data: bytes, name: str, digest: str) -> None:
+        keep_gray = split is not None and split.channel_blind
+        image = load_image(data, name=name, keep_gray=keep_gray, min_size=min_size)
+        if split is not None and store is not None and store.used_bytes < store.budget_bytes:
+            store.put(f"{digest}.{view}", split.pixels(image))
+
+    return check

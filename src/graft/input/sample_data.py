@@ -117,3 +117,35 @@ def few_shot_fashion_mnist(root: Path, shots: int, *, seed: int = 0, val_per_cla
     write_image_folder(test_set, test_idx, root / "test")
     marker.write_text("ok\n")
     return root
+
+
+# scikit-image's colour photos: real pictures of different things, for phone-size files.
+PHOTO_NAMES = ("astronaut", "coffee", "chelsea", "rocket")
+PHONE_SIZE = (4032, 3024)  # a 12 MP phone photo
+
+
+def write_photos(root: Path, per_class: int, *, size: tuple[int, int] = PHONE_SIZE, seed: int = 0,
+                 names: tuple[str, ...] = PHOTO_NAMES) -> list[Path]:
+    """Real photos written as JPEGs (quality 90) at `size`: `root/<photo>/<photo>-<i>.jpg`.
+
+    Each file is its own seeded crop (70 to 100 % of each side, sometimes mirrored) of one of
+    scikit-image's photos (`names`, the class), resized to `size` (enlarged for the default
+    12 MP phone size). Needs scikit-image (graft's `data` extra).
+    """
+    import skimage.data  # heavy and optional (the data extra)
+
+    rng = np.random.default_rng(seed)
+    written = []
+    for name in names:
+        picture = Image.fromarray(getattr(skimage.data, name)()).convert("RGB")
+        (Path(root) / name).mkdir(parents=True, exist_ok=True)
+        for index in range(per_class):
+            width, height = (int(side * rng.uniform(0.7, 1.0)) for side in picture.size)
+            left, top = int(rng.integers(0, picture.width - width + 1)), int(rng.integers(0, picture.height - height + 1))
+            crop = picture.crop((left, top, left + width, top + height))
+            if rng.random() < 0.5:
+                crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            path = Path(root) / name / f"{name}-{index}.jpg"
+            crop.resize(size, Image.Resampling.BICUBIC).save(path, "JPEG", quality=90)
+            written.append(path)
+    return written

@@ -149,13 +149,14 @@ class Run:
         return chosen
 
 
-def load_batch(paths: Sequence[Path], transform: Any) -> torch.Tensor:
-    """Preprocessed images (n, 3, H, W); unreadable files are skipped (they were reported in training)."""
+def load_batch(paths: Sequence[Path], transform: Any, min_size: int | None = None) -> torch.Tensor:
+    """Preprocessed images (n, 3, H, W), decoded no larger than `min_size` needs (`load_image`);
+    unreadable files are skipped (they were reported in training)."""
 
     tensors = []
     for path in paths:
         try:
-            tensors.append(transform(load_image(path)))
+            tensors.append(transform(load_image(path, min_size=min_size)))
         except ImageError:
             continue
     return torch.stack(tensors) if tensors else torch.empty(0)
@@ -197,7 +198,7 @@ def write_report(run_dir: str | Path, *, cka_images: int | None = None) -> Path:
 
     def batch() -> torch.Tensor:
         # Only called when some stage changed: a feature-extract run never decodes these images.
-        images = load_batch([path for path, _ in val_images], bundle.transform)
+        images = load_batch([path for path, _ in val_images], bundle.transform, bundle.preprocessing.resize_size)
         loaded.append(len(images))
         return images
 
@@ -328,7 +329,7 @@ def mistakes_section(run: Run, figures: Any) -> str:
     tiles = []
     for row in wrong[:MAX_MISTAKES]:
         try:
-            uri = figures.image_uri(load_image(run.data_root / row["path"]), max_side=160)
+            uri = figures.image_uri(load_image(run.data_root / row["path"], min_size=160), max_side=160)
         except ImageError:
             continue  # the data folder moved since training; the caption table below still lists it
         tiles.append(
@@ -363,7 +364,8 @@ def feature_maps_section(bundle: Any, val_images: Sequence[tuple[Path, str]]) ->
     if not val_images:
         return note("no validation image could be read to show feature maps for")
     path, label = val_images[0]
-    fig = feature_maps_figure(bundle, load_image(path), stages=spread_stages(bundle.model.backbone, REPORT_FEATURE_STAGES))
+    picture = load_image(path, min_size=bundle.preprocessing.resize_size)  # a phone photo at the model's size
+    fig = feature_maps_figure(bundle, picture, stages=spread_stages(bundle.model.backbone, REPORT_FEATURE_STAGES))
     return img(
         figure_uri(fig), f"feature maps of {path.name}",
         f"{path.name} (true class {label}) through the trained backbone: per stage, the most active channels. "

@@ -142,16 +142,22 @@ def validation_logits(model: GraftModel, context: TrainContext, after: Callable[
 
 class LabelledImageFiles(Dataset):
     """(image, label) pairs from files through `transform`; with `split`, the image comes as the
-    uint8 (H, W, 3) pixels of the transform's PIL part, to be normalised on the device."""
+    uint8 (H, W, 3) pixels of the transform's PIL part, to be normalised on the device.
 
-    def __init__(self, paths, labels, transform, split: SplitTransform | None = None) -> None:
+    `min_size` decodes large pictures at the size the model needs (`load_image(min_size=...)`):
+    with `REDUCING_GAP` 2 their short side stays at least twice the resize, so even the smallest
+    random crop of the augmentations (a third of the area) is still larger than the model's input.
+    """
+
+    def __init__(self, paths, labels, transform, split: SplitTransform | None = None, min_size: int | None = None) -> None:
         self.paths, self.labels, self.transform, self.split = list(paths), list(labels), transform, split
+        self.min_size = min_size
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int):
-        image = load_image(self.paths[index])
+        image = load_image(self.paths[index], min_size=self.min_size)
         return (self.split.pixels(image) if self.split else self.transform(image)), self.labels[index]
 
 
@@ -170,7 +176,7 @@ def training_loader(
     split = split_transform(transform) if device.type == "cuda" else None
     workers = training_workers(len(paths), device)
     loader = DataLoader(
-        LabelledImageFiles(paths, labels, transform, split), sampler=sampler,
+        LabelledImageFiles(paths, labels, transform, split, preprocessing.resize_size), sampler=sampler,
         batch_size=batch_size, shuffle=sampler is None, generator=generator, num_workers=workers,
         persistent_workers=workers > 0, pin_memory=device.type == "cuda",
         worker_init_fn=_seed_worker, drop_last=drop_last,

@@ -243,6 +243,7 @@ def extract_features(
             keys=[f"{digests[i]}.{view_id}" for i in mine] if view_id else None,
             workers=extraction_workers(len(mine), device) if num_workers is None else num_workers,
             device=device,
+            min_size=backbone.preprocessing.resize_size,
         )
         network = model if model is not None else backbone.model
         if precision == "fp32":  # exact there (2e-6 relative); in bf16 folding loses accuracy (graft.speed.folding)
