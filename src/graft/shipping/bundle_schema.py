@@ -32,6 +32,7 @@ from graft.errors import BundleError
 from graft.models.heads import HEAD_KINDS
 from graft.models.pooling import POOLINGS
 from graft.input.preprocessing import CROP_MODES, INTERPOLATIONS
+from graft.training.calibration import MAX_TEMPERATURE, MIN_TEMPERATURE
 
 if TYPE_CHECKING:
     from graft.shipping.bundle import Bundle
@@ -131,6 +132,8 @@ class BundleDocument(_Record):
     precision: Literal["fp32", "bf16"] | None = None
     val_accuracy: Share | None = None
     adapters: LoraRecord | None = None
+    # The calibration temperature the logits are divided by (graft.training.calibration); 1: none.
+    temperature: Annotated[FiniteFloat, Field(ge=MIN_TEMPERATURE, le=MAX_TEMPERATURE)] = 1.0
 
     @field_validator("class_names")
     @classmethod
