@@ -65,12 +65,26 @@ def test_onnx_matches_pytorch_independently_with_a_dynamic_batch(exported, bundl
         # graft.speed.numerics.BF16_TOLERANCE where the bundle was trained in bf16).
         precision, bundle.precision = bundle.precision, "fp32"
         try:
-            expected = bundle.logits(images).numpy()
+            expected = (bundle.logits(images) / bundle.temperature).numpy()  # the graph divides by it
         finally:
             bundle.precision = precision
         assert got.shape == (len(images), len(bundle.class_names))
         assert np.abs(got - expected).max() < 1e-4
         assert (got.argmax(1) == expected.argmax(1)).all()
+
+
+def test_onnx_gives_the_bundles_calibrated_probabilities(exported, bundle, real_images):
+    assert bundle.temperature != 1.0
+    tensor = torch.stack([bundle.transform(image) for image in real_images]).numpy()
+    got = torch.from_numpy(_session(exported.path).run(["logits"], {"image": tensor})[0]).softmax(dim=1)
+    precision, bundle.precision = bundle.precision, "fp32"  # the ONNX graph is fp32
+    try:
+        expected = bundle.probabilities(real_images)
+    finally:
+        bundle.precision = precision
+    assert (got - expected).abs().max() < 1e-4
+    meta = {entry.key: entry.value for entry in onnx.load(str(exported.path)).metadata_props}
+    assert float(meta["graft.temperature"]) == bundle.temperature and "calibrated" in meta["graft.output"]
 
 
 def test_metadata_documents_classes_and_preprocessing(exported, bundle):
@@ -111,7 +125,7 @@ def test_metadata_alone_is_enough_to_preprocess(exported, bundle, holdout_folder
     logits = session.run(["logits"], {"image": np.stack(arrays)})[0]
     precision, bundle.precision = bundle.precision, "fp32"  # the ONNX graph is fp32
     try:
-        expected = bundle.logits(images).numpy()
+        expected = (bundle.logits(images) / float(meta["graft.temperature"])).numpy()
     finally:
         bundle.precision = precision
     assert np.abs(logits - expected).max() < 1e-3
