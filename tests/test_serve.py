@@ -105,6 +105,7 @@ def test_healthz(server, bundle):
     info = httpx.get(f"{base}/healthz").json()
     assert info["status"] == "ok" and info["classes"] == bundle.class_names
     assert info["max_images"] == MAX_IMAGES and info["max_upload_bytes"] == MAX_UPLOAD_MB * 1024 * 1024
+    assert info["temperature"] == bundle.temperature != 1.0  # the scores served are the calibrated ones
 
 
 def test_predict_matches_the_bundle(server, bundle, pngs):
@@ -303,11 +304,14 @@ def test_web_page_predicts_an_uploaded_image(server, bundle, pngs):
             page.goto(base + "/", wait_until="load")
             page.wait_for_function("document.getElementById('model-info').textContent.includes('classes')")
             assert bundle.backbone in page.text_content("#model-info")
+            assert f"temperature {bundle.temperature:.2f}" in page.text_content("#model-info")
 
             page.set_input_files("#file-input", str(image))
             page.wait_for_selector('.result[data-state="done"]', timeout=60_000)
             label = page.text_content(".result .label")
             assert label.startswith(expected.label), (label, expected.label)
+            shown = float(label.rsplit(" ", 1)[-1].rstrip("%"))
+            assert abs(shown - 100 * expected.score) <= 0.051, (label, expected.score)  # the calibrated score
             rows = page.locator(".result .topk li").all_text_contents()
             assert len(rows) == 3 and expected.top_k[1][0] in rows[1]
             thumbnail = page.eval_on_selector(".result img", "img => [img.src, img.naturalWidth]")
