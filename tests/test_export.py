@@ -73,20 +73,6 @@ def test_onnx_matches_pytorch_independently_with_a_dynamic_batch(exported, bundl
         assert (got.argmax(1) == expected.argmax(1)).all()
 
 
-def test_onnx_gives_the_bundles_calibrated_probabilities(exported, bundle, real_images):
-    assert bundle.temperature != 1.0
-    tensor = torch.stack([bundle.transform(image) for image in real_images]).numpy()
-    got = torch.from_numpy(_session(exported.path).run(["logits"], {"image": tensor})[0]).softmax(dim=1)
-    precision, bundle.precision = bundle.precision, "fp32"  # the ONNX graph is fp32
-    try:
-        expected = bundle.probabilities(real_images)
-    finally:
-        bundle.precision = precision
-    assert (got - expected).abs().max() < 1e-4
-    meta = {entry.key: entry.value for entry in onnx.load(str(exported.path)).metadata_props}
-    assert float(meta["graft.temperature"]) == bundle.temperature and "calibrated" in meta["graft.output"]
-
-
 def test_metadata_documents_classes_and_preprocessing(exported, bundle):
     model = onnx.load(str(exported.path))
     meta = {entry.key: entry.value for entry in model.metadata_props}

@@ -105,7 +105,7 @@ def test_healthz(server, bundle):
     info = httpx.get(f"{base}/healthz").json()
     assert info["status"] == "ok" and info["classes"] == bundle.class_names
     assert info["max_images"] == MAX_IMAGES and info["max_upload_bytes"] == MAX_UPLOAD_MB * 1024 * 1024
-    assert info["temperature"] == bundle.temperature != 1.0  # the scores served are the calibrated ones
+    assert info["temperature"] == bundle.temperature  # the scores served are softmax(logits / temperature)
 
 
 def test_predict_matches_the_bundle(server, bundle, pngs):
@@ -304,7 +304,6 @@ def test_web_page_predicts_an_uploaded_image(server, bundle, pngs):
             page.goto(base + "/", wait_until="load")
             page.wait_for_function("document.getElementById('model-info').textContent.includes('classes')")
             assert bundle.backbone in page.text_content("#model-info")
-            assert f"temperature {bundle.temperature:.2f}" in page.text_content("#model-info")
 
             page.set_input_files("#file-input", str(image))
             page.wait_for_selector('.result[data-state="done"]', timeout=60_000)

@@ -192,7 +192,8 @@ def _to_onnx(onnx: Any, bundle: Bundle, opset: int) -> Any:
 
 
 def _max_logit_difference(bundle: Bundle, session: Any, batch: torch.Tensor) -> float:
-    """Largest |PyTorch - onnxruntime| over the whole batch and over each image alone."""
+    """Largest |PyTorch - onnxruntime| over the whole batch and over each image alone, on the
+    network's logits (the graph's output times the temperature), whatever the temperature."""
     with torch.inference_mode():
         # The same memory format as `Bundle.logits`, in fp32 like the ONNX graph (predict may run in
         # bf16 where the bundle was trained so; that path is within graft.speed.numerics.BF16_TOLERANCE).
@@ -204,7 +205,7 @@ def _max_logit_difference(bundle: Bundle, session: Any, batch: torch.Tensor) -> 
         raise ExportError(f"onnxruntime returned logits of shape {got.shape}, PyTorch {expected.shape}")
     # One image at a time as well: the batch size then differs from the traced one (2).
     single = np.concatenate([session.run([OUTPUT_NAME], {INPUT_NAME: batch[i : i + 1].numpy()})[0] for i in range(len(batch))])
-    return float(max(np.abs(got - expected).max(), np.abs(single - expected).max()))
+    return float(max(np.abs(got - expected).max(), np.abs(single - expected).max()) * bundle.temperature)
 
 
 def _check_images(images: Sequence[str | Path | Image.Image] | None) -> tuple[list[Image.Image], str]:

@@ -32,14 +32,15 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor | list[int]) -> f
     """The temperature T minimising the NLL of softmax(logits / T) on `labels` (LBFGS on log T).
 
     T > 1 softens over-confident scores, T < 1 sharpens timid ones; the result is kept within
-    [MIN_TEMPERATURE, MAX_TEMPERATURE], and is 1 where there is nothing to fit on.
+    [MIN_TEMPERATURE, MAX_TEMPERATURE]. It is 1 where the logits get every label right: the NLL
+    then keeps falling as T shrinks, with no minimum to fit.
 
     >>> fit_temperature(torch.tensor([[4.0, 0.0], [0.0, 4.0], [4.0, 0.0]]), [0, 1, 1]) > 1  # one confident mistake
     True
     """
     logits = logits.detach().float().cpu().clone()  # a plain tensor, even from inference mode
     targets = torch.as_tensor(labels, dtype=torch.long)
-    if len(targets) == 0:
+    if len(targets) == 0 or bool((logits.argmax(1) == targets).all()):
         return 1.0
     log_t = torch.zeros(1, requires_grad=True)
     optimizer = torch.optim.LBFGS([log_t], lr=0.5, max_iter=200, line_search_fn="strong_wolfe")
@@ -58,15 +59,16 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor | list[int]) -> f
     return float(min(max(temperature, MIN_TEMPERATURE), MAX_TEMPERATURE))
 
 
-def calibration_measures(probabilities: torch.Tensor, labels: torch.Tensor | list[int], *, bins: int = CALIBRATION_BINS) -> dict[str, float]:
-    """`ece` (expected calibration error, `bins` equal-width bins), `nll` and `brier` of probabilities (N, classes)."""
+def calibration_measures(probabilities: torch.Tensor, labels: torch.Tensor | list[int], *, bins: int = CALIBRATION_BINS) -> dict[str, float | None]:
+    """`ece` (expected calibration error, `bins` equal-width bins), `nll` and `brier` of probabilities
+    (N, classes); None for no image (JSON has no nan)."""
     # torchmetrics is imported here: it pulls in scipy and more, seconds that predict and serve never need.
     from torchmetrics.functional.classification import multiclass_calibration_error
 
     probabilities = probabilities.detach().double().cpu()
     targets = torch.as_tensor(labels, dtype=torch.long)
     if len(targets) == 0:
-        return {"ece": float("nan"), "nll": float("nan"), "brier": float("nan")}
+        return {"ece": None, "nll": None, "brier": None}
     classes = probabilities.shape[1]
     ece = multiclass_calibration_error(probabilities.float(), targets, num_classes=classes, n_bins=bins, norm="l1")
     picked = probabilities[torch.arange(len(targets)), targets]
