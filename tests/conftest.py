@@ -62,6 +62,21 @@ def trained_run(fashion_folder: Path, tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture(scope="session")
+def calibrated_run(tmp_path_factory: pytest.TempPathFactory):
+    """A feature-extract run on four look-alike real classes (T-shirt, pullover, coat, shirt), so
+    that validation has mistakes and the fitted temperature is not 1."""
+    import graft
+    from graft.input.sample_data import load_fashion_mnist, sample_per_class, write_image_folder
+
+    source = load_fashion_mnist("test")
+    keep = np.isin(source.labels, [0, 2, 4, 6])
+    subset = type(source)(source.name, source.images[keep], source.labels[keep], source.class_names)
+    root = tmp_path_factory.mktemp("lookalikes") / "data"
+    write_image_folder(subset, sample_per_class(subset.labels, 15, np.random.default_rng(0)), root)
+    return graft.train(root, out=tmp_path_factory.mktemp("runs") / "lookalikes", epochs=30, verbose=False)
+
+
+@pytest.fixture(scope="session")
 def foolbox_imagenet() -> list[tuple[Path, int]]:
     """foolbox's 20 real ImageNet validation JPEGs with their label index."""
     import foolbox

@@ -11,7 +11,7 @@ from rich.console import Console
 from _html import decode_png, open_in_chromium, parse_page
 from graft.report.html import SECTIONS
 
-FIGURE_SECTIONS = ("curves", "confusion", "filters", "feature-maps", "forgetting")
+FIGURE_SECTIONS = ("curves", "confusion", "calibration", "filters", "feature-maps", "forgetting")
 
 
 def test_report_has_every_section_with_embedded_figures(trained_run):

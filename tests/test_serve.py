@@ -105,6 +105,7 @@ def test_healthz(server, bundle):
     info = httpx.get(f"{base}/healthz").json()
     assert info["status"] == "ok" and info["classes"] == bundle.class_names
     assert info["max_images"] == MAX_IMAGES and info["max_upload_bytes"] == MAX_UPLOAD_MB * 1024 * 1024
+    assert info["temperature"] == bundle.temperature  # the scores served are softmax(logits / temperature)
 
 
 def test_predict_matches_the_bundle(server, bundle, pngs):
@@ -308,6 +309,8 @@ def test_web_page_predicts_an_uploaded_image(server, bundle, pngs):
             page.wait_for_selector('.result[data-state="done"]', timeout=60_000)
             label = page.text_content(".result .label")
             assert label.startswith(expected.label), (label, expected.label)
+            shown = float(label.rsplit(" ", 1)[-1].rstrip("%"))
+            assert abs(shown - 100 * expected.score) <= 0.051, (label, expected.score)  # the calibrated score
             rows = page.locator(".result .topk li").all_text_contents()
             assert len(rows) == 3 and expected.top_k[1][0] in rows[1]
             thumbnail = page.eval_on_selector(".result img", "img => [img.src, img.naturalWidth]")

@@ -13,7 +13,8 @@
    (`Plan`), shown as the audit table;
 7. `_start_run_files`: the run folder claimed, `config.json` and `split.json` written;
 8. `_train`: the strategy trains, recording history and checkpoints after every epoch;
-9. `_measure`: the validation metrics and the run's facts;
+9. `_measure`: the validation metrics and the run's facts, with the calibration temperature
+   fitted on the validation logits;
 10. `_write_run`: bundle, held-out test/ metrics, predictions, metrics, the report last.
 
 Under torchrun every rank runs every step; only rank 0 speaks and writes files (the run folder is
@@ -48,6 +49,7 @@ from graft.speed.numerics import resolve_device, resolve_precision, should_compi
 from graft.strategies import AuditRow, TrainContext, get_strategy
 from graft.strategies.base import cache_dir_of, count_params, resolve_bn_stats
 from graft.training import distributed
+from graft.training.calibration import calibration_measures, calibration_summary, fit_temperature
 from graft.training.checkpoint import check_same_data, prepare_checkpoints
 from graft.training.features import FeatureCache, backbone_key
 from graft.training.loop import EpochRecord, seed_everything
@@ -283,9 +285,14 @@ def _train(plan: Plan, dataset: Dataset, backbone: Backbone, numerics: Numerics,
 
 
 def _measure(plan: Plan, dataset: Dataset, backbone: Backbone, outcome: TrainOutcome, *, train_seconds: float) -> dict[str, Any]:
-    """Validation metrics and the run's facts: the keys of metrics.json but the held-out `test`."""
+    """Validation metrics and the run's facts: the keys of metrics.json but the held-out `test`.
+
+    `calibration` holds the temperature fitted on the validation logits (the bundle's) and the
+    measures before and after it; `ece`, `nll` and `brier` are those of the calibrated scores."""
     predicted = outcome.val_logits.argmax(1).tolist()
     metrics = classification_metrics(dataset.val.labels, predicted, dataset.class_names)
+    calibration = calibration_summary(outcome.val_logits, dataset.val.labels, fit_temperature(outcome.val_logits, dataset.val.labels))
+    metrics.update({key: calibration["after"][key] for key in ("ece", "nll", "brier")}, calibration=calibration)
     metrics.update(
         backbone=backbone.architecture,
         strategy=plan.resolved_config.strategy,
@@ -312,7 +319,8 @@ def _write_run(
     metrics written (`measured`, with `test` when there is a test/ folder)."""
     save_bundle(places.bundle_dir, outcome.model, _bundle_meta(plan, dataset, backbone, numerics, outcome, measured))
     metrics = {**measured, **_held_out_metrics(places.bundle_dir, dataset, reporter)}
-    write_json(places.run_dir / "val_predictions.json", validation_predictions(dataset, outcome.val_logits))
+    temperature = measured["calibration"]["temperature"]
+    write_json(places.run_dir / "val_predictions.json", validation_predictions(dataset, outcome.val_logits.float() / temperature))
     write_json(places.run_dir / "metrics.json", metrics)
     places.checkpoints.remove()  # the bundle and metrics are the result now
     write_run_report(places.run_dir, reporter)
@@ -346,6 +354,7 @@ def _bundle_meta(
         "strategy": plan.resolved_config.strategy,
         "precision": numerics.precision,
         "val_accuracy": measured["accuracy"],
+        "temperature": measured["calibration"]["temperature"],
     }
     if outcome.adapters:
         meta["adapters"] = outcome.adapters
@@ -394,8 +403,15 @@ def validation_predictions(dataset: Dataset, logits: torch.Tensor) -> list[dict[
 
 
 def labelled_metrics(model: Bundle, images: LabelledImages, *, batch_size: int = 32) -> dict[str, Any]:
-    """Accuracy, macro-F1, per-class scores and `num_images` of a bundle on labelled images."""
+    """Accuracy, macro-F1, per-class scores, `num_images`, and the calibration measures (`ece`,
+    `nll`, `brier`) of the bundle's calibrated scores (`temperature`) on labelled images."""
     index = {name: i for i, name in enumerate(model.class_names)}
     truth = [index[images.class_names[y]] for y in images.labels]
-    predicted = [model.class_names.index(p.label) for p in model.iter_predict(images.paths, top_k=1, batch_size=batch_size)]
-    return {**classification_metrics(truth, predicted, model.class_names), "num_images": len(truth)}
+    probabilities = torch.zeros(len(truth), len(model.class_names))
+    # Every class's probability (top-k of all classes), to measure calibration as well as accuracy.
+    for row, prediction in enumerate(model.iter_predict(images.paths, top_k=len(model.class_names), batch_size=batch_size)):
+        for label, score in prediction.top_k:
+            probabilities[row, index[label]] = score
+    predicted = probabilities.argmax(1).tolist()
+    return {**classification_metrics(truth, predicted, model.class_names), "num_images": len(truth),
+            **calibration_measures(probabilities, truth), "temperature": model.temperature}

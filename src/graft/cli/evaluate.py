@@ -36,6 +36,8 @@ def evaluate(
         f"{', '.join(averaged)})"
     )
     console.print(f"{metrics['num_images']} images: accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}{over}")
+    console.print(f"calibrated scores (temperature {metrics['temperature']:.3g}): ECE {metrics['ece']:.4f} (15 bins), "
+                  f"NLL {metrics['nll']:.4f}, Brier {metrics['brier']:.4f}")
     table = Table("class", "precision", "recall", "f1", "support")
     for name, row in metrics["per_class"].items():
         table.add_row(name, f"{row['precision']:.3f}", f"{row['recall']:.3f}", f"{row['f1']:.3f}", str(row["support"]))

@@ -214,3 +214,27 @@ def overlaid_curves(histories: Mapping[str, Sequence[Mapping[str, Any]]]) -> Fig
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     return fig
+
+
+def reliability_diagram(calibration: Mapping[str, Any]) -> Figure:
+    """Accuracy against confidence per bin, before and after temperature scaling (metrics.json's
+    `calibration`); the diagonal is perfect calibration, bars below it over-confidence."""
+    fig = figure(10, 3.8)
+    axes = fig.subplots(1, 2, sharey=True)
+    bins = int(calibration["bins"])
+    width = 1.0 / bins
+    centres = (np.arange(bins) + 0.5) * width
+    titles = {"before": "before (T = 1)", "after": f"after (T = {calibration['temperature']:.3g})"}
+    for ax, (name, title) in zip(axes, titles.items()):
+        part = calibration[name]
+        curve = part["reliability"]
+        accuracy = [a if a is not None else 0.0 for a in curve["accuracy"]]
+        gap = [(c - a) if c is not None else 0.0 for c, a in zip(curve["confidence"], accuracy)]
+        ax.bar(centres, accuracy, width=width, color=PALETTE[0], edgecolor="white", label="accuracy")
+        ax.bar(centres, gap, bottom=accuracy, width=width, color=PALETTE[1], alpha=0.35, edgecolor=PALETTE[1], label="gap to confidence")
+        ax.plot([0, 1], [0, 1], color="0.3", linestyle="--", linewidth=1)
+        ax.set(title=f"{title}: ECE {part['ece']:.3f}", xlabel="confidence", xlim=(0, 1), ylim=(0, 1))
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("accuracy")
+    axes[0].legend(fontsize=8, loc="upper left")
+    return fig

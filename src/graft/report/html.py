@@ -34,6 +34,7 @@ SECTIONS: tuple[tuple[str, str], ...] = (
     ("curves", "Learning curves"),
     ("confusion", "Confusion matrix"),
     ("per-class", "Per-class precision, recall and F1"),
+    ("calibration", "Calibration"),
     ("mistakes", "Most confidently wrong validation images"),
     ("filters", "First-layer filters"),
     ("feature-maps", "Feature maps"),
@@ -216,6 +217,7 @@ def write_report(run_dir: str | Path, *, cka_images: int | None = None) -> Path:
             "confusion matrix", "rows: true class; columns: predicted class; shading: fraction of the row",
         )),
         section("per-class", "Per-class precision, recall and F1", per_class_section(run)),
+        section("calibration", "Calibration", calibration_section(run, figures)),
         section("mistakes", "Most confidently wrong validation images", mistakes_section(run, figures)),
         section("filters", "First-layer filters", filters_section(bundle.model.backbone, pretrained.model, figures)),
         section("feature-maps", "Feature maps", feature_maps_section(bundle, val_images)),
@@ -317,6 +319,24 @@ def per_class_section(run: Run) -> str:
         for name, v in per_class.items()
     ]
     return table(["class", "precision", "recall", "F1", "support"], rows)
+
+
+def calibration_section(run: Run, figures: Any) -> str:
+    """The reliability diagram on validation before and after the temperature, with the measures."""
+    calibration = run.metrics.get("calibration")
+    if not calibration:
+        return note("metrics.json has no calibration: this run's scores are not calibrated (temperature 1).")
+    before, after = calibration["before"], calibration["after"]
+    measures = table(
+        ["validation", "ECE (15 bins)", "NLL", "Brier"],
+        [(name, fmt(part["ece"]), fmt(part["nll"]), fmt(part["brier"])) for name, part in (("before", before), ("after", after))],
+    )
+    test = run.metrics.get("test", {})
+    held_out = f" On the held-out test/ folder, calibrated: ECE {fmt(test['ece'])}." if "ece" in test else ""
+    caption = (f"bars: accuracy of the validation images in each confidence bin; dashed: perfect calibration. "
+               f"Scores are divided by the temperature {calibration['temperature']:.3g} fitted on validation "
+               f"(predict, evaluate, serve and ONNX all use it), so 'after' on validation is optimistic.{held_out}")
+    return img(figures.figure_uri(figures.reliability_diagram(calibration)), "reliability diagram", caption) + measures
 
 
 def mistakes_section(run: Run, figures: Any) -> str:

@@ -199,6 +199,7 @@ def _add_health(app: FastAPI, model: Bundle, limits: dict[str, int]) -> None:
             "backbone": model.backbone,
             "classes": model.class_names,
             "num_classes": len(model.class_names),
+            "temperature": model.temperature,  # the scores are softmax(logits / temperature), calibrated on validation
             **limits,
         }
 

@@ -74,7 +74,8 @@ PAGE_HTML = """<!doctype html>
   fetch("healthz").then(function (response) { return response.json(); }).then(function (info) {
     limits = info;
     document.getElementById("model-info").textContent =
-      info.backbone + " · " + info.num_classes + " classes: " + info.classes.join(", ");
+      info.backbone + " · " + info.num_classes + " classes: " + info.classes.join(", ") +
+      (info.temperature !== 1 ? " · scores calibrated (temperature " + info.temperature.toFixed(2) + ")" : "");
     document.getElementById("limits").textContent =
       "Up to " + megabytes(info.max_upload_bytes) + " per image. Images stay on this server.";
   }).catch(function () {

@@ -2,7 +2,8 @@
 
     bundle/
       model.safetensors   the whole adapted network (backbone + head), tensors only
-      graft.json          format version, backbone, class names, preprocessing, head, strategy
+      graft.json          format version, backbone, class names, preprocessing, head, strategy,
+                          the calibration temperature
 
 Loading never unpickles anything: safetensors + JSON. A bundle is written into a temporary
 folder and renamed into place, so it appears whole or not at all.
@@ -86,6 +87,10 @@ class Bundle:
     >>> bundle = load_bundle("runs/birds/bundle")
     >>> [p.label for p in bundle.predict(["robin.jpg", "wren.jpg"])]
 
+    `temperature` divides the logits before the softmax (fitted on validation after training,
+    `graft.training.calibration`; 1 for bundles without one): the scores of `predict` and
+    `probabilities` are calibrated, `logits` are the network's own.
+
     `precision` is what `logits` computes in: the bundle's recorded training precision
     (`meta["precision"]`) where this device runs it natively, else fp32; assign "fp32" to force it.
     """
@@ -99,6 +104,7 @@ class Bundle:
         self.transform = build_transforms(self.preprocessing)
         self.device = torch.device("cpu")
         self.precision = inference_precision(meta.get("precision"), self.device)
+        self.temperature = float(meta.get("temperature", 1.0))
 
     @property
     def backbone(self) -> str:
@@ -120,6 +126,10 @@ class Bundle:
             # The precision the bundle was trained in, where the device runs it (see `precision`).
             with autocast(self.precision, self.device):
                 return model(batch.contiguous(memory_format=torch.channels_last)).float().cpu()
+
+    def probabilities(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """Calibrated class probabilities (N, classes): softmax of the logits divided by `temperature`."""
+        return (self.logits(images) / self.temperature).softmax(dim=1)
 
     def predict(self, sources: Iterable[str | Path | Image.Image], *, top_k: int = 5, batch_size: int = 32) -> list[Prediction]:
         """Predict image files (paths) or PIL images. Unreadable files raise `ImageError`."""
@@ -170,7 +180,7 @@ class Bundle:
             yield from self._predict_batch(names, images, top_k)
 
     def _predict_batch(self, names: list[str], images: list[Image.Image], top_k: int) -> Iterator[Prediction]:
-        probabilities = self.logits(images).softmax(dim=1)
+        probabilities = self.probabilities(images)
         k = max(1, min(top_k, len(self.class_names)))
         scores, indices = probabilities.topk(k, dim=1)
         for name, row_scores, row_indices in zip(names, scores.tolist(), indices.tolist()):

@@ -33,6 +33,7 @@ from graft.errors import BundleError
 from graft.models.heads import HeadSpec, make_head
 from graft.models.lora import is_adapter_parameter
 from graft.speed.numerics import intra_op_threads
+from graft.training.calibration import MAX_TEMPERATURE, MIN_TEMPERATURE
 
 if TYPE_CHECKING:
     from graft.shipping.bundle import Bundle
@@ -132,6 +133,8 @@ class BundleDocument(_Record):
     precision: Literal["fp32", "bf16"] | None = None
     val_accuracy: Share | None = None
     adapters: LoraRecord | None = None
+    # The calibration temperature the logits are divided by (graft.training.calibration); 1: none.
+    temperature: Annotated[FiniteFloat, Field(ge=MIN_TEMPERATURE, le=MAX_TEMPERATURE)] = 1.0
 
     @field_validator("class_names")
     @classmethod

@@ -1,6 +1,8 @@
 """ONNX export of a bundle, checked against PyTorch on real images before the file is written.
 
-The ONNX graph takes the *preprocessed* tensor (N, 3, H, W) and returns logits (N, classes); the
+The ONNX graph takes the *preprocessed* tensor (N, 3, H, W) and returns logits (N, classes) already
+divided by the bundle's calibration temperature, so their softmax is the bundle's calibrated
+probabilities, the scores `graft predict` gives (`graft.training.calibration`); the
 preprocessing that produces that tensor (resize, center crop, mean/std) is documented in the
 file's metadata (`metadata_props`), together with the class names, so a consumer in any language
 has everything it needs. The batch dimension is dynamic.
@@ -34,6 +36,7 @@ from graft.extras import require_extra
 from graft.input.images import load_image, to_rgb
 from graft.run_folder import read_manifest
 from graft.shipping.bundle import Bundle, load_bundle
+from graft.training.calibration import TemperatureScaled
 
 DEFAULT_OPSET = 17
 # fp32 logits from two runtimes on the same tensor; measured differences are around 1e-6.
@@ -110,7 +113,7 @@ def export_onnx(
     proto.doc_string = (
         f"graft classifier ({model_bundle.backbone}, {len(model_bundle.class_names)} classes). "
         f"Input {INPUT_NAME!r}: float32 (N, 3, H, W) after resize/crop/normalise as in graft.preprocessing; "
-        f"output {OUTPUT_NAME!r}: logits (N, classes) in graft.class_names order."
+        f"output {OUTPUT_NAME!r}: logits (N, classes) in graft.class_names order, divided by graft.temperature (softmax: calibrated probabilities)."
     )
     onnx.checker.check_model(proto)
 
@@ -151,7 +154,11 @@ def onnx_metadata(bundle: Bundle) -> dict[str, str]:
             f"({pre.interpolation}) so the center crop of {pre.crop_pct:g} is {pre.image_size} px, "
             f"scaled to [0, 1], then (x - mean) / std"
         ),
-        "graft.output": f"{OUTPUT_NAME}: float32 (batch, {len(bundle.class_names)}), softmax gives probabilities",
+        "graft.output": (
+            f"{OUTPUT_NAME}: float32 (batch, {len(bundle.class_names)}), the network's logits divided by "
+            f"graft.temperature in the graph; softmax gives calibrated probabilities"
+        ),
+        "graft.temperature": repr(bundle.temperature),
     }
 
 
@@ -167,7 +174,7 @@ def _to_onnx(onnx: Any, bundle: Bundle, opset: int) -> Any:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the exporter's deprecation and tracer notices
             torch.onnx.export(
-                bundle.model.cpu(),
+                TemperatureScaled(bundle.model.cpu(), bundle.temperature),
                 (example,),
                 buffer,
                 dynamo=False,
@@ -186,18 +193,20 @@ def _to_onnx(onnx: Any, bundle: Bundle, opset: int) -> Any:
 
 
 def _max_logit_difference(bundle: Bundle, session: Any, batch: torch.Tensor) -> float:
-    """Largest |PyTorch - onnxruntime| over the whole batch and over each image alone."""
+    """Largest |PyTorch - onnxruntime| over the whole batch and over each image alone, on the
+    network's logits (the graph's output times the temperature), whatever the temperature."""
     with torch.inference_mode():
         # The same memory format as `Bundle.logits`, in fp32 like the ONNX graph (predict may run in
         # bf16 where the bundle was trained so; that path is within graft.speed.numerics.BF16_TOLERANCE).
-        expected = bundle.model.cpu()(batch.contiguous(memory_format=torch.channels_last)).float().numpy()
+        network = TemperatureScaled(bundle.model.cpu(), bundle.temperature)  # the graph divides by it too
+        expected = network(batch.contiguous(memory_format=torch.channels_last)).float().numpy()
     bundle.model.to(bundle.device)
     got = session.run([OUTPUT_NAME], {INPUT_NAME: batch.numpy()})[0]
     if got.shape != expected.shape:
         raise ExportError(f"onnxruntime returned logits of shape {got.shape}, PyTorch {expected.shape}")
     # One image at a time as well: the batch size then differs from the traced one (2).
     single = np.concatenate([session.run([OUTPUT_NAME], {INPUT_NAME: batch[i : i + 1].numpy()})[0] for i in range(len(batch))])
-    return float(max(np.abs(got - expected).max(), np.abs(single - expected).max()))
+    return float(max(np.abs(got - expected).max(), np.abs(single - expected).max()) * bundle.temperature)
 
 
 def _check_images(images: Sequence[str | Path | Image.Image] | None) -> tuple[list[Image.Image], str]:
