@@ -107,21 +107,8 @@ def export_onnx(
             f"{len(images)} images ({check_source}), over the tolerance {tolerance:g}; nothing was "
             f"written. Try another --opset (now {opset}) or report the backbone {model_bundle.backbone!r}"
         )
-    for key, value in metadata.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value
-    proto.doc_string = (
-        f"graft classifier ({model_bundle.backbone}, {len(model_bundle.class_names)} classes). "
-        f"Input {INPUT_NAME!r}: float32 (N, 3, H, W) after resize/crop/normalise as in graft.preprocessing; "
-        f"output {OUTPUT_NAME!r}: logits (N, classes) in graft.class_names order, divided by graft.temperature (softmax: calibrated probabilities)."
-    )
-    onnx.checker.check_model(proto)
-
-    run_folder = read_manifest(target.parent)
-    if run_folder is not None:  # model.onnx beside a run's bundle is the run's: --overwrite removes it too
-        run_folder.record([target.name])
-    with atomic_path(target) as temporary:
-        temporary.write_bytes(proto.SerializeToString())
+    _describe(onnx, proto, model_bundle, metadata)
+    _write(target, proto)
     return ExportResult(
         path=target,
         opset=opset,
@@ -131,6 +118,28 @@ def export_onnx(
         check_source=check_source,
         metadata=metadata,
     )
+
+
+def _describe(onnx: Any, proto: Any, bundle: Bundle, metadata: dict[str, str]) -> None:
+    """Put `metadata` and a one-paragraph description into the model, then let onnx check it."""
+    for key, value in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    proto.doc_string = (
+        f"graft classifier ({bundle.backbone}, {len(bundle.class_names)} classes). "
+        f"Input {INPUT_NAME!r}: float32 (N, 3, H, W) after resize/crop/normalise as in graft.preprocessing; "
+        f"output {OUTPUT_NAME!r}: logits (N, classes) in graft.class_names order, divided by graft.temperature (softmax: calibrated probabilities)."
+    )
+    onnx.checker.check_model(proto)
+
+
+def _write(target: Path, proto: Any) -> None:
+    """Write the model whole (`atomic_path`); beside a run's bundle it becomes the run's file."""
+    run_folder = read_manifest(target.parent)
+    if run_folder is not None:  # model.onnx beside a run's bundle is the run's: --overwrite removes it too
+        run_folder.record([target.name])
+    with atomic_path(target) as temporary:
+        temporary.write_bytes(proto.SerializeToString())
 
 
 def onnx_metadata(bundle: Bundle) -> dict[str, str]:

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import Dataset
+from torch.utils.hooks import RemovableHandle
 
 from graft.atomic import atomic_path
 from graft.input.images import load_image
@@ -205,105 +206,140 @@ def extract_features(
     a CPU, whose cores the model needs; processes on all but one core on a GPU, which would
     otherwise wait for one thread's decoding). `batch_size=None` picks one for the device
     (`default_batch_size`).
-    `compile=True` runs the batches through `torch.compile` (see `numerics.should_compile`).
-    `tap` keeps the output of one of the backbone's modules for every computed image (eager runs
-    of the whole backbone only: with `model` or `compile` nothing is tapped).
-    `side_poolings` pool the last feature map of every computed image another way too and cache
-    the results (eager runs of the whole backbone only, like `tap`; `SidePooling`).
+    `compile=True` runs the batches through `torch.compile` (see `numerics.should_compile`). `tap`
+    keeps the output of one of the backbone's modules for every computed image, and `side_poolings`
+    pool its last feature map another way too, cached (`SidePooling`); both only where the whole
+    backbone runs eagerly (with `model` or `compile`, neither happens).
     """
     device = device or torch.device("cpu")
     keys = [item_key(d, augment, view, seed) for d in digests]
     cached = cache.get(keys) if cache is not None else {}
     todo = [i for i, key in enumerate(keys) if key not in cached]
-    if stats is not None:
-        stats.from_cache += len(keys) - len(todo)
-        stats.computed += len(todo)
-    if progress and len(keys) > len(todo):
-        progress(len(keys) - len(todo))
+    _count_cached(stats, progress, cached=len(keys) - len(todo), todo=len(todo))
     computed: dict[str, torch.Tensor] = {}
     if todo:
-        transform = build_transforms(backbone.preprocessing, augment=augment)
-        if augment != "none":
-            # Seeding the three random sources timm's transforms use (torch: crops and flips;
-            # random: RandAugment's magnitudes; NumPy: RandAugment's choice of operations) makes
-            # every view reproducible: in the one decoding thread, drawn in order; in worker
-            # processes (GPU), DataLoader seeds each worker's three from torch's generator, so the
-            # same number of processes draws the same.
-            torch.manual_seed(seed * 7919 + view)
-            random.seed(seed * 7919 + view)
-            np.random.seed(seed * 7919 + view)
-        # Only the deterministic evaluation view may be kept decoded in memory and reused.
-        view_id = preprocessing_id(backbone.preprocessing) if augment == "none" else None
-        # Under torchrun each rank computes a strided share; the shares are gathered below.
-        mine = distributed.shard(todo)
-        loader = image_batches(
-            [paths[i] for i in mine],
-            transform,
-            batch_size=batch_size or default_batch_size(device),
-            keys=[f"{digests[i]}.{view_id}" for i in mine] if view_id else None,
-            workers=extraction_workers(len(mine), device) if num_workers is None else num_workers,
-            device=device,
-            min_size=backbone.preprocessing.resize_size,
-        )
-        network = model if model is not None else backbone.model
-        if precision == "fp32":  # exact there (2e-6 relative); in bf16 folding loses accuracy (graft.speed.folding)
-            network.eval().to(device)  # as forward_batches leaves it; the folded copy is made there
-        network = inference_network(network, backbone.preprocessing.input_size, precision)
-        tapped: list[torch.Tensor] = []
-        hooks = []
-        if tap is not None and model is None and not compile:
-            # By name on the network that runs (the folded copy in fp32, whose module of that name
-            # computes the same output: folding keeps the module tree and changes only the weights).
-            # A copy: the next module may work in place on its input.
-            def keep(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
-                tapped.append(output.to("cpu", copy=True))
-
-            hooks.append(network.get_submodule(tap.module_name).register_forward_hook(keep))
-        side_outputs: list[list[torch.Tensor]] = [[] for _ in side_poolings]
-        if side_poolings and model is None and not compile:
-
-            earlier: dict[str, torch.Tensor] = {}  # this batch's output of each module a side pooling reads
-
-            def keep_earlier(name: str) -> Callable:
-                def hook(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
-                    earlier[name] = output
-                return hook
-
-            # Inside the forward pass, so under its autocast: the same arithmetic as a backbone
-            # whose global_pool is that pooling.
-            def pool_sideways(_module: nn.Module, inputs: tuple) -> None:
-                for side, kept in zip(side_poolings, side_outputs):
-                    pooled = pool_maps(side.pooling, inputs[0], [earlier[name] for name in side.earlier])
-                    kept.append(pooled.float().cpu())
-                earlier.clear()
-
-            for name in {name for side in side_poolings for name in side.earlier}:
-                hooks.append(network.get_submodule(name).register_forward_hook(keep_earlier(name)))
-            hooks.append(network.get_submodule("global_pool").register_forward_pre_hook(pool_sideways))
+        mine = distributed.shard(todo)  # under torchrun each rank computes a strided share, gathered below
+        loader = _image_loader(backbone, [paths[i] for i in mine], [digests[i] for i in mine], augment=augment, view=view,
+                               seed=seed, batch_size=batch_size or default_batch_size(device), num_workers=num_workers, device=device)
+        network = _network(model if model is not None else backbone.model, backbone, precision, device)
+        whole_eager = model is None and not compile  # what the hooks need: the backbone's own modules, run eagerly
+        tapped, side_outputs, hooks = _hooks(network, tap if whole_eager else None, side_poolings if whole_eager else ())
         try:
             outputs = forward_batches(network, loader, precision=precision, device=device, progress=progress, compile=compile)
         finally:
             for hook in hooks:
                 hook.remove()
-        if tapped:
-            for index, output in zip(mine, torch.cat(tapped)):
-                tap.outputs[keys[index]] = output
-        for side, kept in zip(side_poolings, side_outputs):
-            if kept:
-                pooled = distributed.gather_shards({keys[index]: row for index, row in zip(mine, torch.cat(kept))})
-                if distributed.is_main():
-                    side.cache.put(pooled)
+        _keep_hooked_outputs([keys[index] for index in mine], tap, tapped, side_poolings, side_outputs)
         if stats is not None and compile:
-            used = compiled_forward(network)
-            stats.compiled = stats.compiled or (used is not None and used.batch_size is not None)  # it ran compiled
-        for position, index in enumerate(mine):
-            computed[keys[index]] = outputs[position]
-        computed = distributed.gather_shards(computed)
+            stats.compiled = stats.compiled or _ran_compiled(network)
+        computed = distributed.gather_shards({keys[index]: outputs[position] for position, index in enumerate(mine)})
         if cache is not None and distributed.is_main():
             cache.put(computed)
-    if not keys:
-        return torch.empty(0, backbone.num_features)
-    return torch.stack([cached[k] if k in cached else computed[k] for k in keys])
+    stacked = [cached[k] if k in cached else computed[k] for k in keys]
+    return torch.stack(stacked) if stacked else torch.empty(0, backbone.num_features)
+
+
+def _count_cached(stats: ExtractionStats | None, progress: Callable[[int], None] | None, *, cached: int, todo: int) -> None:
+    if stats is not None:
+        stats.from_cache += cached
+        stats.computed += todo
+    if progress and cached:
+        progress(cached)
+
+
+def _network(network: nn.Module, backbone: Backbone, precision: str, device: torch.device) -> nn.Module:
+    """The network extraction runs: in fp32 a copy with BatchNorm folded into the convolutions."""
+    if precision == "fp32":  # exact there (2e-6 relative); in bf16 folding loses accuracy (graft.speed.folding)
+        network.eval().to(device)  # as forward_batches leaves it; the folded copy is made there
+    return inference_network(network, backbone.preprocessing.input_size, precision)
+
+
+def _ran_compiled(network: nn.Module) -> bool:
+    used = compiled_forward(network)
+    return used is not None and used.batch_size is not None
+
+
+def _image_loader(
+    backbone: Backbone, paths: Sequence[Path], digests: Sequence[str], *, augment: str, view: int, seed: int,
+    batch_size: int, num_workers: int | None, device: torch.device,
+) -> Iterable[torch.Tensor]:
+    """The images' batches for one view, decoded at the model's size, one batch ahead."""
+    transform = build_transforms(backbone.preprocessing, augment=augment)
+    if augment != "none":
+        # Seeding the three random sources timm's transforms use (torch: crops and flips;
+        # random: RandAugment's magnitudes; NumPy: RandAugment's choice of operations) makes
+        # every view reproducible: in the one decoding thread, drawn in order; in worker
+        # processes (GPU), DataLoader seeds each worker's three from torch's generator, so the
+        # same number of processes draws the same.
+        torch.manual_seed(seed * 7919 + view)
+        random.seed(seed * 7919 + view)
+        np.random.seed(seed * 7919 + view)
+    # Only the deterministic evaluation view may be kept decoded in memory and reused.
+    view_id = preprocessing_id(backbone.preprocessing) if augment == "none" else None
+    return image_batches(
+        list(paths),
+        transform,
+        batch_size=batch_size,
+        keys=[f"{digest}.{view_id}" for digest in digests] if view_id else None,
+        workers=extraction_workers(len(paths), device) if num_workers is None else num_workers,
+        device=device,
+        min_size=backbone.preprocessing.resize_size,
+    )
+
+
+def _hooks(
+    network: nn.Module, tap: Tap | None, side_poolings: Sequence[SidePooling],
+) -> tuple[list[torch.Tensor], list[list[torch.Tensor]], list[RemovableHandle]]:
+    """Forward hooks that keep `tap`'s module output and pool the last map for each side pooling.
+
+    Returns the lists the hooks fill (tapped outputs; one list per side pooling) and the hooks.
+    """
+    tapped: list[torch.Tensor] = []
+    side_outputs: list[list[torch.Tensor]] = [[] for _ in side_poolings]
+    hooks: list[RemovableHandle] = []
+    if tap is not None:
+        # By name on the network that runs (the folded copy in fp32, whose module of that name
+        # computes the same output: folding keeps the module tree and changes only the weights).
+        # A copy: the next module may work in place on its input.
+        def keep(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
+            tapped.append(output.to("cpu", copy=True))
+
+        hooks.append(network.get_submodule(tap.module_name).register_forward_hook(keep))
+    if side_poolings:
+        earlier: dict[str, torch.Tensor] = {}  # this batch's output of each module a side pooling reads
+
+        def keep_earlier(name: str) -> Callable:
+            def hook(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
+                earlier[name] = output
+            return hook
+
+        # Inside the forward pass, so under its autocast: the same arithmetic as a backbone
+        # whose global_pool is that pooling.
+        def pool_sideways(_module: nn.Module, inputs: tuple) -> None:
+            for side, kept in zip(side_poolings, side_outputs):
+                pooled = pool_maps(side.pooling, inputs[0], [earlier[name] for name in side.earlier])
+                kept.append(pooled.float().cpu())
+            earlier.clear()
+
+        for name in {name for side in side_poolings for name in side.earlier}:
+            hooks.append(network.get_submodule(name).register_forward_hook(keep_earlier(name)))
+        hooks.append(network.get_submodule("global_pool").register_forward_pre_hook(pool_sideways))
+    return tapped, side_outputs, hooks
+
+
+def _keep_hooked_outputs(
+    keys: Sequence[str], tap: Tap | None, tapped: list[torch.Tensor],
+    side_poolings: Sequence[SidePooling], side_outputs: list[list[torch.Tensor]],
+) -> None:
+    """The hooks' outputs, by item key: into `tap.outputs`, and into each side pooling's cache."""
+    if tapped and tap is not None:
+        for key, output in zip(keys, torch.cat(tapped)):
+            tap.outputs[key] = output
+    for side, kept in zip(side_poolings, side_outputs):
+        if kept:
+            pooled = distributed.gather_shards(dict(zip(keys, torch.cat(kept))))
+            if distributed.is_main():
+                side.cache.put(pooled)
 
 
 def forward_batches(
