@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, get_args
 
+from graft.input.check import CHECK_FILES, DataCheck, run_check, write_check
+from graft.input.data import load_dataset
 from graft.models.backbones import DEFAULT_BACKBONE, load_backbone, with_pooling
 from graft.shipping.bundle import Bundle, Prediction, load_bundle
 from graft.config import TrainConfig
@@ -20,12 +22,16 @@ from graft.input.data import OnBadImage, load_labelled_folder
 from graft.errors import ConfigError, DataError
 from graft.models.heads import HeadSpec, make_head
 from graft.run import RunResult, labelled_metrics, train_with_config, write_run_report
+from graft.run_folder import check_folder, check_writable_folder, claim_folder
+from graft.speed.cpu_precision import choose_cpu_precision
+from graft.speed.numerics import resolve_device, resolve_precision
+from graft.training.features import FeatureCache, backbone_key, default_cache_dir
 from graft.models.stages import Stage, discover_stages
 from graft.strategies import AuditRow, get_strategy
 from graft.strategies.base import count_params
 
 __all__ = [
-    "Inspection", "RunResult", "evaluate", "expand_image_paths", "inspect", "predict", "train", "train_with_config",
+    "Inspection", "RunResult", "check", "evaluate", "expand_image_paths", "inspect", "predict", "train", "train_with_config",
     "write_run_report",
 ]
 
@@ -43,6 +49,50 @@ def train(
     """
     config = TrainConfig(data=str(data), out=str(out), **options)
     return train_with_config(config, reporter=Reporter(verbose), resume=resume, overwrite=overwrite)
+
+
+def check(
+    data: str | Path,
+    out: str | Path | None = None,
+    *,
+    backbone: str = DEFAULT_BACKBONE,
+    weights: str | Path | None = None,
+    seed: int = 0,
+    val_fraction: float = 0.2,
+    device: str = "auto",
+    cache_dir: str | Path | None = None,
+    overwrite: bool = False,
+    verbose: bool = True,
+) -> DataCheck:
+    """Check a labelled folder (or CSV) before training: likely wrong labels, duplicates and
+    train/validation leaks, small or imbalanced classes, tiny and grayscale images.
+
+    The split is `graft train`'s for the same `seed` and `val_fraction`; the backbone's frozen
+    features come from the feature cache where a run (or an earlier check) computed them.
+    With `out`, writes `data_check.csv` and `data_check.json` there (a new or empty folder, or an
+    earlier check's with `overwrite=True`: the rules of `graft.run_folder`). The user's files are
+    only read. The findings are in `graft.input.check`'s terms.
+
+    >>> result = graft.check("photos/", out="runs/photos-check")  # doctest: +SKIP
+    >>> [f.path for f in result.findings if f.issue == "label"]  # doctest: +SKIP
+    """
+    reporter = Reporter(verbose)
+    if out is not None:
+        check_folder(out, kind="check", overwrite=overwrite)
+    cache_root = Path(cache_dir) if cache_dir else default_cache_dir()
+    check_writable_folder(cache_root, "--cache-dir")
+    dataset = load_dataset(data, val_fraction=val_fraction, seed=seed, on_bad_image="skip")
+    loaded = load_backbone(backbone, weights=weights)
+    where = resolve_device(device)
+    precision = resolve_precision("auto", where)
+    if precision == "bf16" and where.type == "cpu":  # the precision `graft train` picks here, so its cache serves
+        precision = choose_cpu_precision(loaded, cache_root).precision
+    cache = FeatureCache(cache_root, backbone_key(loaded, loaded.preprocessing, precision))
+    result = run_check(dataset, loaded, cache=cache, precision=precision, device=where, reporter=reporter, seed=seed)
+    if out is not None:
+        claim_folder(out, kind="check", files=CHECK_FILES, overwrite=overwrite)
+        write_check(result, Path(out))
+    return result
 
 
 def evaluate(bundle: str | Path | Bundle, data: str | Path, *, on_bad_image: str = "error", batch_size: int = 32) -> dict[str, Any]:

@@ -6,7 +6,7 @@ import sys
 
 import typer
 
-from graft.cli import demo, evaluate, inspect, predict, train
+from graft.cli import check, demo, evaluate, inspect, predict, train
 from graft.cli import compare, show_features
 from graft.cli import export, serve
 
@@ -21,6 +21,7 @@ app = typer.Typer(
 )
 app.command(name="demo")(demo.demo)
 app.command(name="inspect")(inspect.inspect)
+app.command(name="check")(check.check)
 app.command(name="train")(train.train)
 app.command(name="predict")(predict.predict)
 app.command(name="evaluate")(evaluate.evaluate)

@@ -50,6 +50,7 @@ def train(
     device: str = options.config_option("device"),
     compile: str = options.config_option("compile"),
     cache_dir: Optional[Path] = options.config_option("cache_dir"),
+    check_data: bool = options.config_option("check_data", "--check-data/--no-check-data"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing but errors."),
     resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run in --out from its last checkpointed epoch (same options)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the graft run in --out: its files are removed first (files graft did not write are never touched)."),

@@ -1,0 +1,111 @@
+"""`graft check` and the check inside `graft train`, on real Fashion-MNIST images (and the messy
+folder of tests/test_reliability.py): flipped labels, planted leaks, bad files; the user's files untouched."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+import graft
+from test_reliability import BAD, corpus, messy_folder  # noqa: F401  (fixtures used below)
+
+
+def _fingerprint(folder: Path) -> dict[str, str]:
+    """Every entry under `folder` (links not followed) with the SHA-256 of its content."""
+    found = {}
+    for path in sorted(folder.rglob("*")):
+        relative = str(path.relative_to(folder))
+        if path.is_symlink():
+            found[relative] = "link to " + str(path.readlink())
+        elif path.is_file():
+            found[relative] = hashlib.sha256(path.read_bytes()).hexdigest()
+        else:
+            found[relative] = "folder"
+    return found
+
+
+def _rows(csv_path: Path) -> list[dict[str, str]]:
+    with csv_path.open(encoding="utf-8", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _split_folder(fashion_folder: Path, root: Path) -> None:
+    """The fixture's images as train/ (the first 9 of each class) and valid/ (the other 3)."""
+    for class_dir in sorted(d for d in fashion_folder.iterdir() if d.is_dir()):
+        for index, path in enumerate(sorted(class_dir.glob("*.png"))):
+            target = root / ("train" if index < 9 else "valid") / class_dir.name
+            target.mkdir(parents=True, exist_ok=True)
+            shutil.copy(path, target / path.name)
+
+
+def _near_copy(path: Path, scale: int, quality: int) -> bytes:
+    """The picture resized by `scale` and re-encoded as a JPEG of `quality`."""
+    image = Image.open(path).convert("RGB")
+    buffer = io.BytesIO()
+    image.resize((image.width * scale, image.height * scale), Image.Resampling.BICUBIC).save(buffer, "JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def test_planted_duplicates_across_train_and_valid_are_reported_as_leaks(fashion_folder, tmp_path):
+    root = tmp_path / "data"
+    _split_folder(fashion_folder, root)
+    first, second = sorted((root / "train" / "sneaker").glob("*.png"))[:2]
+    exact = root / "valid" / "sneaker" / "copy.png"
+    shutil.copy(first, exact)
+    near = root / "valid" / "sneaker" / "resized.jpg"
+    near.write_bytes(_near_copy(second, scale=3, quality=80))
+    result = graft.check(root, tmp_path / "check", verbose=False)
+    leaks = {f.path: f.detail for f in result.findings if f.issue == "leak"}
+    assert "valid/sneaker/copy.png" in leaks and f"train/sneaker/{first.name}" in leaks["valid/sneaker/copy.png"]
+    assert "valid/sneaker/resized.jpg" in leaks and f"train/sneaker/{second.name}" in leaks["valid/sneaker/resized.jpg"]
+    assert len(leaks) == 2, leaks  # the real, distinct images are not taken for copies of each other
+    written = _rows(tmp_path / "check" / "data_check.csv")
+    assert {r["path"] for r in written if r["issue"] == "leak"} == set(leaks)
+
+
+def test_a_flipped_label_in_a_tiny_real_folder_is_among_the_flagged(fashion_folder, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(fashion_folder, root)
+    moved = sorted((root / "trouser").glob("*.png"))[3]
+    moved.rename(root / "bag" / moved.name)
+    result = graft.check(root, verbose=False)
+    flagged = {f.path: f for f in result.findings if f.issue == "label"}
+    assert f"bag/{moved.name}" in flagged, result.findings
+    assert flagged[f"bag/{moved.name}"].suggested_label == "trouser"
+    assert len(flagged) <= 4, "a few flags among 36 images, not every image"
+
+
+def test_check_cli_on_the_messy_folder_names_the_bad_files_and_touches_nothing(messy_folder, tmp_path):
+    before = _fingerprint(messy_folder)
+    out = tmp_path / "check"
+    result = subprocess.run([sys.executable, "-m", "graft.cli.main", "check", str(messy_folder), "--out", str(out)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr and "data check:" in result.stdout
+    rows = _rows(out / "data_check.csv")
+    unreadable = {Path(r["path"]).name: r["detail"] for r in rows if r["issue"] == "unreadable"}
+    for name, words in BAD.items():
+        assert words in unreadable.get(name, ""), (name, unreadable)
+    assert any(r["issue"] == "small-image" and r["path"].endswith("one-pixel.png") for r in rows), rows
+    assert _fingerprint(messy_folder) == before, "graft check changed, moved or added a file in the data folder"
+    again = subprocess.run([sys.executable, "-m", "graft.cli.main", "check", str(messy_folder), "--out", str(out)],
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 2 and "--overwrite" in again.stderr and "Traceback" not in again.stderr
+
+
+def test_train_checks_the_data_and_reports_it(trained_run, fashion_folder, tmp_path):
+    header = (trained_run.run_dir / "data_check.csv").read_text(encoding="utf-8").splitlines()[0]
+    assert header == "path,issue,score,suggested_label,detail"
+    assert (trained_run.run_dir / "data_check.json").is_file()
+    assert "data_check" in trained_run.metrics
+    page = (trained_run.run_dir / "report.html").read_text(encoding="utf-8")
+    assert 'id="data-check"' in page and "images checked" in page
+    skipped = graft.train(fashion_folder, out=tmp_path / "run", epochs=1, check_data=False, verbose=False)
+    assert not (skipped.run_dir / "data_check.csv").exists() and "data_check" not in skipped.metrics
