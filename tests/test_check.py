@@ -36,36 +36,44 @@ def _rows(csv_path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
-def _split_folder(fashion_folder: Path, root: Path) -> None:
-    """The fixture's images as train/ (the first 9 of each class) and valid/ (the other 3)."""
-    for class_dir in sorted(d for d in fashion_folder.iterdir() if d.is_dir()):
-        for index, path in enumerate(sorted(class_dir.glob("*.png"))):
-            target = root / ("train" if index < 9 else "valid") / class_dir.name
-            target.mkdir(parents=True, exist_ok=True)
-            shutil.copy(path, target / path.name)
+def _photo_folder(photos: list[tuple[Path, int]], root: Path) -> list[Path]:
+    """foolbox's 20 ImageNet photos as two classes, each 7 in train/ and 3 in valid/; returns train/'s files."""
+    train = []
+    for index, (path, _) in enumerate(photos):
+        name = ("first", "second")[index % 2]
+        part = "train" if index // 2 < 7 else "valid"
+        (root / part / name).mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, root / part / name / path.name)
+        if part == "train":
+            train.append(root / part / name / path.name)
+    return train
 
 
-def _near_copy(path: Path, scale: int, quality: int) -> bytes:
-    """The picture resized by `scale` and re-encoded as a JPEG of `quality`."""
+def _near_copy(path: Path) -> bytes:
+    """The photo cropped by 5 %, resized to 80 % and re-encoded as a JPEG of quality 70."""
     image = Image.open(path).convert("RGB")
+    width, height = image.size
+    cropped = image.crop((round(0.03 * width), round(0.02 * height), width - round(0.02 * width), height - round(0.03 * height)))
     buffer = io.BytesIO()
-    image.resize((image.width * scale, image.height * scale), Image.Resampling.BICUBIC).save(buffer, "JPEG", quality=quality)
+    cropped.resize((round(0.8 * cropped.width), round(0.8 * cropped.height)), Image.Resampling.BICUBIC).save(buffer, "JPEG", quality=70)
     return buffer.getvalue()
 
 
-def test_planted_duplicates_across_train_and_valid_are_reported_as_leaks(fashion_folder, tmp_path):
+def test_planted_duplicates_across_train_and_valid_are_reported_as_leaks(foolbox_imagenet, tmp_path):
     root = tmp_path / "data"
-    _split_folder(fashion_folder, root)
-    first, second = sorted((root / "train" / "sneaker").glob("*.png"))[:2]
-    exact = root / "valid" / "sneaker" / "copy.png"
+    train = _photo_folder(foolbox_imagenet, root)
+    first, second = train[0], train[3]
+    exact = root / "valid" / first.parent.name / "copy.jpg"
     shutil.copy(first, exact)
-    near = root / "valid" / "sneaker" / "resized.jpg"
-    near.write_bytes(_near_copy(second, scale=3, quality=80))
+    near = root / "valid" / second.parent.name / "near.jpg"
+    near.write_bytes(_near_copy(second))
     result = graft.check(root, tmp_path / "check", verbose=False)
     leaks = {f.path: f.detail for f in result.findings if f.issue == "leak"}
-    assert "valid/sneaker/copy.png" in leaks and f"train/sneaker/{first.name}" in leaks["valid/sneaker/copy.png"]
-    assert "valid/sneaker/resized.jpg" in leaks and f"train/sneaker/{second.name}" in leaks["valid/sneaker/resized.jpg"]
-    assert len(leaks) == 2, leaks  # the real, distinct images are not taken for copies of each other
+    copy, near_name = f"valid/{first.parent.name}/copy.jpg", f"valid/{second.parent.name}/near.jpg"
+    assert copy in leaks and f"train/{first.parent.name}/{first.name}" in leaks[copy], leaks
+    assert near_name in leaks and f"train/{second.parent.name}/{second.name}" in leaks[near_name], leaks
+    assert not [f for f in result.findings if f.issue in ("leak", "duplicate") and f.path not in (copy, near_name)], \
+        "the 20 distinct photos are not taken for copies of each other"
     written = _rows(tmp_path / "check" / "data_check.csv")
     assert {r["path"] for r in written if r["issue"] == "leak"} == set(leaks)
 

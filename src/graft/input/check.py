@@ -204,17 +204,18 @@ def _is_gray(picture: "PIL.Image.Image") -> bool:  # noqa: F821
 
 
 def _duplicate_findings(images: CheckedImages, facts: ImageFacts, features: np.ndarray, root: Path) -> list[Finding]:
-    """One row per copy, naming its closest twin: the held-out copy of a pair across the split
-    (`leak`: the one to remove), else the later of the two (`duplicate`)."""
-    best: dict[int, tuple[int, DuplicatePair]] = {}  # reported image -> (its twin, the pair)
+    """One row per copy, naming its twin (across the split if it has one there, else its closest):
+    the held-out copy of a pair across the split (`leak`: the one to remove), else the later one."""
+    best: dict[int, tuple[tuple[bool, float], int, DuplicatePair]] = {}  # reported image -> (rank, its twin, the pair)
     for pair in find_duplicates(facts.hashes, np.asarray(features), images.digests):
         first, second = pair.first, pair.second
         if images.parts[first] != images.parts[second] and images.parts[second] == "train":
             first, second = second, first
-        if second not in best or pair.similarity > best[second][1].similarity:
-            best[second] = (first, pair)
+        rank = (images.parts[first] != images.parts[second], pair.similarity)  # a leak first, then the closest
+        if second not in best or rank > best[second][0]:
+            best[second] = (rank, first, pair)
     findings = []
-    for second, (first, pair) in sorted(best.items()):
+    for second, (_, first, pair) in sorted(best.items()):
         leak = images.parts[first] != images.parts[second]
         kind = "identical file" if pair.exact else f"near copy (hash distance {pair.hash_distance}, feature cosine {pair.cosine:.3f})"
         findings.append(Finding(
