@@ -14,7 +14,7 @@ path relative to the data root (a class's row names its folder, `bag/`). The iss
   images than the largest class;
 - `small-image`: shorter side under a quarter of the model's input and under half the folder's
   median (a folder of small images, such as 28-pixel scans, is one note, not a row per image);
-- `grayscale`: a grayscale picture in a folder of mostly colour pictures.
+- `grayscale`: a grayscale picture in a folder of colour pictures (at least `COLOUR_SET` of them).
 
 `score` is in 0..1, higher meaning surer. Nothing here writes, moves or changes a user's file.
 """
@@ -50,6 +50,7 @@ MIN_CLASS_IMAGES = 10
 IMBALANCE = 5.0
 SMALL_SHARE_OF_INPUT = 0.25
 HASH_SIDE = 64  # pictures are decoded at about this size for the hash and the colour test
+COLOUR_SET = 0.8  # share of colour pictures from which a grayscale one is out of place
 GRAY_TOLERANCE = 3.0  # mean |R-G|, |G-B| (0-255) under which an RGB file is grayscale (JPEG chroma noise)
 
 
@@ -259,7 +260,7 @@ def _image_findings(images: CheckedImages, facts: ImageFacts, root: Path, input_
         for i, side in sides.items() if side < limit
     ]
     colour = [i for i in readable if not facts.gray[i]]
-    if len(colour) * 2 > len(readable):
+    if len(colour) >= COLOUR_SET * len(readable):
         share = len(colour) / len(readable)
         findings += [
             Finding(relative_path(images.paths[i], root), "grayscale", round(share, 4), "",
