@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 import graft
@@ -117,3 +118,14 @@ def test_train_checks_the_data_and_reports_it(trained_run, fashion_folder, tmp_p
     assert 'id="data-check"' in page and "images checked" in page
     skipped = graft.train(fashion_folder, out=tmp_path / "run", epochs=1, check_data=False, verbose=False)
     assert not (skipped.run_dir / "data_check.csv").exists() and "data_check" not in skipped.metrics
+
+
+def test_check_out_never_replaces_a_run_even_with_overwrite(fashion_folder, tmp_path):
+    from graft.run_folder import claim_folder
+
+    run = tmp_path / "run"
+    claim_folder(run, kind="run", files=["metrics.json"])
+    (run / "metrics.json").write_text("{}")
+    with pytest.raises(graft.OutputError, match="never replaces a run"):
+        graft.check(fashion_folder, run, overwrite=True, verbose=False)
+    assert (run / "metrics.json").read_text() == "{}"

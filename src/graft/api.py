@@ -19,10 +19,10 @@ from graft.shipping.bundle import Bundle, Prediction, load_bundle
 from graft.config import TrainConfig
 from graft.console import Reporter
 from graft.input.data import OnBadImage, load_labelled_folder
-from graft.errors import ConfigError, DataError
+from graft.errors import ConfigError, DataError, OutputError
 from graft.models.heads import HeadSpec, make_head
 from graft.run import RunResult, labelled_metrics, train_with_config, write_run_report
-from graft.run_folder import check_folder, check_writable_folder, claim_folder
+from graft.run_folder import check_folder, check_writable_folder, claim_folder, read_manifest
 from graft.speed.cpu_precision import choose_cpu_precision
 from graft.speed.numerics import resolve_device, resolve_precision
 from graft.training.features import FeatureCache, backbone_key, default_cache_dir
@@ -78,7 +78,7 @@ def check(
     """
     reporter = Reporter(verbose)
     if out is not None:
-        check_folder(out, kind="check", overwrite=overwrite)
+        _check_check_folder(Path(out), overwrite)
     cache_root = Path(cache_dir) if cache_dir else default_cache_dir()
     check_writable_folder(cache_root, "--cache-dir")
     dataset = load_dataset(data, val_fraction=val_fraction, seed=seed, on_bad_image="skip")
@@ -93,6 +93,17 @@ def check(
         claim_folder(out, kind="check", files=CHECK_FILES, overwrite=overwrite)
         write_check(result, Path(out))
     return result
+
+
+def _check_check_folder(out: Path, overwrite: bool) -> None:
+    """`--out` of a check: graft's run-folder rules, and never a run or comparison, even with --overwrite."""
+    owned = read_manifest(out)
+    if owned is not None and owned.kind != "check":
+        raise OutputError(
+            f"--out {out} holds a graft {owned.kind} folder (run id {owned.run_id or 'unknown'}); graft check writes "
+            "into a new or empty folder or an earlier check's, and never replaces a run; choose another --out"
+        )
+    check_folder(out, kind="check", overwrite=overwrite)
 
 
 def evaluate(bundle: str | Path | Bundle, data: str | Path, *, on_bad_image: str = "error", batch_size: int = 32) -> dict[str, Any]:

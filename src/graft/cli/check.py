@@ -21,7 +21,7 @@ def check(
     val_fraction: float = options.config_option("val_fraction"),
     device: str = options.config_option("device"),
     cache_dir: Optional[Path] = options.config_option("cache_dir"),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the graft check (or run) in --out: its files are removed first (files graft did not write are never touched)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the earlier graft check in --out: its files are removed first (files graft did not write are never touched; a run is never replaced)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the summary line."),
 ) -> None:
     """Check a labelled folder before training: likely wrong labels (cleanlab on out-of-fold
