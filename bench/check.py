@@ -30,6 +30,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import graft  # noqa: E402
 from common import machine, print_table, write_results  # noqa: E402
+from graft.input.images import load_image  # noqa: E402
 from graft.input.sample_data import load_fashion_mnist, sample_per_class, write_image_folder  # noqa: E402
 
 FLIP_SHARE = 0.05
@@ -119,7 +120,7 @@ def split_copy(source: Path, target: Path, seed: int = 0) -> list[Path]:
 
 def near_copy(path: Path, rng: random.Random) -> bytes:
     """The picture cropped by 5 % (a random side share), resized to 80 %, saved as JPEG quality 70."""
-    image = Image.open(path).convert("RGB")
+    image = load_image(path)  # as graft sees it: transparency composited on white
     width, height = image.size
     dx, dy = round(0.05 * width), round(0.05 * height)
     left, top = rng.randint(0, dx), rng.randint(0, dy)
