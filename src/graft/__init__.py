@@ -6,6 +6,7 @@
     >>> bundle.predict(["robin.jpg"])[0].label
     >>> graft.evaluate(bundle, "holdout/")["accuracy"]
     >>> graft.inspect("efficientnet_lite0").stages
+    >>> graft.check("photos/", out="runs/photos-check").findings   # wrong labels, leaks, odd images
 
 The names below are imported on first use, so `import graft` does not pay for torch and timm
 until they are needed (the CLI's `--help` stays instant).
@@ -21,6 +22,8 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "Inspection": "graft.api",
     "RunResult": "graft.api",
+    "check": "graft.api",
+    "DataCheck": "graft.input.check",
     "evaluate": "graft.api",
     "inspect": "graft.api",
     "predict": "graft.api",

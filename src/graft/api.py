@@ -15,20 +15,25 @@ from typing import Any, Iterable, Iterator, get_args
 from graft.choices import DEFAULT_BACKBONE
 from graft.config import TrainConfig
 from graft.console import Reporter
-from graft.errors import ConfigError, DataError
-from graft.input.data import OnBadImage, load_labelled_folder, walk_images
+from graft.errors import ConfigError, DataError, OutputError
+from graft.input.check import CHECK_FILES, DataCheck, run_check, write_check
+from graft.input.data import OnBadImage, load_dataset, load_labelled_folder, walk_images
 from graft.input.images import IMAGE_EXTENSIONS
 from graft.models.backbones import load_backbone, with_pooling
 from graft.models.heads import HeadSpec, make_head
 from graft.models.stages import Stage, discover_stages
 from graft.ranges import CLASS_COUNT, check_number
 from graft.run import RunResult, labelled_metrics, train_with_config, write_run_report
+from graft.run_folder import check_folder, check_writable_folder, claim_folder, read_manifest
 from graft.shipping.bundle import Bundle, Prediction, load_bundle
+from graft.speed.cpu_precision import choose_cpu_precision
+from graft.speed.numerics import resolve_device, resolve_precision
 from graft.strategies import AuditRow, get_strategy
 from graft.strategies.base import count_params
+from graft.training.features import FeatureCache, backbone_key, default_cache_dir
 
 __all__ = [
-    "Inspection", "RunResult", "evaluate", "expand_image_paths", "inspect", "predict", "train", "train_with_config",
+    "Inspection", "RunResult", "check", "evaluate", "expand_image_paths", "inspect", "predict", "train", "train_with_config",
     "write_run_report",
 ]
 
@@ -46,6 +51,61 @@ def train(
     """
     config = TrainConfig(data=str(data), out=str(out), **options)
     return train_with_config(config, reporter=Reporter(verbose), resume=resume, overwrite=overwrite)
+
+
+def check(
+    data: str | Path,
+    out: str | Path | None = None,
+    *,
+    backbone: str = DEFAULT_BACKBONE,
+    weights: str | Path | None = None,
+    seed: int = 0,
+    val_fraction: float = 0.2,
+    device: str = "auto",
+    cache_dir: str | Path | None = None,
+    overwrite: bool = False,
+    verbose: bool = True,
+) -> DataCheck:
+    """Check a labelled folder (or CSV) before training: likely wrong labels, duplicates and
+    train/validation leaks, small or imbalanced classes, tiny and grayscale images.
+
+    The split is `graft train`'s for the same `seed` and `val_fraction`; the backbone's frozen
+    features come from the feature cache where a run (or an earlier check) computed them.
+    With `out`, writes `data_check.csv` and `data_check.json` there (a new or empty folder, or an
+    earlier check's with `overwrite=True`: the rules of `graft.run_folder`). The user's files are
+    only read. The findings are in `graft.input.check`'s terms.
+
+    >>> result = graft.check("photos/", out="runs/photos-check")  # doctest: +SKIP
+    >>> [f.path for f in result.findings if f.issue == "label"]  # doctest: +SKIP
+    """
+    reporter = Reporter(verbose)
+    if out is not None:
+        _check_check_folder(Path(out), overwrite)
+    cache_root = Path(cache_dir) if cache_dir else default_cache_dir()
+    check_writable_folder(cache_root, "--cache-dir")
+    dataset = load_dataset(data, val_fraction=val_fraction, seed=seed, on_bad_image="skip")
+    loaded = load_backbone(backbone, weights=weights)
+    where = resolve_device(device)
+    precision = resolve_precision("auto", where)
+    if precision == "bf16" and where.type == "cpu":  # the precision `graft train` picks here, so its cache serves
+        precision = choose_cpu_precision(loaded, cache_root).precision
+    cache = FeatureCache(cache_root, backbone_key(loaded, loaded.preprocessing, precision))
+    result = run_check(dataset, loaded, cache=cache, precision=precision, device=where, reporter=reporter, seed=seed)
+    if out is not None:
+        claim_folder(out, kind="check", files=CHECK_FILES, overwrite=overwrite)
+        write_check(result, Path(out))
+    return result
+
+
+def _check_check_folder(out: Path, overwrite: bool) -> None:
+    """`--out` of a check: graft's run-folder rules, and never a run or comparison, even with --overwrite."""
+    owned = read_manifest(out)
+    if owned is not None and owned.kind != "check":
+        raise OutputError(
+            f"--out {out} holds a graft {owned.kind} folder (run id {owned.run_id or 'unknown'}); graft check writes "
+            "into a new or empty folder or an earlier check's, and never replaces a run; choose another --out"
+        )
+    check_folder(out, kind="check", overwrite=overwrite)
 
 
 def evaluate(bundle: str | Path | Bundle, data: str | Path, *, on_bad_image: str = "error", batch_size: int = 32) -> dict[str, Any]:

@@ -88,6 +88,7 @@ class TrainConfig:
     device: str = _option("auto", "auto, cpu, cuda or cuda:N.")
     compile: str = _option("auto", "torch.compile: on, off, or auto. auto compiles the frozen backbone for extraction on CPU from 50 000 images, and on a GPU the training step when its timed first steps say the run saves more than compiling costs.")
     cache_dir: str | None = _option(None, "Feature cache folder (default: $GRAFT_CACHE_DIR or ~/.cache/graft).")
+    check_data: bool = _option(True, "Check the data after training (likely wrong labels, duplicates and train/validation leaks, small or imbalanced classes, tiny and grayscale images; as `graft check`): data_check.csv and a report section. The features come from the cache training filled; a strategy that fine-tunes pays one frozen pass over the images.")
 
     def __post_init__(self) -> None:
         checks = [

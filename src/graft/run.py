@@ -15,7 +15,10 @@
 8. `_train`: the strategy trains, recording history and checkpoints after every epoch;
 9. `_measure`: the validation metrics and the run's facts, with the calibration temperature
    fitted on the validation logits;
-10. `_write_run`: bundle, held-out test/ metrics, predictions, metrics, the report last.
+10. `_check_data`: the data check (`graft.input.check`: likely wrong labels, duplicates and leaks,
+    odd classes and images) on the pretrained backbone's features, most of them from the cache
+    training filled; `data_check.csv` and `.json` (skipped with `check_data=False`);
+11. `_write_run`: bundle, held-out test/ metrics, predictions, metrics, the report last.
 
 Under torchrun every rank runs every step; only rank 0 speaks and writes files (the run folder is
 checked and claimed by rank 0 alone, and the last step waits for every rank).
@@ -35,6 +38,7 @@ from graft.atomic import write_json, write_text
 from graft.config import TrainConfig
 from graft.console import QUIET, Reporter, show_audit
 from graft.errors import TrainingError
+from graft.input.check import DataCheck, run_check, write_check
 from graft.input.data import CheckedFiles, Dataset, LabelledImages, load_dataset, relative_path
 from graft.input.pipeline import eval_view_check
 from graft.models.backbones import Backbone, load_backbone, with_crop, with_pooling
@@ -131,6 +135,9 @@ def train_with_config(
         _start_run_files(config, plan, numerics, dataset, places.run_dir, resume=resume, overwrite=overwrite)
     outcome = _train(plan, dataset, backbone, numerics, places, voice)
     measured = _measure(plan, dataset, backbone, outcome, train_seconds=time.perf_counter() - started)
+    checked = _check_data(config, dataset, numerics, places, voice) if config.check_data else None
+    if checked is not None:
+        measured["data_check"] = checked.counts()
     metrics = _write_run(plan, dataset, backbone, numerics, outcome, measured, places, voice) if main_rank else measured
     distributed.barrier()  # no rank returns before the files exist
     voice.say(_summary(metrics, outcome, places.run_dir))
@@ -308,6 +315,22 @@ def _measure(plan: Plan, dataset: Dataset, backbone: Backbone, outcome: TrainOut
     )
     metrics.update(outcome.notes)  # strategy facts: cache hits, cached prefix, auto's choice
     return metrics
+
+
+def _check_data(config: TrainConfig, dataset: Dataset, numerics: Numerics, places: RunPlaces, reporter: Reporter) -> DataCheck:
+    """The data check on the pretrained backbone (loaded again: a strategy may have trained the
+    one it was given), in the run's view, pooling and precision, so the features training cached
+    serve it; rank 0 writes data_check.csv and data_check.json into the run folder."""
+    backbone = _build_backbone(config, QUIET)
+    cache = FeatureCache(places.cache_root, backbone_key(backbone, backbone.preprocessing, numerics.precision))
+    checked = run_check(
+        dataset, backbone, cache=cache, precision=numerics.precision, device=numerics.device,
+        reporter=reporter, seed=config.seed, compile=numerics.compile_backbone,
+    )
+    if distributed.is_main():
+        write_check(checked, places.run_dir)
+    reporter.say(checked.summary() + f"\n  the list: {places.run_dir / 'data_check.csv'} (--no-check-data skips the check)")
+    return checked
 
 
 def _write_run(

@@ -43,7 +43,7 @@ MANIFEST_NAME = "graft-manifest.json"
 # What a run writes into its folder (graft.run, graft.training.checkpoint, graft.report).
 RUN_FILES = (
     "config.json", "split.json", "history.jsonl", "checkpoint", "val_predictions.json",
-    "metrics.json", "bundle", "forgetting.json", "report.html",
+    "metrics.json", "bundle", "forgetting.json", "report.html", "data_check.csv", "data_check.json",
 )
 # Files an operating system's file manager leaves in a folder it merely showed.
 _SYSTEM_LITTER = frozenset({".DS_Store", "Thumbs.db", "desktop.ini"})

@@ -6,9 +6,9 @@ import sys
 
 import typer
 
-from graft.cli import Interrupted, export, serve
-from graft.cli import compare, show_features
-from graft.cli import demo, evaluate, inspect, predict, train
+from graft.cli import (
+    Interrupted, check, compare, demo, evaluate, export, inspect, predict, serve, show_features, train,
+)
 from graft.cli.options import flag
 from graft.errors import ConfigError, GraftError
 
@@ -23,6 +23,7 @@ app = typer.Typer(
 )
 app.command(name="demo")(demo.demo)
 app.command(name="inspect")(inspect.inspect)
+app.command(name="check")(check.check)
 app.command(name="train")(train.train)
 app.command(name="predict")(predict.predict)
 app.command(name="evaluate")(evaluate.evaluate)

@@ -20,7 +20,7 @@ from graft.config import TrainConfig
 
 CONFIG_FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(TrainConfig)}
 # Option names other than the field's name with dashes (a bool that is a plain flag, a short name).
-_OPTION_NAMES = {"train_bn": ("--train-bn",), "out": ("--out", "-o")}
+_OPTION_NAMES = {"train_bn": ("--train-bn",), "check_data": ("--check-data/--no-check-data",), "out": ("--out", "-o")}
 # Fields the command line takes as paths; config.json keeps them as strings.
 _PATH_FIELDS = {"out": Path, "weights": Path | None, "cache_dir": Path | None}
 Command = TypeVar("Command", bound=Callable[..., Any])

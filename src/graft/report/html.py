@@ -30,6 +30,7 @@ from graft.strategies import STRATEGY_NAMES, get_strategy
 # The report's sections, in page order: (id, heading). Tests and readers rely on these ids.
 SECTIONS: tuple[tuple[str, str], ...] = (
     ("data", "Data"),
+    ("data-check", "Data check: likely wrong labels, leaks, odd images"),
     ("strategy", "Strategy and what it trains"),
     ("curves", "Learning curves"),
     ("confusion", "Confusion matrix"),
@@ -41,6 +42,8 @@ SECTIONS: tuple[tuple[str, str], ...] = (
     ("forgetting", "Forgetting per stage"),
 )
 MAX_MISTAKES = 12
+MAX_CHECK_THUMBNAILS = 12
+MAX_CHECK_ROWS = 40
 REPORT_FEATURE_STAGES = 4  # rows of feature maps in the report; show-features draws any others
 
 STYLE = """
@@ -210,6 +213,7 @@ def write_report(run_dir: str | Path, *, cka_images: int | None = None) -> Path:
     parts = [
         header(run),
         section("data", "Data", data_section(run)),
+        section("data-check", "Data check: likely wrong labels, leaks, odd images", data_check_section(run, figures)),
         section("strategy", "Strategy and what it trains", strategy_section(run, bundle, pretrained, stages)),
         section("curves", "Learning curves", curves_section(run, figures)),
         section("confusion", "Confusion matrix", img(
@@ -275,6 +279,37 @@ def data_section(run: Run) -> str:
         bad_html = "<p>Bad images skipped: none.</p>"
     warnings = "".join(f'<p class="bad">warning: {esc(w)}</p>' for w in data.get("warnings", []))
     return summary + table(["class", "training images", "validation images"], rows) + bad_html + warnings
+
+
+def data_check_section(run: Run, figures: Any) -> str:
+    """The run's data check (data_check.json): counts, notes, thumbnails of the flagged images, the list."""
+
+    path = run.dir / "data_check.json"
+    if not path.is_file():
+        return note("The data check did not run (--no-check-data); `graft check DATA` runs it on its own.")
+    checked = json.loads(path.read_text(encoding="utf-8"))
+    findings = checked.get("findings", [])
+    counts = ", ".join(f"{n} {issue}" for issue, n in checked.get("counts", {}).items()) or "no issue found"
+    intro = f"<p>{esc(checked.get('images', '?'))} images checked: <b>{esc(counts)}</b>. The full list is data_check.csv.</p>"
+    intro += "".join(note(f"note: {n}") for n in checked.get("notes", []))
+    tiles = []
+    for row in [f for f in findings if not f["path"].endswith("/") and f["issue"] != "unreadable"][:MAX_CHECK_THUMBNAILS]:
+        try:
+            uri = figures.image_uri(load_image(run.data_root / row["path"]), max_side=160)
+        except ImageError:
+            continue  # moved or removed since; the table still lists it
+        suggestion = f"<br>suggested <b>{esc(row['suggested_label'])}</b>" if row["suggested_label"] else ""
+        tiles.append(
+            f'<figure><img src="{uri}" alt="{esc(row["path"])}"><figcaption><b class="bad">{esc(row["issue"])}</b> '
+            f"({row['score']:.2f}){suggestion}<br>{esc(row['path'])}</figcaption></figure>"
+        )
+    listing = table(
+        ["path", "issue", "score", "suggested label", "detail"],
+        [(f["path"], f["issue"], f"{f['score']:.3f}", f["suggested_label"], f["detail"]) for f in findings[:MAX_CHECK_ROWS]],
+    ) if findings else ""
+    more = note(f"and {len(findings) - MAX_CHECK_ROWS} more rows in data_check.csv") if len(findings) > MAX_CHECK_ROWS else ""
+    gallery = f'<div class="gallery">{"".join(tiles)}</div>' if tiles else ""
+    return intro + gallery + listing + more + note("What each issue means and how it is found: docs/check.md.")
 
 
 def strategy_section(run: Run, bundle: Any, pretrained: Any, stages: Sequence[Any]) -> str:
