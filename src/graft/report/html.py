@@ -17,6 +17,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 
 from graft.errors import BundleError
+from graft.strategies.auto_measure import describe_framing, describe_pooling
 
 # The report's sections, in page order: (id, heading). Tests and readers rely on these ids.
 SECTIONS: tuple[tuple[str, str], ...] = (
@@ -236,7 +237,7 @@ def header(run: Run) -> str:
     cards = [
         ("validation accuracy", f"{m['accuracy']:.3f}"),
         ("macro-F1", f"{m['macro_f1']:.3f}" + _macro_f1_scope(m)),
-        ("strategy", m.get("strategy", "?")),
+        ("strategy", _strategy_card(m)),
         ("backbone", m.get("backbone", "?")),
         ("trainable / total params", f"{m.get('trainable_params', 0):,} / {m.get('total_params', 0):,}"),
         ("training time", f"{m.get('train_seconds', 0):.1f} s"),
@@ -272,10 +273,19 @@ def data_section(run: Run) -> str:
     return summary + table(["class", "training images", "validation images"], rows) + bad_html + warnings
 
 
+def _strategy_card(metrics: Mapping[str, Any]) -> str:
+    """The strategy, and for auto the one it kept: "auto: feature-extract"."""
+    auto = metrics.get("auto") or {}
+    kept = auto.get("kept") or auto.get("chose")
+    return f"auto: {kept}" if kept else str(metrics.get("strategy", "?"))
+
+
 def strategy_section(run: Run, bundle: Any, pretrained: Any, stages: Sequence[Any]) -> str:
     from graft.config import TrainConfig
     from graft.strategies import STRATEGY_NAMES, get_strategy
 
+    if "audit" in (run.metrics.get("auto") or {}):
+        return auto_section(run.metrics["auto"])
     name = run.metrics.get("strategy") or run.config.get("strategy")
     settings = {k: v for k, v in run.config.items() if k not in ("data", "out", "resolved")}
     intro = f"<p>Strategy <b>{esc(name)}</b>. Settings: " + ", ".join(f"{esc(k)}={esc(v)}" for k, v in settings.items()) + ".</p>"
@@ -292,6 +302,43 @@ def strategy_section(run: Run, bundle: Any, pretrained: Any, stages: Sequence[An
         [(r.stage, f"{r.trainable_params:,}", f"{r.total_params:,}", f"{r.lr:.2g}" if r.lr else "-", r.bn_mode) for r in rows],
     )
     return intro + body + note("BatchNorm \"eval\": running statistics frozen to the pretrained ones.")
+
+
+def auto_section(auto: Mapping[str, Any]) -> str:
+    """What `auto` measured, chose and kept, and why; the kept strategy's audit and settings: all
+    as recorded in `metrics.json: auto` while the run trained."""
+    settings = auto.get("settings", {})
+    kept = auto.get("kept", auto["chose"])
+    intro = (f"<p>Strategy <b>auto</b> measured the data and kept <b>{esc(kept)}</b> "
+             f"({esc(settings.get('pooling', '?'))} pooling, crop {esc(fmt(settings.get('crop_pct')))}).</p>")
+    why = [f"Rule ({auto['rule']}): {auto['reason']}"]
+    if auto.get("framing"):
+        why.append(describe_framing(auto["framing"]).removeprefix("auto "))
+    if auto.get("pooling"):
+        why.append(describe_pooling(auto["pooling"]).removeprefix("auto "))
+    if auto.get("decision"):
+        why.append(f"kept: {auto['decision']['why']}.")
+    measured = ", ".join(f"{k.replace('_', ' ')} {fmt(v)}" for k, v in auto.get("measured", {}).items())
+    candidates = table(
+        ["measured", "candidate", "validation accuracy", "standard error", "validation log-loss", "chosen"],
+        [(c["kind"], c["name"], fmt(c["accuracy"]), fmt(c.get("standard_error")), fmt(c.get("loss")),
+          "yes" if c.get("chosen") else "") for c in auto.get("candidates", [])],
+    )
+    audit = table(
+        ["stage", "trainable params", "total params", "learning rate", "BatchNorm"],
+        [(r["stage"], f"{r['trainable_params']:,}", f"{r['total_params']:,}", f"{r['lr']:.2g}" if r["lr"] else "-", r["bn_mode"])
+         for r in auto["audit"]],
+    )
+    shown = ", ".join(f"{esc(k)}={esc('default' if v is None else v)}" for k, v in settings.items())
+    return (
+        intro + f"<p>Measured on the training images: {esc(measured)}.</p>"
+        + "<p>Every candidate scored on the validation images (probes on the frozen features for the framing "
+        + "and the pooling; the trained models for the strategies):</p>" + candidates
+        + "<ul>" + "".join(f"<li>{esc(line)}</li>" for line in why) + "</ul>"
+        + f"<p>What {esc(kept)} trained:</p>" + audit
+        + note("BatchNorm \"eval\": running statistics frozen to the pretrained ones.")
+        + f"<p>Settings {esc(kept)} trained with: {shown}.</p>"
+    )
 
 
 def curves_section(run: Run, figures: Any) -> str:
