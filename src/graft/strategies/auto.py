@@ -37,8 +37,9 @@ from graft.strategies.auto_measure import (
     describe_pooling,
     measure,
 )
-from graft.strategies.auto_rule import Choice, Measurements, ViewScore, accuracy_difference_se, accuracy_se, choose, keeps_fine_tuning
+from graft.strategies.auto_rule import FROZEN_STRATEGIES, Choice, Measurements, ViewScore, accuracy_difference_se, accuracy_se, choose, keeps_fine_tuning
 from graft.strategies.base import AuditRow, TrainContext, TrainOutcome, with_prefix_tap
+from graft.strategies.feature_extract import head_solver
 from graft.strategies.finetune import FineTune, cached_prefix_split
 
 
@@ -107,6 +108,8 @@ class _Trained:
         resolved = {"epochs": config.epochs or strategy.default_epochs, "lr": config.lr or strategy.default_lr,
                     "patience": config.patience or strategy.default_patience,
                     "crop_pct": self.context.backbone.preprocessing.crop_pct, "pooling": self.context.backbone.pooling}
+        if self.strategy in FROZEN_STRATEGIES:
+            resolved["head_solver"] = head_solver(config, self.context.backbone.pooling)
         skip = ("data", "out", "cache_dir", "weights", "device")
         return {**{k: v for k, v in config.to_dict().items() if k not in skip}, **resolved}
 
