@@ -82,9 +82,14 @@ def test_the_report_of_a_default_run_explains_what_auto_measured_and_kept(fashio
     assert "?" not in section.text.split("What feature-extract trained")[1]
     # Its settings resolved: the strategy's defaults where none was given, the measured view.
     settings = auto["settings"]
-    assert settings["strategy"] == "feature-extract" and settings["epochs"] == 2 and settings["lr"] == 1e-3
+    assert settings["strategy"] == "feature-extract" and "train_stages" not in settings  # no fine-tuning setting
     assert settings["pooling"] == auto["pooling"]["chose"] and settings["crop_pct"] == auto["framing"]["crop_pct"]
-    assert "=None" not in section.text and "lr=0.001" in section.text
+    assert settings["head_solver"] == ("adamw" if settings["pooling"] == "avg" else "lbfgs")
+    if settings["head_solver"] == "adamw":  # the user's epochs, the strategy's rate
+        assert settings["epochs"] == 2 and settings["lr"] == 1e-3 and "lr=0.001" in section.text
+    else:  # L-BFGS solves the head: no epochs or rate to show
+        assert "epochs" not in settings and "lr" not in settings
+    assert "=None" not in section.text and f"images per class {auto['measured']['images_per_class']:g}," in section.text
     assert "auto: feature-extract" in (run.run_dir / "report.html").read_text()
 
 

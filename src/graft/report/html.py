@@ -310,7 +310,7 @@ def auto_section(auto: Mapping[str, Any]) -> str:
     settings = auto.get("settings", {})
     kept = auto.get("kept", auto["chose"])
     intro = (f"<p>Strategy <b>auto</b> measured the data and kept <b>{esc(kept)}</b> "
-             f"({esc(settings.get('pooling', '?'))} pooling, crop {esc(fmt(settings.get('crop_pct')))}).</p>")
+             f"({esc(settings.get('pooling', '?'))} pooling, crop {esc(_number(settings.get('crop_pct')))}).</p>")
     why = [f"Rule ({auto['rule']}): {auto['reason']}"]
     if auto.get("framing"):
         why.append(describe_framing(auto["framing"]).removeprefix("auto "))
@@ -318,7 +318,7 @@ def auto_section(auto: Mapping[str, Any]) -> str:
         why.append(describe_pooling(auto["pooling"]).removeprefix("auto "))
     if auto.get("decision"):
         why.append(f"kept: {auto['decision']['why']}.")
-    measured = ", ".join(f"{k.replace('_', ' ')} {fmt(v)}" for k, v in auto.get("measured", {}).items())
+    measured = ", ".join(f"{k.replace('_', ' ')} {_number(v)}" for k, v in auto.get("measured", {}).items())
     candidates = table(
         ["measured", "candidate", "validation accuracy", "standard error", "validation log-loss", "chosen"],
         [(c["kind"], c["name"], fmt(c["accuracy"]), fmt(c.get("standard_error")), fmt(c.get("loss")),
@@ -339,6 +339,11 @@ def auto_section(auto: Mapping[str, Any]) -> str:
         + note("BatchNorm \"eval\": running statistics frozen to the pretrained ones.")
         + f"<p>Settings {esc(kept)} trained with: {shown}.</p>"
     )
+
+
+def _number(value: Any) -> str:
+    """A measured figure as short as it reads: 20 images per class, confidence 0.252."""
+    return f"{value:.3g}" if isinstance(value, float) else fmt(value)
 
 
 def curves_section(run: Run, figures: Any) -> str:

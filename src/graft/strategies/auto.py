@@ -79,6 +79,11 @@ class Auto:
         return outcome
 
 
+# Settings a frozen backbone's head does not read, and those an L-BFGS head does not either.
+_FINE_TUNING_ONLY = {"train_stages", "lr_decay", "thaw_every", "train_bn", "bn_stats", "lora_rank"}
+_ADAMW_ONLY = {"epochs", "lr", "patience", "batch_size", "weight_decay", "warmup_epochs", "label_smoothing"}
+
+
 @dataclass
 class _Trained:
     """One strategy auto trained: its settings, the context it trained in, its audit and outcome."""
@@ -108,10 +113,11 @@ class _Trained:
         resolved = {"epochs": config.epochs or strategy.default_epochs, "lr": config.lr or strategy.default_lr,
                     "patience": config.patience or strategy.default_patience,
                     "crop_pct": self.context.backbone.preprocessing.crop_pct, "pooling": self.context.backbone.pooling}
+        skip = {"data", "out", "cache_dir", "weights", "device"}
         if self.strategy in FROZEN_STRATEGIES:
             resolved["head_solver"] = head_solver(config, self.context.backbone.pooling)
-        skip = ("data", "out", "cache_dir", "weights", "device")
-        return {**{k: v for k, v in config.to_dict().items() if k not in skip}, **resolved}
+            skip |= _FINE_TUNING_ONLY | (_ADAMW_ONLY if resolved["head_solver"] == "lbfgs" else set())
+        return {k: v for k, v in {**config.to_dict(), **resolved}.items() if k not in skip}
 
     def record(self) -> dict[str, Any]:
         """What the candidates table shows of it."""
