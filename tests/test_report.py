@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 
+import pytest
 from PIL import Image
 from rich.console import Console
 
@@ -68,8 +69,10 @@ def test_the_report_of_a_default_run_explains_what_auto_measured_and_kept(fashio
     # Every framing and pooling probe, then the trained strategy, each with what validation said.
     assert [c["kind"] for c in auto["candidates"]] == ["framing"] * 2 + ["pooling"] * 4 + ["trained"]
     assert [c["name"] for c in auto["candidates"][:6]] == ["crop 0.875", "crop 1", "avg", "grid", "grid-2", "grid-3"]
-    for candidate in auto["candidates"]:
-        assert 0 < candidate["standard_error"] < 0.5
+    validation_images = auto["framing"]["images"][1]
+    for candidate in auto["candidates"]:  # each accuracy's binomial standard error on those images
+        accuracy = candidate["accuracy"]
+        assert candidate["standard_error"] == pytest.approx((accuracy * (1 - accuracy) / validation_images) ** 0.5, abs=2e-3)
         assert f"{candidate['accuracy']:.3f}{candidate['standard_error']:.3f}" in section.text  # two cells of its row
     assert sum(c["chosen"] for c in auto["candidates"]) == 3  # a framing, a pooling, the kept strategy
     assert auto["rule"] in section.text and auto["reason"] in section.text
