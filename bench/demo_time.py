@@ -48,7 +48,7 @@ def main() -> None:
         for precision in ("fp32", "auto"):
             with tempfile.TemporaryDirectory(prefix="graft-acc-") as scratch:
                 started = time.perf_counter()
-                run = graft.train(root, out=Path(scratch) / "run", cache_dir=str(Path(scratch) / "cache"), precision=precision, verbose=False)
+                run = graft.train(root, out=Path(scratch) / "run", strategy="feature-extract", cache_dir=str(Path(scratch) / "cache"), precision=precision, verbose=False)
                 seconds = time.perf_counter() - started
                 test = graft.evaluate(run.bundle_dir, root / "test")
                 resolved = graft.load_bundle(run.bundle_dir).meta.get("precision")

@@ -52,7 +52,7 @@ def main() -> None:
             "seconds": fit.seconds, "extraction_seconds": extraction.seconds,
         })
         with Timer() as run_timer:
-            run = graft.train(root, out=RESULTS / "runs" / f"fe-{args.shots}-{seed}", seed=seed, cache_dir=str(cache_root), verbose=False)
+            run = graft.train(root, out=RESULTS / "runs" / f"fe-{args.shots}-{seed}", strategy="feature-extract", seed=seed, cache_dir=str(cache_root), verbose=False)
         test = graft.evaluate(run.bundle_dir, root / "test")
         rows.append({
             "method": "graft feature-extract", "seed": seed,

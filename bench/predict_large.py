@@ -113,7 +113,7 @@ def _resaved(picture: Image.Image) -> Image.Image:
 
 def speed(small: list[Path], large: list[Path], repeats: int) -> list[dict]:
     with tempfile.TemporaryDirectory() as runs:
-        run = graft.train(task_folder(5) / "train", out=Path(runs) / "run", epochs=3, verbose=False)
+        run = graft.train(task_folder(5) / "train", out=Path(runs) / "run", strategy="feature-extract", epochs=3, verbose=False)
         bundle = graft.load_bundle(run.run_dir)
     decode_for_model = images.load_image
 

@@ -33,7 +33,7 @@ def child(multiple: int) -> None:
     with tempfile.TemporaryDirectory(prefix="graft-scaling-") as scratch:
         started = time.perf_counter()
         run = graft.train(root / "train", out=Path(scratch) / "run", cache_dir=str(Path(scratch) / "cache"),
-                          epochs=30, patience=30, verbose=False)
+                          strategy="feature-extract", epochs=30, patience=30, verbose=False)
         seconds = time.perf_counter() - started
     print(json.dumps({"images": run.metrics["num_train"] + run.metrics["num_val"], "seconds": seconds,
                       "max_rss_mb": max_rss_mb(), "val_accuracy": run.metrics["accuracy"]}))

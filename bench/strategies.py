@@ -29,13 +29,18 @@ COLUMNS = ["method", "test_accuracy", "val_accuracy", "seconds", "trainable_para
 
 
 def run_graft(root: Path, strategy: str, epochs: int | None, cache: Path, options: dict) -> dict:
+    """One graft run; `strategy="default"` calls graft.train with no strategy (what a user gets)."""
     started = time.perf_counter()
     options = {"epochs": epochs, **options}  # an --set epochs=N wins over --epochs
-    run = graft.train(root, out=RESULTS / "runs" / f"{root.name}-{strategy}", strategy=strategy,
-                      cache_dir=str(cache), verbose=False, **options)
+    if strategy != "default":
+        options["strategy"] = strategy
+    suffix = "-".join(str(options[k]) for k in ("pooling", "crop_pct") if options.get(k) is not None)
+    run = graft.train(root, out=RESULTS / "runs" / f"{root.name}-{strategy}{'-' + suffix if suffix else ''}",
+                      cache_dir=str(cache), verbose=False, overwrite=True, **options)
     seconds = time.perf_counter() - started
     test = graft.evaluate(run.bundle_dir, root / "test")
-    note = run.metrics.get("auto", {}).get("chose", "") if strategy == "auto" else ""
+    auto = run.metrics.get("auto", {})
+    note = f"rule chose {auto['chose']}, kept {auto.get('kept', auto['chose'])} ({auto.get('settings', {}).get('pooling', '?')} pooling)" if auto else ""
     return {"method": f"graft {strategy}", "test_accuracy": test["accuracy"], "val_accuracy": run.metrics["accuracy"],
             "seconds": seconds, "trainable_params": run.metrics["trainable_params"], "note": note,
             "epochs_run": run.metrics["epochs_run"]}
@@ -77,7 +82,9 @@ def main() -> None:
     parser.add_argument("--shots", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--epochs", type=int, default=None, help="epochs for every graft strategy (default: each one's own)")
-    parser.add_argument("--strategies", nargs="*", default=ALL_STRATEGIES)
+    parser.add_argument("--strategies", nargs="*", default=ALL_STRATEGIES, help="also `default`: graft.train with no strategy given")
+    parser.add_argument("--shared-cache", action="store_true", help="one feature cache for every graft row (a later row reuses the features an earlier one computed; its seconds are then not its own)")
+    parser.add_argument("--poolings", nargs="*", default=[None], help="feature-extract once per pooling given (avg grid grid-2 grid-3)")
     parser.add_argument("--peers", nargs="*", default=ALL_PEERS)
     parser.add_argument("--set", nargs="*", default=[], metavar="OPTION=VALUE", help="extra graft options for every strategy, e.g. crop_pct=1.0")
     parser.add_argument("--set-for", nargs="*", default=[], metavar="STRATEGY:OPTION=VALUE", help="an option for one strategy, e.g. lp-ft:augment=strong")
@@ -87,7 +94,7 @@ def main() -> None:
 
     root = task_folder(args.shots, args.seed)
     rows: list[dict] = []
-    name = f"strategies_{args.shots}shot_seed{args.seed}" + ("_" + "_".join(args.set) if args.set else "") + ("_" + "_".join(args.strategies) if args.strategies != ALL_STRATEGIES else "")
+    name = f"strategies_{args.shots}shot_seed{args.seed}" + ("_" + "_".join(args.set) if args.set else "") + ("_" + "_".join(args.strategies) if args.strategies != ALL_STRATEGIES else "") + ("_" + "_".join(args.poolings) if args.poolings != [None] else "")
 
     def record(row: dict | None, role: str) -> None:
         if row is None:
@@ -98,17 +105,21 @@ def main() -> None:
         print_table([row], COLUMNS)
         write_results(name, rows, {"shots": args.shots, "seed": args.seed, "max_rss_mb": max_rss_mb(), "acceptance": acceptance(rows)})
 
-    for strategy in args.strategies:
+    shared = Path(tempfile.mkdtemp(prefix="graft-bench-")) if args.shared_cache else None
+    runs = [(s, p) for s in args.strategies for p in (args.poolings if s == "feature-extract" else [None])]
+    for strategy, pooling in runs:
         # A fresh cache per strategy: every row pays for its own backbone passes.
         own = [item.split(":", 1)[1] for item in args.set_for if item.split(":", 1)[0] == strategy]
+        own += [f"pooling={pooling}"] if pooling is not None else []
         options = {"seed": args.seed, **{k: _value(v) for k, v in (item.split("=", 1) for item in args.set + own)}}
-        if strategy == "auto":  # auto measures the framing itself; a given crop would skip that
+        measures = strategy in ("auto", "default")
+        if measures:  # auto measures the framing itself; a given crop would skip that
             options.pop("crop_pct", None)
-        row = run_graft(root, strategy, args.epochs, Path(tempfile.mkdtemp(prefix="graft-bench-")), options)
-        shown = args.set + own if strategy != "auto" else [o for o in args.set if not o.startswith("crop_pct=")]
+        row = run_graft(root, strategy, args.epochs, shared or Path(tempfile.mkdtemp(prefix="graft-bench-")), options)
+        shown = args.set + own if not measures else [o for o in args.set if not o.startswith("crop_pct=")]
         if shown:
             row["method"] += " (" + ", ".join(shown) + ")"
-        record(row, f"graft {strategy}")
+        record(row, f"graft {strategy}" + (f" {pooling}" if pooling else ""))
     if "probe" in args.peers:
         record(run_probe(root, Path(tempfile.mkdtemp(prefix="graft-bench-"))), "probe")
     if "probe-whole-frame" in args.peers:
@@ -147,6 +158,11 @@ def acceptance(rows: list[dict]) -> dict[str, str]:
         if role in by_role:
             margin = 100 * (best["test_accuracy"] - by_role[role]["test_accuracy"])
             lines[f"best - {label}"] = f"{margin:+.1f} points ({goal})"
+    default = by_role.get("graft default")
+    others = [row for row in graft_rows if row is not default]
+    if default is not None and others:
+        rival = max(others, key=lambda row: row["test_accuracy"])
+        lines["default - best other"] = f"{100 * (default['test_accuracy'] - rival['test_accuracy']):+.1f} points against {rival['method']}"
     auto = by_role.get("graft auto")
     if auto is not None:
         lines["auto - best"] = f"{100 * (auto['test_accuracy'] - best['test_accuracy']):+.1f} points (required: within 1)"

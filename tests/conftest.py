@@ -58,7 +58,7 @@ def trained_run(fashion_folder: Path, tmp_path_factory: pytest.TempPathFactory):
     import graft
 
     out = tmp_path_factory.mktemp("runs") / "small"
-    return graft.train(fashion_folder, out=out, epochs=30, verbose=False)
+    return graft.train(fashion_folder, strategy="feature-extract", out=out, epochs=30, verbose=False)
 
 
 @pytest.fixture(scope="session")

@@ -18,8 +18,10 @@ from graft.strategies.auto_rule import (
     Measurements,
     ViewScore,
     accuracy_difference_se,
+    accuracy_se,
     choose,
     first_wins,
+    keeps_fine_tuning,
 )
 
 
@@ -67,6 +69,49 @@ def test_framing_uses_accuracy_beyond_one_standard_error_and_log_loss_within_it(
     whole, center = _views(6, 5, 0, 0, (0.64, 0.64))
     assert accuracy_difference_se(whole, center) == 0.0
     assert first_wins(whole, center) == (False, "log-loss")
+
+
+def test_a_fine_tuned_model_is_kept_only_beyond_one_standard_error_over_the_frozen_one():
+    # A fine-tuned model one point above the frozen one on 1 000 validation images, within one
+    # standard error: the frozen candidate stays, whatever the log-loss says (validation also
+    # chose the fine-tuned model's best epoch).
+    tuned, frozen = _views(1000, 800, 60, 50, (0.40, 0.55))
+    assert accuracy_difference_se(tuned, frozen) == pytest.approx(0.0105, abs=1e-4)
+    assert not keeps_fine_tuning(tuned, frozen)
+    assert first_wins(tuned, frozen) == (True, "log-loss")  # the framing's rule would have taken it
+    # Beyond one standard error: the fine-tuned model is kept; an exact tie keeps the frozen one.
+    tuned, frozen = _views(1000, 800, 70, 40, (0.60, 0.50))
+    assert keeps_fine_tuning(tuned, frozen) and not keeps_fine_tuning(frozen, tuned)
+    tuned, frozen = _views(10, 7, 0, 0, (0.5, 0.5))
+    assert not keeps_fine_tuning(tuned, frozen)
+    # One accuracy's own standard error, binomial: sqrt(p (1 - p) / n).
+    assert accuracy_se(ViewScore(0.9, 0.3, (True,) * 90 + (False,) * 10)) == pytest.approx(0.03)
+
+
+def test_the_pooling_is_measured_at_every_data_size(tmp_path, lite0):
+    """52 real images per class (above the lp-ft cell's 50): the grids are measured too."""
+    import numpy as np
+    import torch
+
+    from graft.config import TrainConfig
+    from graft.console import QUIET
+    from graft.input.data import load_dataset
+    from graft.input.sample_data import load_fashion_mnist, sample_per_class, write_image_folder
+    from graft.models.heads import HeadSpec
+    from graft.strategies.auto_measure import _measures_pooling
+    from graft.strategies.base import TrainContext
+
+    source = load_fashion_mnist("test")
+    keep = np.isin(source.labels, [1, 7, 8])
+    subset = type(source)(source.name, source.images[keep], source.labels[keep], source.class_names)
+    write_image_folder(subset, sample_per_class(subset.labels, 65, np.random.default_rng(3)), tmp_path / "data")
+    dataset = load_dataset(tmp_path / "data")
+    assert dataset.train.images_per_class() >= auto_rule.LP_FT_PER_CLASS
+    config = TrainConfig(data=str(tmp_path / "data"), out=str(tmp_path / "run"))
+    context = TrainContext(config=config, dataset=dataset, backbone=lite0, stages=[], head_spec=HeadSpec("linear", 1280, 3),
+                           device=torch.device("cpu"), precision="fp32", cache=None, reporter=QUIET, on_epoch=lambda history: None)
+    assert _measures_pooling(context)
+    assert not _measures_pooling(dataclasses.replace(context, config=config.replace(pooling="avg")))  # as the user said
 
 
 @pytest.mark.parametrize("per_class, confidence, pooling", [(5, 0.2, "grid"), (20, 0.2, "grid"), (20, 0.8, "grid"),
@@ -310,6 +355,21 @@ def test_auto_runs_lp_ft_on_the_top_stages_for_a_few_distant_images_per_class(tm
     assert auto["measured"]["images_per_class"] == 12
     assert auto["chose"] == "lp-ft" and auto["rule"] == "few + distant -> lp-ft on the top stages"
     assert auto["options"]["train_stages"] == 2 and auto["options"]["epochs"] == 2  # the user's epochs win
+    # Beside it the best frozen candidate trained (the chosen view, head only, from the cache), and
+    # lp-ft is kept only where it beat that on validation by more than one standard error.
+    decision = auto["decision"]
+    frozen, tuned = [c for c in auto["candidates"] if c["kind"] == "trained"]
+    assert (frozen["name"], tuned["name"]) == ("feature-extract (avg pooling)", "lp-ft (avg pooling)")
+    assert decision["accuracy_difference"] == pytest.approx(tuned["accuracy"] - frozen["accuracy"], abs=1e-3)
+    kept = "lp-ft" if decision["accuracy_difference"] > decision["accuracy_difference_se"] else "feature-extract"
+    assert decision["kept"] == auto["kept"] == kept == "lp-ft" and tuned["chosen"] and not frozen["chosen"]
+    assert frozen["trainable_params"] == 1280 * 3 + 3 and tuned["epochs_run"] == 2
+    # The report shows what was recorded: the decision, lp-ft's own audit and resolved settings.
+    from _html import parse_page
+
+    section = parse_page(run.run_dir / "report.html").sections["strategy"]
+    assert decision["why"] in section.text and "(decided by measurement)" not in section.text
+    assert "epochs=2" in section.text and "lr=0.003" in section.text and "train_stages=2" in section.text  # lp-ft's own rate
     # The top 2 stages trained on cached outputs of the frozen prefix, with 8 augmented views.
     assert run.metrics["cached_prefix"] == "blocks.4" and run.metrics["augment_views"] == 8
     # The prefix's outputs for the plain view were kept from the framing's full passes (a fresh

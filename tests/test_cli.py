@@ -19,7 +19,7 @@ def graft_cli(*args, check=True):
 
 def test_train_predict_evaluate_through_the_cli(fashion_folder, holdout_folder, tmp_path):
     out = tmp_path / "run"
-    graft_cli("train", fashion_folder, "--out", out, "--epochs", "15", "--quiet")
+    graft_cli("train", fashion_folder, "--out", out, "--strategy", "feature-extract", "--epochs", "15", "--quiet")
     assert (out / "bundle" / "graft.json").is_file()
 
     lines = graft_cli("predict", out / "bundle", holdout_folder, "--format", "json", "--top-k", "2").stdout.splitlines()

@@ -258,7 +258,7 @@ def test_train_measures_the_final_model_on_the_held_out_test_folder(fashion_fold
     root = tmp_path / "data"
     _copy_classes(fashion_folder, root / "train")
     _copy_classes(holdout_folder, root / "test", per_class=3)
-    run = graft.train(root, out=tmp_path / "run", epochs=5, verbose=False)
+    run = graft.train(root, strategy="feature-extract", out=tmp_path / "run", epochs=5, verbose=False)
     test = json.loads((run.run_dir / "metrics.json").read_text())["test"]
     assert test["num_images"] == 9 and test["class_names"] == ["bag", "sneaker", "trouser"]
     assert test["accuracy"] == graft.evaluate(run.bundle_dir, root / "test")["accuracy"]

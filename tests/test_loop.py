@@ -104,7 +104,7 @@ def test_a_diverging_run_stops_at_the_first_non_finite_epoch_and_keeps_the_last_
 
     out = tmp_path / "diverged"
     with pytest.raises(graft.GraftError, match=r"diverged in epoch 2 of 8: the training loss is nan.*--lr .*3.*--weight-decay") as caught:
-        graft.train(fashion_folder, out=out, lr=3.0, weight_decay=3.0, batch_size=1, epochs=8, device="cpu", verbose=False)
+        graft.train(fashion_folder, strategy="feature-extract", out=out, lr=3.0, weight_decay=3.0, batch_size=1, epochs=8, device="cpu", verbose=False)
     assert type(caught.value).__name__ == "TrainingError"
     assert str(out) in str(caught.value) and "checkpoint" in str(caught.value)
     assert not (out / "bundle").exists() and not (out / "metrics.json").exists()

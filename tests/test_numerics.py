@@ -92,7 +92,7 @@ def test_a_compiled_backbone_gives_the_eager_features(fashion_folder: Path, tmp_
     from graft.input.data import load_labelled_folder
     from graft.training.features import FeatureCache, backbone_key
 
-    run = graft.train(fashion_folder, out=tmp_path / "run", compile="on", epochs=2, verbose=False, cache_dir=str(tmp_path / "cache"))
+    run = graft.train(fashion_folder, strategy="feature-extract", out=tmp_path / "run", compile="on", epochs=2, verbose=False, cache_dir=str(tmp_path / "cache"))
     assert run.metrics["backbone_compiled"] is True
     precision = run.metrics.get("precision") or __import__("json").loads((run.run_dir / "config.json").read_text())["resolved"]["precision"]
     train = load_labelled_folder(fashion_folder)[0]

@@ -178,13 +178,13 @@ def test_bad_pooling_and_solver_options_are_named(fashion_folder, tmp_path):
     with pytest.raises(graft.ConfigError, match="^pooling: 'max'"):
         graft.TrainConfig(data=str(fashion_folder), out=str(tmp_path), pooling="max")
     with pytest.raises(graft.ConfigError, match="--head-solver lbfgs: fits a linear head only"):
-        graft.train(fashion_folder, out=tmp_path / "mlp", head="mlp", head_solver="lbfgs", verbose=False)
+        graft.train(fashion_folder, strategy="feature-extract", out=tmp_path / "mlp", head="mlp", head_solver="lbfgs", verbose=False)
 
 
 @pytest.fixture(scope="module", params=["grid", "grid-3"])
 def grid_run(fashion_folder, tmp_path_factory, request):
     out = tmp_path_factory.mktemp(request.param) / "run"
-    return graft.train(fashion_folder, out=out, pooling=request.param, crop_pct=1.0, verbose=False)
+    return graft.train(fashion_folder, strategy="feature-extract", out=out, pooling=request.param, crop_pct=1.0, verbose=False)
 
 
 def test_grid_head_is_scikit_learns_logistic_regression_and_reloads_identically(grid_run, fashion_folder, holdout_folder, lite0):

@@ -99,5 +99,5 @@ def test_compare_inspect_and_demo_refuse_out_of_range_numbers(capsys, fashion_fo
 
 def test_python_api_train_refuses_a_non_finite_rate_before_any_work(fashion_folder, tmp_path):
     with pytest.raises(graft.ConfigError, match=r"^lr: expected a finite number in \(0, 10\]"):
-        graft.train(fashion_folder, out=tmp_path / "x", lr=float("inf"), verbose=False)
+        graft.train(fashion_folder, strategy="feature-extract", out=tmp_path / "x", lr=float("inf"), verbose=False)
     assert not (tmp_path / "x").exists()

@@ -265,7 +265,7 @@ def test_incompatible_options_are_refused_before_any_work(tmp_path):
     with pytest.raises(ConfigError, match=r"--train-stages: expected 1 to 8 \(the backbone has 8 stages\), got 9"):
         graft.train(tmp_path / "nowhere", out=out, strategy="partial", train_stages=9, verbose=False)
     with pytest.raises(BackboneError, match="--weights"):
-        graft.train(tmp_path / "nowhere", out=out, weights=str(tmp_path / "missing.safetensors"), verbose=False)
+        graft.train(tmp_path / "nowhere", strategy="feature-extract", out=out, weights=str(tmp_path / "missing.safetensors"), verbose=False)
     assert not out.exists()
 
 

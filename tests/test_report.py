@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 
+import pytest
 from PIL import Image
 from rich.console import Console
 
@@ -52,6 +53,47 @@ def test_report_has_every_section_with_embedded_figures(trained_run):
         assert wrong[0]["path"] in mistakes.text
     else:
         assert "classified correctly" in mistakes.text
+
+
+def test_the_report_of_a_default_run_explains_what_auto_measured_and_kept(fashion_folder, tmp_path):
+    """`graft.train` with no strategy runs auto; its report shows every candidate auto scored on
+    validation (accuracy, standard error), its choice and why, and the kept strategy's audit and
+    settings, all as recorded in metrics.json while the run trained."""
+    import graft
+
+    run = graft.train(fashion_folder, out=tmp_path / "run", epochs=2, verbose=False, cache_dir=str(tmp_path / "c"))
+    auto = run.metrics["auto"]
+    assert run.metrics["strategy"] == "auto" == json.loads((run.run_dir / "config.json").read_text())["strategy"]
+    page = parse_page(run.run_dir / "report.html")
+    section = page.sections["strategy"]
+    # Every framing and pooling probe, then the trained strategy, each with what validation said.
+    assert [c["kind"] for c in auto["candidates"]] == ["framing"] * 2 + ["pooling"] * 4 + ["trained"]
+    assert [c["name"] for c in auto["candidates"][:6]] == ["crop 0.875", "crop 1", "avg", "grid", "grid-2", "grid-3"]
+    validation_images = auto["framing"]["images"][1]
+    for candidate in auto["candidates"]:  # each accuracy's binomial standard error on those images
+        accuracy = candidate["accuracy"]
+        assert candidate["standard_error"] == pytest.approx((accuracy * (1 - accuracy) / validation_images) ** 0.5, abs=2e-3)
+        assert f"{candidate['accuracy']:.3f}{candidate['standard_error']:.3f}" in section.text  # two cells of its row
+    assert sum(c["chosen"] for c in auto["candidates"]) == 3  # a framing, a pooling, the kept strategy
+    assert auto["rule"] in section.text and auto["reason"] in section.text
+    assert f"kept {auto['kept']}" in section.text and auto["kept"] == "feature-extract"
+    # The kept strategy's audit: frozen stages with BatchNorm in eval mode, the head trains.
+    stages = json.loads((run.run_dir / "forgetting.json").read_text())["stages"]
+    assert [row["bn_mode"] for row in auto["audit"][:-1]] == ["eval"] * len(stages)
+    assert auto["audit"][-1]["trainable_params"] == run.metrics["trainable_params"] > 0
+    assert section.table_rows == (len(auto["candidates"]) + 1) + (len(stages) + 2)
+    assert "?" not in section.text.split("What feature-extract trained")[1]
+    # Its settings resolved: the strategy's defaults where none was given, the measured view.
+    settings = auto["settings"]
+    assert settings["strategy"] == "feature-extract" and "train_stages" not in settings  # no fine-tuning setting
+    assert settings["pooling"] == auto["pooling"]["chose"] and settings["crop_pct"] == auto["framing"]["crop_pct"]
+    assert settings["head_solver"] == ("adamw" if settings["pooling"] == "avg" else "lbfgs")
+    if settings["head_solver"] == "adamw":  # the user's epochs, the strategy's rate
+        assert settings["epochs"] == 2 and settings["lr"] == 1e-3 and "lr=0.001" in section.text
+    else:  # L-BFGS solves the head: no epochs or rate to show
+        assert "epochs" not in settings and "lr" not in settings
+    assert "=None" not in section.text and f"images per class {auto['measured']['images_per_class']:g}," in section.text
+    assert "auto: feature-extract" in (run.run_dir / "report.html").read_text()
 
 
 def test_learning_curves_mark_thawed_stages(tmp_path):

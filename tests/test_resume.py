@@ -105,12 +105,12 @@ def test_killed_run_resumes_to_the_uninterrupted_result(fashion_folder, tmp_path
 def test_resume_refuses_changed_options_and_missing_runs(fashion_folder, tmp_path):
     out = tmp_path / "run"
     with pytest.raises(ConfigError, match="no run to continue"):
-        graft.train(fashion_folder, out=out, resume=True, verbose=False)
-    graft.train(fashion_folder, out=out, epochs=3, verbose=False)
+        graft.train(fashion_folder, strategy="feature-extract", out=out, resume=True, verbose=False)
+    graft.train(fashion_folder, strategy="feature-extract", out=out, epochs=3, verbose=False)
     with pytest.raises(ConfigError, match=r"--epochs was 3, now 5.*--lr was None, now 0\.01"):
-        graft.train(fashion_folder, out=out, epochs=5, lr=0.01, resume=True, verbose=False)
+        graft.train(fashion_folder, strategy="feature-extract", out=out, epochs=5, lr=0.01, resume=True, verbose=False)
     with pytest.raises(ConfigError, match="finished already"):
-        graft.train(fashion_folder, out=out, epochs=3, resume=True, verbose=False)
+        graft.train(fashion_folder, strategy="feature-extract", out=out, epochs=3, resume=True, verbose=False)
 
 
 def test_resume_names_the_data_that_changed(fashion_folder, tmp_path):

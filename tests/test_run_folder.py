@@ -57,13 +57,13 @@ def test_out_holding_files_graft_did_not_write_is_refused_untouched(fashion_fold
         shutil.copytree(fashion_folder / sorted(p.name for p in fashion_folder.iterdir())[0], data / name)
     images = _tree(data)
     with pytest.raises(OutputError, match="not empty"):
-        graft.train(data, out=data, epochs=1, overwrite=True, verbose=False)
+        graft.train(data, strategy="feature-extract", out=data, epochs=1, overwrite=True, verbose=False)
     assert _tree(data) == images
 
 
 def test_a_run_is_replaced_only_with_overwrite_and_only_its_own_files(fashion_folder, tmp_path):
     out = tmp_path / "run"
-    first = graft.train(fashion_folder, out=out, epochs=1, verbose=False)
+    first = graft.train(fashion_folder, strategy="feature-extract", out=out, epochs=1, verbose=False)
     first_id = read_manifest(out).run_id
     from graft.shipping.export import export_onnx
 
@@ -71,10 +71,10 @@ def test_a_run_is_replaced_only_with_overwrite_and_only_its_own_files(fashion_fo
     assert export_onnx(first.bundle_dir, check_images=sorted(fashion_folder.rglob("*.png"))[:2]).path == out / "model.onnx"
     finished = _tree(out)
     with pytest.raises(OutputError, match=r"holds a graft run already.*--overwrite.*--resume"):
-        graft.train(fashion_folder, out=out, epochs=1, seed=1, verbose=False)
+        graft.train(fashion_folder, strategy="feature-extract", out=out, epochs=1, seed=1, verbose=False)
     assert _tree(out) == finished
     (out / "notes.txt").write_text("mine")
-    second = graft.train(fashion_folder, out=out, epochs=1, seed=1, overwrite=True, verbose=False)
+    second = graft.train(fashion_folder, strategy="feature-extract", out=out, epochs=1, seed=1, overwrite=True, verbose=False)
     assert read_manifest(out).run_id != first_id
     assert (out / "notes.txt").read_text() == "mine" and not (out / "model.onnx").exists()
     assert json.loads((out / "config.json").read_text())["seed"] == 1
@@ -85,7 +85,7 @@ def test_a_run_is_replaced_only_with_overwrite_and_only_its_own_files(fashion_fo
 @pytest.mark.slow
 def test_a_killed_overwrite_never_leaves_two_runs_mixed(fashion_folder, tmp_path):
     out = tmp_path / "run"
-    graft.train(fashion_folder, out=out, epochs=2, verbose=False)
+    graft.train(fashion_folder, strategy="feature-extract", out=out, epochs=2, verbose=False)
     options = ["--strategy", "feature-extract", "--epochs", "100", "--patience", "100", "--seed", "1"]
     _kill_after_first_checkpoint(["train", fashion_folder, "--out", out, "--quiet", "--overwrite", *options], out)
     # Only the new run's files: the old one's results were removed before its config.json.
@@ -173,7 +173,8 @@ def test_disk_full_is_one_error_line_and_the_run_resumes(fashion_folder, tmp_pat
         resource.setrlimit(resource.RLIMIT_FSIZE, (2_000_000, 2_000_000))
 
     out = tmp_path / "run"
-    result = _graft("train", fashion_folder, "--out", out, "--epochs", "2", "--quiet", preexec_fn=small_files_only)
+    result = _graft("train", fashion_folder, "--out", out, "--strategy", "feature-extract", "--epochs", "2", "--quiet",
+                    preexec_fn=small_files_only)
     line = _one_error_line(result, f"{out / 'bundle'}: cannot write", "whole", "--resume")
     for name in ("config.json", "split.json", "history.jsonl"):
         json.loads((out / name).read_text().splitlines()[0] if name.endswith("jsonl") else (out / name).read_text())

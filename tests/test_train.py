@@ -56,34 +56,34 @@ def test_frozen_backbone_weights_and_batchnorm_buffers_are_bitwise_unchanged(tra
 def test_second_run_reads_features_from_the_cache_without_a_backbone_forward(fashion_folder, tmp_path, monkeypatch):
     import graft.training.features
 
-    first = graft.train(fashion_folder, out=tmp_path / "a", epochs=3, verbose=False, cache_dir=str(tmp_path / "cache"))
+    first = graft.train(fashion_folder, strategy="feature-extract", out=tmp_path / "a", epochs=3, verbose=False, cache_dir=str(tmp_path / "cache"))
     assert first.metrics["features_computed"] == 36
 
     def no_forward(*args, **kwargs):
         raise AssertionError("the backbone ran although every feature was cached")
 
     monkeypatch.setattr(graft.training.features, "forward_batches", no_forward)
-    second = graft.train(fashion_folder, out=tmp_path / "b", epochs=3, verbose=False, cache_dir=str(tmp_path / "cache"))
+    second = graft.train(fashion_folder, strategy="feature-extract", out=tmp_path / "b", epochs=3, verbose=False, cache_dir=str(tmp_path / "cache"))
     assert second.metrics["features_computed"] == 0 and second.metrics["features_from_cache"] == 36
     assert second.metrics["accuracy"] == first.metrics["accuracy"]
 
 
 def test_training_is_deterministic_on_cpu(fashion_folder, tmp_path):
-    runs = [graft.train(fashion_folder, out=tmp_path / str(i), epochs=5, verbose=False) for i in range(2)]
+    runs = [graft.train(fashion_folder, strategy="feature-extract", out=tmp_path / str(i), epochs=5, verbose=False) for i in range(2)]
     assert [r.to_dict() for r in runs[0].history] == [
         {**r.to_dict(), "seconds": runs[0].history[i].seconds} for i, r in enumerate(runs[1].history)
     ]
 
 
 def test_augmented_views_are_cached_too(fashion_folder, tmp_path):
-    run = graft.train(fashion_folder, out=tmp_path / "aug", epochs=3, augment_views=2, verbose=False, cache_dir=str(tmp_path / "c"))
+    run = graft.train(fashion_folder, strategy="feature-extract", out=tmp_path / "aug", epochs=3, augment_views=2, verbose=False, cache_dir=str(tmp_path / "c"))
     assert run.metrics["features_computed"] == 36 + 2 * 30
-    again = graft.train(fashion_folder, out=tmp_path / "aug2", epochs=3, augment_views=2, verbose=False, cache_dir=str(tmp_path / "c"))
+    again = graft.train(fashion_folder, strategy="feature-extract", out=tmp_path / "aug2", epochs=3, augment_views=2, verbose=False, cache_dir=str(tmp_path / "c"))
     assert again.metrics["features_computed"] == 0
 
 
 def test_mlp_head(fashion_folder, tmp_path, holdout_folder):
-    run = graft.train(fashion_folder, out=tmp_path / "mlp", head="mlp", hidden=64, dropout=0.2, epochs=10, verbose=False)
+    run = graft.train(fashion_folder, strategy="feature-extract", out=tmp_path / "mlp", head="mlp", hidden=64, dropout=0.2, epochs=10, verbose=False)
     bundle = load_bundle(run.bundle_dir)
     assert bundle.meta["head"]["kind"] == "mlp" and bundle.meta["head"]["hidden"] == 64
     assert graft.evaluate(bundle, holdout_folder)["num_images"] == 18
@@ -99,5 +99,5 @@ def test_bad_options_are_refused_before_any_work(fashion_folder, tmp_path):
     with pytest.raises(graft.ConfigError, match="feature-extract"):
         graft.train(fashion_folder, out=tmp_path / "x", strategy="magic", verbose=False)
     with pytest.raises(graft.ConfigError, match="^head: "):
-        graft.train(fashion_folder, out=tmp_path / "x", head="conv", verbose=False)
+        graft.train(fashion_folder, strategy="feature-extract", out=tmp_path / "x", head="conv", verbose=False)
     assert not (tmp_path / "x").exists()

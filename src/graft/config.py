@@ -58,7 +58,7 @@ class TrainConfig:
     out: str = field(metadata={"help": "Run folder to write (config, history, metrics, bundle): a new or empty folder, or a graft run to --resume or --overwrite."})
     backbone: str = _option(DEFAULT_BACKBONE, "Any timm model name; bundled offline: efficientnet_lite0/1/2.")
     weights: str | None = _option(None, "Local state-dict file for the backbone (safetensors or torch).")
-    strategy: str = _option("feature-extract", "Adaptation strategy (see `graft inspect --strategy`).")
+    strategy: str = _option("auto", "Adaptation strategy (see `graft inspect --strategy`): auto measures the framing, the pooling and the data, picks one and keeps a fine-tuned model only if it beats the frozen features on validation; feature-extract is the quickest path (frozen backbone, head only).")
     head: str = _option("linear", "New classifier head: linear or mlp.")
     hidden: int = _option(512, "Hidden units of the mlp head.")
     dropout: float = _option(0.0, "Dropout before the head's last layer.")

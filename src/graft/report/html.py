@@ -26,6 +26,7 @@ from graft.report.activations import feature_maps_figure
 from graft.report.forgetting import MAX_CKA_IMAGES, stage_forgetting
 from graft.shipping.bundle import load_bundle
 from graft.strategies import STRATEGY_NAMES, get_strategy
+from graft.strategies.auto_measure import describe_framing, describe_pooling
 
 # The report's sections, in page order: (id, heading). Tests and readers rely on these ids.
 SECTIONS: tuple[tuple[str, str], ...] = (
@@ -245,7 +246,7 @@ def header(run: Run) -> str:
     cards = [
         ("validation accuracy", f"{m['accuracy']:.3f}"),
         ("macro-F1", f"{m['macro_f1']:.3f}" + _macro_f1_scope(m)),
-        ("strategy", m.get("strategy", "?")),
+        ("strategy", _strategy_card(m)),
         ("backbone", m.get("backbone", "?")),
         ("trainable / total params", f"{m.get('trainable_params', 0):,} / {m.get('total_params', 0):,}"),
         ("training time", f"{m.get('train_seconds', 0):.1f} s"),
@@ -312,8 +313,17 @@ def data_check_section(run: Run, figures: Any) -> str:
     return intro + gallery + listing + more + note("What each issue means and how it is found: docs/check.md.")
 
 
+def _strategy_card(metrics: Mapping[str, Any]) -> str:
+    """The strategy, and for auto the one it kept: "auto: feature-extract"."""
+    auto = metrics.get("auto") or {}
+    kept = auto.get("kept") or auto.get("chose")
+    return f"auto: {kept}" if kept else str(metrics.get("strategy", "?"))
+
+
 def strategy_section(run: Run, bundle: Any, pretrained: Any, stages: Sequence[Any]) -> str:
 
+    if "audit" in (run.metrics.get("auto") or {}):
+        return auto_section(run.metrics["auto"])
     name = run.metrics.get("strategy") or run.config.get("strategy")
     settings = {k: v for k, v in run.config.items() if k not in ("data", "out", "resolved")}
     intro = f"<p>Strategy <b>{esc(name)}</b>. Settings: " + ", ".join(f"{esc(k)}={esc(v)}" for k, v in settings.items()) + ".</p>"
@@ -330,6 +340,48 @@ def strategy_section(run: Run, bundle: Any, pretrained: Any, stages: Sequence[An
         [(r.stage, f"{r.trainable_params:,}", f"{r.total_params:,}", f"{r.lr:.2g}" if r.lr else "-", r.bn_mode) for r in rows],
     )
     return intro + body + note("BatchNorm \"eval\": running statistics frozen to the pretrained ones.")
+
+
+def auto_section(auto: Mapping[str, Any]) -> str:
+    """What `auto` measured, chose and kept, and why; the kept strategy's audit and settings: all
+    as recorded in `metrics.json: auto` while the run trained."""
+    settings = auto.get("settings", {})
+    kept = auto.get("kept", auto["chose"])
+    intro = (f"<p>Strategy <b>auto</b> measured the data and kept <b>{esc(kept)}</b> "
+             f"({esc(settings.get('pooling', '?'))} pooling, crop {esc(_number(settings.get('crop_pct')))}).</p>")
+    why = [f"Rule ({auto['rule']}): {auto['reason']}"]
+    if auto.get("framing"):
+        why.append(describe_framing(auto["framing"]).removeprefix("auto "))
+    if auto.get("pooling"):
+        why.append(describe_pooling(auto["pooling"]).removeprefix("auto "))
+    if auto.get("decision"):
+        why.append(f"kept: {auto['decision']['why']}.")
+    measured = ", ".join(f"{k.replace('_', ' ')} {_number(v)}" for k, v in auto.get("measured", {}).items())
+    candidates = table(
+        ["measured", "candidate", "validation accuracy", "standard error", "validation log-loss", "chosen"],
+        [(c["kind"], c["name"], fmt(c["accuracy"]), fmt(c.get("standard_error")), fmt(c.get("loss")),
+          "yes" if c.get("chosen") else "") for c in auto.get("candidates", [])],
+    )
+    audit = table(
+        ["stage", "trainable params", "total params", "learning rate", "BatchNorm"],
+        [(r["stage"], f"{r['trainable_params']:,}", f"{r['total_params']:,}", f"{r['lr']:.2g}" if r["lr"] else "-", r["bn_mode"])
+         for r in auto["audit"]],
+    )
+    shown = ", ".join(f"{esc(k)}={esc('default' if v is None else v)}" for k, v in settings.items())
+    return (
+        intro + f"<p>Measured on the training images: {esc(measured)}.</p>"
+        + "<p>Every candidate scored on the validation images (probes on the frozen features for the framing "
+        + "and the pooling; the trained models for the strategies):</p>" + candidates
+        + "<ul>" + "".join(f"<li>{esc(line)}</li>" for line in why) + "</ul>"
+        + f"<p>What {esc(kept)} trained:</p>" + audit
+        + note("BatchNorm \"eval\": running statistics frozen to the pretrained ones.")
+        + f"<p>Settings {esc(kept)} trained with: {shown}.</p>"
+    )
+
+
+def _number(value: Any) -> str:
+    """A measured figure as short as it reads: 20 images per class, confidence 0.252."""
+    return f"{value:.3g}" if isinstance(value, float) else fmt(value)
 
 
 def curves_section(run: Run, figures: Any) -> str:

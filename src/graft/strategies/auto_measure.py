@@ -22,7 +22,7 @@ in the feature cache that `feature-extract` reuses, and logistic-regression prob
   images; `auto_rule.first_wins` (the one-standard-error rule) decides. Only the crop can change;
   mean, std, size and interpolation stay the pretrained config's, and the bundle records the view
   it was trained on.
-- **pooling** (`choose_pooling`, fewer than `LP_FT_PER_CLASS` images per class): on the chosen
+- **pooling** (`choose_pooling`, at every data size): on the chosen
   view, probes on the backbone's average-pooled features, on a 3x3 grid of its last map, and on
   grids of its last two and three stages' outputs (`graft.models.pooling`), by the same rule as a ladder:
   each wider one must beat the one it challenges. The framing's passes pool their maps every way
@@ -43,7 +43,9 @@ from PIL import Image
 from graft.choices import POOLINGS
 from graft.models.backbones import Backbone, with_crop, with_pooling
 from graft.models.pooling import GRID_SIZE, LEVEL_GRIDS, earlier_module_names, supports_grid
-from graft.strategies.auto_rule import LP_FT_PER_CLASS, Measurements, ViewScore, accuracy_difference_se, first_wins
+from graft.strategies.auto_rule import (
+    Measurements, ViewScore, accuracy_difference_se, accuracy_se, first_wins,
+)
 from graft.strategies.base import TrainContext
 from graft.training.features import ExtractionStats, FeatureCache, SidePooling, Tap, backbone_key, extract_features
 
@@ -116,6 +118,7 @@ def choose_framing(context: TrainContext) -> tuple[TrainContext, dict[str, Any]]
     return contexts[chosen], {
         "center_crop": center, "center_accuracy": round(middle.accuracy, 4), "full_accuracy": round(full.accuracy, 4),
         "center_loss": round(middle.loss, 4), "full_loss": round(full.loss, 4),
+        "center_se": round(accuracy_se(middle), 4), "full_se": round(accuracy_se(full), 4),
         "accuracy_difference_se": round(accuracy_difference_se(full, middle), 4), "decided_by": decided_by,
         "chose": "the whole frame (crop 1)" if chosen == 1.0 else f"the backbone's center crop ({center:g})",
         "crop_pct": chosen, "images": [len(train_rows), len(val_rows)],
@@ -178,6 +181,7 @@ def choose_pooling(context: TrainContext) -> tuple[TrainContext, dict[str, Any]]
     return contexts[chosen], {
         "accuracy": {p: round(score.accuracy, 4) for p, score in scores.items()},
         "loss": {p: round(score.loss, 4) for p, score in scores.items()},
+        "standard_error": {p: round(accuracy_se(score), 4) for p, score in scores.items()},
         "steps": steps, "grid_size": GRID_SIZE, "level_grids": list(LEVEL_GRIDS), "chose": chosen,
         "images": [len(train_rows), len(val_rows)],
         "computed": stats.computed,  # images the backbone ran for it (none where the framing's passes pooled every way)
@@ -201,11 +205,9 @@ def _pooling_candidates(context: TrainContext) -> tuple[str, ...]:
 
 
 def _measures_pooling(context: TrainContext) -> bool:
-    """Whether auto compares the average with the grids: fewer than `LP_FT_PER_CLASS` images per
-    class (where the grids were measured), no `--pooling` given, a backbone that can pool by a grid
-    (`graft.models.pooling.supports_grid`) and validation images to score on."""
-    return (context.config.pooling is None and context.dataset.train.images_per_class() < LP_FT_PER_CLASS
-            and supports_grid(context.backbone.model) and len(context.dataset.val) > 0)
+    """Whether auto compares the average with the grids: no `--pooling` given, a backbone that can
+    pool by a grid (`graft.models.pooling.supports_grid`) and validation images to score on."""
+    return context.config.pooling is None and supports_grid(context.backbone.model) and len(context.dataset.val) > 0
 
 
 def _grids_on_the_side(context: TrainContext, pooling: str | None = None) -> tuple[SidePooling, ...]:
