@@ -17,6 +17,7 @@ from graft.config import TrainConfig
 from graft.console import Reporter
 from graft.errors import ConfigError, DataError
 from graft.input.data import OnBadImage, load_labelled_folder, walk_images
+from graft.input.multilabel import is_multilabel_csv, load_labelled_sets
 from graft.input.images import IMAGE_EXTENSIONS
 from graft.models.backbones import load_backbone, with_pooling
 from graft.models.heads import HeadSpec, make_head
@@ -54,7 +55,10 @@ def evaluate(bundle: str | Path | Bundle, data: str | Path, *, on_bad_image: str
     if on_bad_image not in choices:
         raise ConfigError(f"--on-bad-image: {on_bad_image!r} is not one of {', '.join(choices)}")
     model = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
-    images, bad = load_labelled_folder(data, on_bad_image=on_bad_image)  # type: ignore[arg-type]
+    if is_multilabel_csv(Path(data)):  # label sets: mAP and F1 at the bundle's thresholds
+        images, bad = load_labelled_sets(Path(data), on_bad_image=on_bad_image)  # type: ignore[arg-type]
+    else:
+        images, bad = load_labelled_folder(data, on_bad_image=on_bad_image)  # type: ignore[arg-type]
     unknown = sorted(set(images.class_names) - set(model.class_names))
     if unknown:
         raise DataError(

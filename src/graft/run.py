@@ -33,7 +33,8 @@ from graft.atomic import write_json, write_text
 from graft.config import TrainConfig
 from graft.console import QUIET, Reporter, show_audit
 from graft.errors import TrainingError
-from graft.input.data import Dataset, LabelledImages, load_dataset, relative_path
+from graft.input.data import Dataset, LabelledImages, relative_path
+from graft.input.multilabel import load_task_dataset
 from graft.models.backbones import Backbone, load_backbone, with_crop, with_pooling
 from graft.models.heads import HeadSpec, make_head
 from graft.models.stages import Stage, discover_stages
@@ -50,6 +51,8 @@ from graft.training.checkpoint import check_same_data, prepare_checkpoints
 from graft.training.features import FeatureCache, backbone_key
 from graft.training.loop import EpochRecord, seed_everything
 from graft.training.metrics import classification_metrics
+from graft.training import multilabel
+from graft.shipping.multilabel import labelled_set_metrics
 
 if TYPE_CHECKING:
     from graft.training.checkpoint import Checkpointer
@@ -150,7 +153,8 @@ def _open_run(config: TrainConfig, reporter: Reporter, *, resume: bool, overwrit
 def _load_data(config: TrainConfig, reporter: Reporter, *, resume: bool) -> Dataset:
     """The labelled images and their split; with `resume`, the same images the run started on."""
 
-    dataset = load_dataset(config.data, val_fraction=config.val_fraction, seed=config.seed, on_bad_image=config.on_bad_image)
+    dataset = load_task_dataset(config.data, task=config.task, val_fraction=config.val_fraction, seed=config.seed,
+                                on_bad_image=config.on_bad_image)
     if resume:
         check_same_data(Path(config.out), config.data, dataset.split_record())
     for warning in dataset.warnings:
@@ -274,8 +278,10 @@ def _train(plan: Plan, dataset: Dataset, backbone: Backbone, numerics: Numerics,
 
 def _measure(plan: Plan, dataset: Dataset, backbone: Backbone, outcome: TrainOutcome, *, train_seconds: float) -> dict[str, Any]:
     """Validation metrics and the run's facts: the keys of metrics.json but the held-out `test`."""
-    predicted = outcome.val_logits.argmax(1).tolist()
-    metrics = classification_metrics(dataset.val.labels, predicted, dataset.class_names)
+    if dataset.task == "multilabel":  # label sets: mAP, F1 at per-label thresholds chosen on validation
+        metrics = multilabel.validation_metrics(dataset.val.labels, outcome.val_logits, dataset.class_names)
+    else:
+        metrics = classification_metrics(dataset.val.labels, outcome.val_logits.argmax(1).tolist(), dataset.class_names)
     metrics.update(
         backbone=backbone.architecture,
         strategy=plan.resolved_config.strategy,
@@ -302,7 +308,7 @@ def _write_run(
     metrics written (`measured`, with `test` when there is a test/ folder)."""
     save_bundle(places.bundle_dir, outcome.model, _bundle_meta(plan, dataset, backbone, numerics, outcome, measured))
     metrics = {**measured, **_held_out_metrics(places.bundle_dir, dataset, reporter)}
-    write_json(places.run_dir / "val_predictions.json", validation_predictions(dataset, outcome.val_logits))
+    write_json(places.run_dir / "val_predictions.json", validation_predictions(dataset, outcome.val_logits, metrics))
     write_json(places.run_dir / "metrics.json", metrics)
     places.checkpoints.remove()  # the bundle and metrics are the result now
     write_run_report(places.run_dir, reporter)
@@ -339,6 +345,8 @@ def _bundle_meta(
     }
     if outcome.adapters:
         meta["adapters"] = outcome.adapters
+    if dataset.task == "multilabel":
+        meta.update(task="multilabel", thresholds=[row["threshold"] for row in measured["per_class"].values()])
     return meta
 
 
@@ -348,7 +356,9 @@ def _summary(metrics: dict[str, Any], outcome: TrainOutcome, run_dir: Path) -> s
         best = f"best epoch {outcome.fit.best_epoch + 1} of {len(outcome.fit.history)}"
     else:  # lp-ft: no fine-tuning epoch beat the probe it started from
         best = f"no epoch of {len(outcome.fit.history)} beat the starting probe on validation: kept the probe"
-    return f"validation accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f} ({best}); run written to {run_dir}"
+    scores = (f"mAP {metrics['map']:.3f}, micro-F1 {metrics['micro_f1']:.3f}" if metrics.get("task") == "multilabel"
+              else f"accuracy {metrics['accuracy']:.3f}")
+    return f"validation {scores}, macro-F1 {metrics['macro_f1']:.3f} ({best}); run written to {run_dir}"
 
 
 def write_run_report(run_dir: Path, reporter: Reporter) -> None:
@@ -366,8 +376,13 @@ def write_run_report(run_dir: Path, reporter: Reporter) -> None:
         )
 
 
-def validation_predictions(dataset: Dataset, logits: torch.Tensor) -> list[dict[str, Any]]:
-    """One row per validation image: path (relative to the data root), true label, prediction, score."""
+def validation_predictions(dataset: Dataset, logits: torch.Tensor, metrics: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """One row per validation image: path (relative to the data root), true label, prediction, score
+    (multi-label: true and predicted label sets, every label's score)."""
+    if dataset.task == "multilabel" and metrics is not None:
+        thresholds = [row["threshold"] for row in metrics["per_class"].values()]
+        paths = [relative_path(p, dataset.root) for p in dataset.val.paths]
+        return multilabel.validation_rows(paths, dataset.val.labels, logits, dataset.class_names, thresholds)
     probabilities = logits.softmax(dim=1)
     scores, predicted = probabilities.max(dim=1)
     names = dataset.class_names
@@ -384,7 +399,10 @@ def validation_predictions(dataset: Dataset, logits: torch.Tensor) -> list[dict[
 
 
 def labelled_metrics(model: Bundle, images: LabelledImages, *, batch_size: int = 32) -> dict[str, Any]:
-    """Accuracy, macro-F1, per-class scores and `num_images` of a bundle on labelled images."""
+    """Accuracy, macro-F1, per-class scores and `num_images` of a bundle on labelled images
+    (multi-label images: `graft.shipping.multilabel.labelled_set_metrics`)."""
+    if getattr(model, "task", "classification") == "multilabel":
+        return labelled_set_metrics(model, images.paths, images.labels, images.class_names, batch_size=batch_size)
     index = {name: i for i, name in enumerate(model.class_names)}
     truth = [index[images.class_names[y]] for y in images.labels]
     predicted = [model.class_names.index(p.label) for p in model.iter_predict(images.paths, top_k=1, batch_size=batch_size)]

@@ -25,7 +25,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import ClassVar, Iterator, Literal
 
 from graft.errors import ConfigError, DataError, ImageError
 from graft.input.images import is_image_name, load_image, read_image_file
@@ -75,6 +75,7 @@ class LabelledImages:
 class Dataset:
     """The checked, split data of a run; `test` is the held-out `test/` folder when there is one."""
 
+    task: ClassVar[str] = "classification"  # one label per image (`graft.input.multilabel`: several)
     root: Path
     class_names: list[str]
     train: LabelledImages

@@ -29,6 +29,7 @@ from graft.models.model import GraftModel
 from graft.models.pooling import pooled_model
 from graft.ranges import BATCH_SIZE, TOP_K, check_number
 from graft.run_folder import replace_dir
+from graft.shipping.multilabel import LabelSetPrediction, check_threshold, label_sets
 from graft.shipping.bundle_schema import (
     BUNDLE_FORMAT, BundleDocument, DAMAGED, check_adapters, check_head, check_runs, check_weights, read_document,
     safetensors_shapes,
@@ -99,6 +100,8 @@ class Bundle:
         self.transform = build_transforms(self.preprocessing)
         self.device = torch.device("cpu")
         self.precision = inference_precision(meta.get("precision"), self.device)
+        self.task: str = meta.get("task", "classification")  # "multilabel": label sets (`graft.shipping.multilabel`)
+        self.thresholds: list[float] | None = meta.get("thresholds")
 
     @property
     def backbone(self) -> str:
@@ -121,9 +124,12 @@ class Bundle:
             with autocast(self.precision, self.device):
                 return model(batch.contiguous(memory_format=torch.channels_last)).float().cpu()
 
-    def predict(self, sources: Iterable[str | Path | Image.Image], *, top_k: int = 5, batch_size: int = 32) -> list[Prediction]:
-        """Predict image files (paths) or PIL images. Unreadable files raise `ImageError`."""
-        return list(self.iter_predict(sources, top_k=top_k, batch_size=batch_size))
+    def predict(self, sources: Iterable[str | Path | Image.Image], *, top_k: int = 5, batch_size: int = 32,
+                threshold: float | None = None) -> list[Prediction] | list[LabelSetPrediction]:
+        """Predict image files (paths) or PIL images. Unreadable files raise `ImageError`. A
+        multi-label bundle gives `LabelSetPrediction`s: the labels at or above their stored
+        thresholds, or above `threshold` for every label when given."""
+        return list(self.iter_predict(sources, top_k=top_k, batch_size=batch_size, threshold=threshold))
 
     def iter_predict(
         self,
@@ -132,6 +138,7 @@ class Bundle:
         top_k: int = 5,
         batch_size: int = 32,
         on_error: Callable[[ImageError], None] | None = None,
+        threshold: float | None = None,
     ) -> Iterator[Prediction]:
         """Like `predict`, streaming: images are read and predicted one batch at a time.
 
@@ -141,10 +148,11 @@ class Bundle:
 
         check_number("top_k", top_k, TOP_K)
         check_number("batch_size", batch_size, BATCH_SIZE)
-        return self._stream_predictions(sources, top_k, batch_size, on_error)
+        check_threshold(threshold)
+        return self._stream_predictions(sources, top_k, batch_size, on_error, threshold)
 
     def _stream_predictions(self, sources: Iterable[str | Path | Image.Image], top_k: int, batch_size: int,
-                            on_error: Callable[[ImageError], None] | None) -> Iterator[Prediction]:
+                            on_error: Callable[[ImageError], None] | None, threshold: float | None = None) -> Iterator[Prediction]:
 
         min_size = self.preprocessing.resize_size  # files are decoded no larger than the resize needs
         names: list[str] = []
@@ -164,12 +172,16 @@ class Bundle:
                 names.append(str(source))
                 images.append(image)
             if len(images) == batch_size:
-                yield from self._predict_batch(names, images, top_k)
+                yield from self._predict_batch(names, images, top_k, threshold)
                 names, images = [], []
         if images:
-            yield from self._predict_batch(names, images, top_k)
+            yield from self._predict_batch(names, images, top_k, threshold)
 
-    def _predict_batch(self, names: list[str], images: list[Image.Image], top_k: int) -> Iterator[Prediction]:
+    def _predict_batch(self, names: list[str], images: list[Image.Image], top_k: int,
+                       threshold: float | None = None) -> Iterator[Prediction]:
+        if self.task == "multilabel":
+            yield from label_sets(names, self.logits(images), self.class_names, self.thresholds or [], top_k, threshold)
+            return
         probabilities = self.logits(images).softmax(dim=1)
         k = max(1, min(top_k, len(self.class_names)))
         scores, indices = probabilities.topk(k, dim=1)
