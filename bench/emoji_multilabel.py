@@ -95,13 +95,15 @@ def _sklearn_one_vs_rest(run_dir: Path, csv_path: Path) -> tuple[float, float]:
 
     from graft.input.multilabel import load_multilabel_dataset
     from graft.models.backbones import load_backbone
-    from graft.training.features import extract_features
+    from graft.training.features import FeatureCache, backbone_key, default_cache_dir, extract_features
     from graft.training.metrics import macro_average_precision
 
     config = json.loads((run_dir / "config.json").read_text())
     dataset = load_multilabel_dataset(csv_path, seed=config["seed"], val_fraction=config["val_fraction"])
     backbone = load_backbone(config["backbone"])
-    features = {part: extract_features(backbone, images.paths, images.digests, cache=None).numpy()
+    precision = config["resolved"]["precision"]
+    cache = FeatureCache(default_cache_dir(), backbone_key(backbone, backbone.preprocessing, precision))
+    features = {part: extract_features(backbone, images.paths, images.digests, cache=cache, precision=precision).numpy()
                 for part, images in (("train", dataset.train), ("test", dataset.test))}
     started = time.perf_counter()
     probe = OneVsRestClassifier(LogisticRegression(max_iter=2000)).fit(features["train"], np.asarray(dataset.train.labels))

@@ -234,3 +234,10 @@ def test_predict_and_evaluate_print_label_sets_through_the_cli(multilabel_run, m
     assert metrics["task"] == "multilabel" and "map" in metrics and "ap" in metrics["per_class"]["dark"]
     refused = _graft_cli("predict", trained_run.bundle_dir, folder, "--threshold", "0.3", check=False)
     assert refused.returncode == 2 and "--threshold" in refused.stderr and "single-label" in refused.stderr
+
+
+def test_evaluate_refuses_labels_of_the_other_kind(multilabel_run, multilabel_csv: Path, trained_run, holdout_folder: Path) -> None:
+    with pytest.raises(DataError, match="multi-label CSV .* but the bundle is single-label"):
+        graft.evaluate(trained_run.bundle_dir, multilabel_csv)
+    with pytest.raises(DataError, match="one label per image, but the bundle is multi-label"):
+        graft.evaluate(multilabel_run.bundle_dir, holdout_folder)
