@@ -19,6 +19,7 @@ from graft.errors import ConfigError, DataError, OutputError
 from graft.input.check import CHECK_FILES, DataCheck, run_check, write_check
 from graft.input.data import OnBadImage, load_dataset, load_labelled_folder, walk_images
 from graft.input.images import IMAGE_EXTENSIONS
+from graft.input.multilabel import is_multilabel_csv, load_labelled_sets
 from graft.models.backbones import load_backbone, with_pooling
 from graft.models.heads import HeadSpec, make_head
 from graft.models.stages import Stage, discover_stages
@@ -114,7 +115,16 @@ def evaluate(bundle: str | Path | Bundle, data: str | Path, *, on_bad_image: str
     if on_bad_image not in choices:
         raise ConfigError(f"--on-bad-image: {on_bad_image!r} is not one of {', '.join(choices)}")
     model = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
-    images, bad = load_labelled_folder(data, on_bad_image=on_bad_image)  # type: ignore[arg-type]
+    label_sets = is_multilabel_csv(Path(data))
+    if label_sets != (model.task == "multilabel"):
+        raise DataError(
+            f"{data}: {'a multi-label CSV (label sets)' if label_sets else 'one label per image'}, but the bundle is "
+            f"{'multi-label' if model.task == 'multilabel' else 'single-label'}; evaluate a "
+            f"{'multi-label bundle on a path,labels CSV' if model.task == 'multilabel' else 'single-label bundle on class folders or a path,label CSV'}")
+    if label_sets:  # mAP and F1 at the bundle's thresholds
+        images, bad = load_labelled_sets(Path(data), on_bad_image=on_bad_image)  # type: ignore[arg-type]
+    else:
+        images, bad = load_labelled_folder(data, on_bad_image=on_bad_image)  # type: ignore[arg-type]
     unknown = sorted(set(images.class_names) - set(model.class_names))
     if unknown:
         raise DataError(
@@ -130,10 +140,12 @@ def evaluate(bundle: str | Path | Bundle, data: str | Path, *, on_bad_image: str
     return metrics
 
 
-def predict(bundle: str | Path | Bundle, paths: Iterable[str | Path], *, top_k: int = 5, batch_size: int = 32) -> Iterator[Prediction]:
-    """Predictions for image files and folders (folders are searched recursively), streamed."""
+def predict(bundle: str | Path | Bundle, paths: Iterable[str | Path], *, top_k: int = 5, batch_size: int = 32,
+            threshold: float | None = None) -> Iterator[Prediction]:
+    """Predictions for image files and folders (folders are searched recursively), streamed; a
+    multi-label bundle's are label sets (`threshold`: one for every label instead of the stored ones)."""
     model = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
-    return model.iter_predict(expand_image_paths(paths), top_k=top_k, batch_size=batch_size)
+    return model.iter_predict(expand_image_paths(paths), top_k=top_k, batch_size=batch_size, threshold=threshold)
 
 
 def expand_image_paths(paths: Iterable[str | Path]) -> Iterator[Path]:

@@ -16,6 +16,8 @@ from graft.ranges import BATCH_SIZE, EPOCHS_MAX, SEED, Range, check_number
 CLASS_WEIGHTINGS = ("none", "balanced")
 BN_STATS = ("auto", "frozen", "update")
 HEAD_SOLVERS = ("auto", "adamw", "lbfgs")
+TASKS = ("auto", "classification", "multilabel")
+MULTILABEL_LOSSES = ("bce", "asymmetric")
 
 # The range of every numeric field (checked, with finiteness, by `TrainConfig`); a refused
 # value is a `ConfigError` whose `parameter` is the field's name.
@@ -54,7 +56,7 @@ class TrainConfig:
     `graft train` takes its options, their defaults and help lines from here.
     """
 
-    data: str = field(metadata={"help": "Folder with one sub-folder per class (split folders train/, valid/ and a held-out test/ used if present, any case), or a CSV of path,label."})
+    data: str = field(metadata={"help": "Folder with one sub-folder per class (split folders train/, valid/ and a held-out test/ used if present, any case), or a CSV of path,label (path,labels: several labels per image, see --task)."})
     out: str = field(metadata={"help": "Run folder to write (config, history, metrics, bundle): a new or empty folder, or a graft run to --resume or --overwrite."})
     backbone: str = _option(DEFAULT_BACKBONE, "Any timm model name; bundled offline: efficientnet_lite0/1/2.")
     weights: str | None = _option(None, "Local state-dict file for the backbone (safetensors or torch).")
@@ -74,7 +76,9 @@ class TrainConfig:
     on_bad_image: str = _option("error", "error: stop and list unreadable images; skip: train without them.")
     augment: str = _option("light", "Training augmentation: none, light or strong.")
     augment_views: int | None = _option(None, "Augmented views per training image to cache (default: 0 for feature-extract, 4 when a frozen prefix is cached).")
-    class_weighting: str = _option("none", "none or balanced (inverse class frequency).")
+    class_weighting: str = _option("none", "none or balanced (inverse class frequency; multi-label: each label's positives weighted by its negatives per positive).")
+    task: str = _option("auto", "classification (one label per image), multilabel (a set of labels per image: sigmoid scores, per-label thresholds), or auto (multilabel for a CSV with a labels column or 0/1 label columns).")
+    multilabel_loss: str = _option("bce", "Multi-label training loss: bce (binary cross-entropy) or asymmetric (down-weights easy negatives, for many labels per image that are mostly absent).")
     train_stages: int | None = _option(None, "partial, lp-ft: how many of the last stages train (default: 1 for partial, all for lp-ft).")
     lr_decay: float = _option(0.3, "Discriminative rates: each earlier stage's lr is this times the next one's.")
     thaw_every: int = _option(1, "gradual: epochs between two thaws.")
@@ -101,6 +105,8 @@ class TrainConfig:
             ("bn_stats", BN_STATS),
             ("on_bad_image", ("error", "skip")),
             ("head_solver", HEAD_SOLVERS),
+            ("task", TASKS),
+            ("multilabel_loss", MULTILABEL_LOSSES),
         ]
         for name, choices in checks:
             if getattr(self, name) not in choices:

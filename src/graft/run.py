@@ -39,7 +39,8 @@ from graft.config import TrainConfig
 from graft.console import QUIET, Reporter, show_audit
 from graft.errors import TrainingError
 from graft.input.check import DataCheck, run_check, write_check
-from graft.input.data import CheckedFiles, Dataset, LabelledImages, load_dataset, relative_path
+from graft.input.data import CheckedFiles, Dataset, LabelledImages, relative_path
+from graft.input.multilabel import load_task_dataset
 from graft.input.pipeline import eval_view_check
 from graft.models.backbones import Backbone, load_backbone, with_crop, with_pooling
 from graft.models.heads import HeadSpec, make_head
@@ -48,11 +49,12 @@ from graft.preflight import check_options
 from graft.report import write_report
 from graft.run_folder import RUN_FILES, check_folder, check_writable_folder, claim_folder
 from graft.shipping.bundle import Bundle, load_bundle, save_bundle
+from graft.shipping.multilabel import labelled_set_metrics
 from graft.speed.cpu_precision import choose_cpu_precision
 from graft.speed.numerics import resolve_device, resolve_precision, should_compile
 from graft.strategies import AuditRow, TrainContext, get_strategy
 from graft.strategies.base import cache_dir_of, count_params, resolve_bn_stats
-from graft.training import distributed
+from graft.training import distributed, multilabel
 from graft.training.calibration import calibration_measures, calibration_summary, fit_temperature
 from graft.training.checkpoint import check_same_data, prepare_checkpoints
 from graft.training.features import FeatureCache, backbone_key
@@ -166,8 +168,8 @@ def _load_data(config: TrainConfig, backbone: Backbone, cache_root: Path, report
     from `CheckedFiles` in the cache folder without being read.
     """
 
-    dataset = load_dataset(
-        config.data, val_fraction=config.val_fraction, seed=config.seed, on_bad_image=config.on_bad_image,
+    dataset = load_task_dataset(
+        config.data, task=config.task, val_fraction=config.val_fraction, seed=config.seed, on_bad_image=config.on_bad_image,
         decode=eval_view_check(backbone.preprocessing), checked=CheckedFiles(cache_root), progress=reporter.progress,
     )
     if resume:
@@ -294,12 +296,16 @@ def _train(plan: Plan, dataset: Dataset, backbone: Backbone, numerics: Numerics,
 def _measure(plan: Plan, dataset: Dataset, backbone: Backbone, outcome: TrainOutcome, *, train_seconds: float) -> dict[str, Any]:
     """Validation metrics and the run's facts: the keys of metrics.json but the held-out `test`.
 
-    `calibration` holds the temperature fitted on the validation logits (the bundle's) and the
-    measures before and after it; `ece`, `nll` and `brier` are those of the calibrated scores."""
-    predicted = outcome.val_logits.argmax(1).tolist()
-    metrics = classification_metrics(dataset.val.labels, predicted, dataset.class_names)
-    calibration = calibration_summary(outcome.val_logits, dataset.val.labels, fit_temperature(outcome.val_logits, dataset.val.labels))
-    metrics.update({key: calibration["after"][key] for key in ("ece", "nll", "brier")}, calibration=calibration)
+    Single-label: `calibration` holds the temperature fitted on the validation logits (the
+    bundle's) and the measures before and after it; `ece`, `nll` and `brier` are those of the
+    calibrated scores. Multi-label: mAP, F1 at per-label thresholds chosen on validation."""
+    if dataset.task == "multilabel":
+        metrics = multilabel.validation_metrics(dataset.val.labels, outcome.val_logits, dataset.class_names)
+    else:
+        predicted = outcome.val_logits.argmax(1).tolist()
+        metrics = classification_metrics(dataset.val.labels, predicted, dataset.class_names)
+        calibration = calibration_summary(outcome.val_logits, dataset.val.labels, fit_temperature(outcome.val_logits, dataset.val.labels))
+        metrics.update({key: calibration["after"][key] for key in ("ece", "nll", "brier")}, calibration=calibration)
     metrics.update(
         backbone=backbone.architecture,
         strategy=plan.resolved_config.strategy,
@@ -342,8 +348,8 @@ def _write_run(
     metrics written (`measured`, with `test` when there is a test/ folder)."""
     save_bundle(places.bundle_dir, outcome.model, _bundle_meta(plan, dataset, backbone, numerics, outcome, measured))
     metrics = {**measured, **_held_out_metrics(places.bundle_dir, dataset, reporter)}
-    temperature = measured["calibration"]["temperature"]
-    write_json(places.run_dir / "val_predictions.json", validation_predictions(dataset, outcome.val_logits.float() / temperature))
+    temperature = measured.get("calibration", {}).get("temperature", 1.0)
+    write_json(places.run_dir / "val_predictions.json", validation_predictions(dataset, outcome.val_logits.float() / temperature, metrics))
     write_json(places.run_dir / "metrics.json", metrics)
     places.checkpoints.remove()  # the bundle and metrics are the result now
     write_run_report(places.run_dir, reporter)
@@ -381,6 +387,8 @@ def _bundle_meta(
     }
     if outcome.adapters:
         meta["adapters"] = outcome.adapters
+    if dataset.task == "multilabel":
+        meta.update(task="multilabel", thresholds=[row["threshold"] for row in measured["per_class"].values()])
     return meta
 
 
@@ -390,7 +398,9 @@ def _summary(metrics: dict[str, Any], outcome: TrainOutcome, run_dir: Path) -> s
         best = f"best epoch {outcome.fit.best_epoch + 1} of {len(outcome.fit.history)}"
     else:  # lp-ft: no fine-tuning epoch beat the probe it started from
         best = f"no epoch of {len(outcome.fit.history)} beat the starting probe on validation: kept the probe"
-    return f"validation accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f} ({best}); run written to {run_dir}"
+    scores = (f"mAP {metrics['map']:.3f}, micro-F1 {metrics['micro_f1']:.3f}" if metrics.get("task") == "multilabel"
+              else f"accuracy {metrics['accuracy']:.3f}")
+    return f"validation {scores}, macro-F1 {metrics['macro_f1']:.3f} ({best}); run written to {run_dir}"
 
 
 def write_run_report(run_dir: Path, reporter: Reporter) -> None:
@@ -408,8 +418,13 @@ def write_run_report(run_dir: Path, reporter: Reporter) -> None:
         )
 
 
-def validation_predictions(dataset: Dataset, logits: torch.Tensor) -> list[dict[str, Any]]:
-    """One row per validation image: path (relative to the data root), true label, prediction, score."""
+def validation_predictions(dataset: Dataset, logits: torch.Tensor, metrics: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """One row per validation image: path (relative to the data root), true label, prediction, score
+    (multi-label: true and predicted label sets, every label's score)."""
+    if dataset.task == "multilabel" and metrics is not None:
+        thresholds = [row["threshold"] for row in metrics["per_class"].values()]
+        paths = [relative_path(p, dataset.root) for p in dataset.val.paths]
+        return multilabel.validation_rows(paths, dataset.val.labels, logits, dataset.class_names, thresholds)
     probabilities = logits.softmax(dim=1)
     scores, predicted = probabilities.max(dim=1)
     names = dataset.class_names
@@ -427,7 +442,10 @@ def validation_predictions(dataset: Dataset, logits: torch.Tensor) -> list[dict[
 
 def labelled_metrics(model: Bundle, images: LabelledImages, *, batch_size: int = 32) -> dict[str, Any]:
     """Accuracy, macro-F1, per-class scores, `num_images`, and the calibration measures (`ece`,
-    `nll`, `brier`) of the bundle's calibrated scores (`temperature`) on labelled images."""
+    `nll`, `brier`) of the bundle's calibrated scores (`temperature`) on labelled images
+    (multi-label images: `graft.shipping.multilabel.labelled_set_metrics`)."""
+    if getattr(model, "task", "classification") == "multilabel":
+        return labelled_set_metrics(model, images.paths, images.labels, images.class_names, batch_size=batch_size)
     index = {name: i for i, name in enumerate(model.class_names)}
     truth = [index[images.class_names[y]] for y in images.labels]
     probabilities = torch.zeros(len(truth), len(model.class_names))

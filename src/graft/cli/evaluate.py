@@ -12,7 +12,7 @@ from graft.console import Reporter, make_console
 
 def evaluate(
     bundle: Path = typer.Argument(..., help="A bundle folder (or the run folder that holds one)."),
-    data: Path = typer.Argument(..., help="Labelled folder (one sub-folder per class) or CSV of path,label."),
+    data: Path = typer.Argument(..., help="Labelled folder (one sub-folder per class), CSV of path,label, or multi-label CSV of path,labels."),
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON (the keys of metrics.json)."),
     on_bad_image: str = typer.Option("error", help="error: stop and list unreadable images; skip: evaluate without them (each is named)."),
 ) -> None:
@@ -30,6 +30,9 @@ def evaluate(
 
 
     console = make_console()
+    if metrics.get("task") == "multilabel":
+        _print_label_set_metrics(console, metrics)
+        return
     averaged = metrics["macro_f1_classes"]
     over = "" if len(averaged) == len(metrics["class_names"]) else (
         f" (over the {len(averaged)} of {len(metrics['class_names'])} classes that are in the folder or predicted: "
@@ -41,4 +44,18 @@ def evaluate(
     table = Table("class", "precision", "recall", "f1", "support")
     for name, row in metrics["per_class"].items():
         table.add_row(name, f"{row['precision']:.3f}", f"{row['recall']:.3f}", f"{row['f1']:.3f}", str(row["support"]))
+    console.print(table)
+
+
+def _print_label_set_metrics(console, metrics: dict) -> None:
+    """A multi-label bundle's scores: mAP and F1 at its thresholds, then one row per label."""
+    from rich.table import Table
+
+
+    console.print(f"{metrics['num_images']} images: mAP {metrics['map']:.4f}, micro-F1 {metrics['micro_f1']:.4f}, "
+                  f"macro-F1 {metrics['macro_f1']:.4f}, whole label set right {metrics['accuracy']:.4f}")
+    table = Table("label", "precision", "recall", "f1", "AP", "support", "threshold")
+    for name, row in metrics["per_class"].items():
+        table.add_row(name, f"{row['precision']:.3f}", f"{row['recall']:.3f}", f"{row['f1']:.3f}",
+                      "-" if row["ap"] is None else f"{row['ap']:.3f}", str(row["support"]), f"{row['threshold']:.3f}")
     console.print(table)

@@ -1,4 +1,5 @@
-"""`graft predict BUNDLE PATH...`: top-k labels per image, as a table, CSV or JSON lines."""
+"""`graft predict BUNDLE PATH...`: top-k labels per image (a multi-label bundle: the label set
+with scores), as a table, CSV or JSON lines."""
 
 from __future__ import annotations
 
@@ -29,6 +30,9 @@ def predict(
     out: Path | None = typer.Option(
         None, "--out", "-o", help="Write CSV here, with a progress bar; resumes: appends, skips images already in it."
     ),
+    threshold: float | None = typer.Option(
+        None, "--threshold", help="Multi-label bundles: one score threshold (0 to 1) for every label instead of the per-label ones stored in the bundle."
+    ),
 ) -> None:
     """Predict the labels of images with a trained bundle."""
     from graft.shipping.bundle import load_bundle  # torch loads only when a command runs: `graft --help` stays instant
@@ -40,8 +44,10 @@ def predict(
     if out is not None and explain is not None:
         raise ConfigError("--explain and --out cannot be combined: write the CSV first, then explain the images you want to see")
     model = load_bundle(bundle)
+    if threshold is not None and model.task != "multilabel":
+        raise ConfigError(f"--threshold: {bundle} is a single-label bundle (it predicts the best label); --threshold is for multi-label bundles")
     if out is not None:
-        _predict_to_file(model, paths, out, top_k, batch_size)
+        _predict_to_file(model, paths, out, top_k, batch_size, threshold)
         return
     failures: list[ImageError] = []
 
@@ -51,11 +57,14 @@ def predict(
         if output_format == "json":
             print(json.dumps({"path": error.path, "error": error.reason}), flush=True)
 
-    stream = model.iter_predict(_expand(paths), top_k=top_k, batch_size=batch_size, on_error=on_error)
+    stream = model.iter_predict(_expand(paths), top_k=top_k, batch_size=batch_size, on_error=on_error, threshold=threshold)
     explained: list = []
     if explain is not None:
         stream = _remember(stream, explained)
-    _print_predictions(stream, output_format, top_k)
+    if model.task == "multilabel":
+        _print_label_sets(stream, output_format, top_k)
+    else:
+        _print_predictions(stream, output_format, top_k)
     if explain is not None:
         _explain(model, explained, explain)
     if failures:
@@ -87,6 +96,33 @@ def _print_predictions(stream, output_format: str, top_k: int) -> None:
         make_console().print(table)
 
 
+def _print_label_sets(stream, output_format: str, top_k: int) -> None:
+    """Each image's label set with its scores: a JSON object per line, CSV rows, or a table at the end."""
+    def joined(pairs, sep: str, digits: int) -> str:
+        return sep.join(f"{label}:{score:.{digits}f}" for label, score in pairs)
+
+    if output_format == "json":
+        for prediction in stream:
+            print(json.dumps(prediction.to_dict()), flush=True)
+    elif output_format == "csv":
+        writer = csv.writer(sys.stdout)
+        writer.writerow(["path", "labels", "scores", "top_k"])
+        for prediction in stream:
+            writer.writerow([prediction.path, ";".join(label for label, _ in prediction.labels),
+                             joined(prediction.labels, ";", 6), joined(prediction.top_k, ";", 4)])
+    else:
+        from rich.table import Table
+
+
+        table = Table()
+        table.add_column("path", overflow="fold")
+        table.add_column("labels")
+        table.add_column(f"top {top_k}")
+        for prediction in stream:
+            table.add_row(prediction.path, joined(prediction.labels, ", ", 2) or "(none)", joined(prediction.top_k, ", ", 2))
+        make_console().print(table)
+
+
 def _remember(stream, seen: list):
     # The maps are drawn after the listing so that predictions still stream out first.
     for prediction in stream:
@@ -101,10 +137,10 @@ def _explain(model, predictions: list, folder: Path) -> None:
     print(f"graft: {len(written)} class activation maps written to {folder}", file=sys.stderr)
 
 
-def _predict_to_file(model, paths: List[Path], out: Path, top_k: int, batch_size: int) -> None:
+def _predict_to_file(model, paths: List[Path], out: Path, top_k: int, batch_size: int, threshold: float | None = None) -> None:
     from graft.shipping.batch_predict import predict_to_csv  # torch loads only when a command runs: `graft --help` stays instant
 
-    result = predict_to_csv(model, paths, out, top_k=top_k, batch_size=batch_size, reporter=Reporter())
+    result = predict_to_csv(model, paths, out, top_k=top_k, batch_size=batch_size, reporter=Reporter(), threshold=threshold)
     print(f"graft: {result.written} predictions appended to {result.out} ({result.skipped} already there, "
           f"{len(result.failed)} unreadable)", file=sys.stderr)
     if result.failed:

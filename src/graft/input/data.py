@@ -28,7 +28,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, ContextManager, Iterator, Literal
+from typing import Callable, ClassVar, ContextManager, Iterator, Literal
 
 from graft.atomic import write_text
 from graft.errors import ConfigError, DataError, ImageError, OutputError
@@ -83,6 +83,7 @@ class LabelledImages:
 class Dataset:
     """The checked, split data of a run; `test` is the held-out `test/` folder when there is one."""
 
+    task: ClassVar[str] = "classification"  # one label per image (`graft.input.multilabel`: several)
     root: Path
     class_names: list[str]
     train: LabelledImages

@@ -30,6 +30,7 @@ from graft.console import QUIET, Reporter
 from graft.errors import ConfigError, ImageError
 from graft.ranges import BATCH_SIZE, TOP_K, check_number
 from graft.shipping.bundle import Bundle, Prediction, load_bundle
+from graft.shipping.multilabel import LabelSetPrediction
 
 CSV_COLUMNS = ("path", "label", "score", "top_k", "error")
 
@@ -53,12 +54,14 @@ def predict_to_csv(
     top_k: int = 3,
     batch_size: int = 32,
     reporter: Reporter = QUIET,
+    threshold: float | None = None,
 ) -> BatchResult:
     """Predict every image under `paths` into the CSV `out`, appending to it and resuming.
 
     Images whose path is already in `out` are skipped; a trailing partial line (from a killed
     run) is removed first. Missing parent folders of `out` are created. Progress is shown by
-    `reporter` (a rich bar on stderr in the CLI).
+    `reporter` (a rich bar on stderr in the CLI). A multi-label bundle's `label` column holds the
+    image's label set joined by ';' (at its thresholds, or `threshold`), `score` the best label's score.
     """
 
     check_number("top_k", top_k, TOP_K)
@@ -86,7 +89,7 @@ def predict_to_csv(
                 _write_row(handle, (error.path, "", "", "", error.reason))
                 advance(1, status=f"{len(failed)} unreadable")
 
-            for prediction in model.iter_predict(todo, top_k=top_k, batch_size=batch_size, on_error=on_error):
+            for prediction in model.iter_predict(todo, top_k=top_k, batch_size=batch_size, on_error=on_error, threshold=threshold):
                 _write_row(handle, _prediction_row(prediction))
                 written += 1
                 advance(1)
@@ -120,9 +123,10 @@ def read_predictions(path: str | Path) -> list[dict[str, str]]:
     return list(csv.DictReader(io.StringIO(whole, newline="")))
 
 
-def _prediction_row(prediction: Prediction) -> tuple[str, ...]:
+def _prediction_row(prediction: Prediction | LabelSetPrediction) -> tuple[str, ...]:
     top = ";".join(f"{label}:{score:.4f}" for label, score in prediction.top_k)
-    return (prediction.path, prediction.label, f"{prediction.score:.6f}", top, "")
+    label = ";".join(name for name, _ in prediction.labels) if isinstance(prediction, LabelSetPrediction) else prediction.label
+    return (prediction.path, label, f"{prediction.score:.6f}", top, "")
 
 
 def _write_row(handle: io.TextIOBase, row: Iterable[str]) -> None:

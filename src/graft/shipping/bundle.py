@@ -34,6 +34,7 @@ from graft.shipping.bundle_schema import (
     BUNDLE_FORMAT, BundleDocument, DAMAGED, check_adapters, check_head, check_runs, check_weights, read_document,
     safetensors_shapes,
 )
+from graft.shipping.multilabel import LabelSetPrediction, check_threshold, label_sets
 from graft.speed.allocator import reuse_freed_memory
 from graft.speed.folding import inference_network
 from graft.speed.numerics import autocast, inference_precision
@@ -105,6 +106,8 @@ class Bundle:
         self.device = torch.device("cpu")
         self.precision = inference_precision(meta.get("precision"), self.device)
         self.temperature = float(meta.get("temperature", 1.0))
+        self.task: str = meta.get("task", "classification")  # "multilabel": label sets (`graft.shipping.multilabel`)
+        self.thresholds: list[float] | None = meta.get("thresholds")
 
     @property
     def backbone(self) -> str:
@@ -131,9 +134,12 @@ class Bundle:
         """Calibrated class probabilities (N, classes): softmax of the logits divided by `temperature`."""
         return (self.logits(images) / self.temperature).softmax(dim=1)
 
-    def predict(self, sources: Iterable[str | Path | Image.Image], *, top_k: int = 5, batch_size: int = 32) -> list[Prediction]:
-        """Predict image files (paths) or PIL images. Unreadable files raise `ImageError`."""
-        return list(self.iter_predict(sources, top_k=top_k, batch_size=batch_size))
+    def predict(self, sources: Iterable[str | Path | Image.Image], *, top_k: int = 5, batch_size: int = 32,
+                threshold: float | None = None) -> list[Prediction] | list[LabelSetPrediction]:
+        """Predict image files (paths) or PIL images. Unreadable files raise `ImageError`. A
+        multi-label bundle gives `LabelSetPrediction`s: the labels at or above their stored
+        thresholds, or above `threshold` for every label when given."""
+        return list(self.iter_predict(sources, top_k=top_k, batch_size=batch_size, threshold=threshold))
 
     def iter_predict(
         self,
@@ -142,6 +148,7 @@ class Bundle:
         top_k: int = 5,
         batch_size: int = 32,
         on_error: Callable[[ImageError], None] | None = None,
+        threshold: float | None = None,
     ) -> Iterator[Prediction]:
         """Like `predict`, streaming: images are read and predicted one batch at a time.
 
@@ -151,10 +158,11 @@ class Bundle:
 
         check_number("top_k", top_k, TOP_K)
         check_number("batch_size", batch_size, BATCH_SIZE)
-        return self._stream_predictions(sources, top_k, batch_size, on_error)
+        check_threshold(threshold)
+        return self._stream_predictions(sources, top_k, batch_size, on_error, threshold)
 
     def _stream_predictions(self, sources: Iterable[str | Path | Image.Image], top_k: int, batch_size: int,
-                            on_error: Callable[[ImageError], None] | None) -> Iterator[Prediction]:
+                            on_error: Callable[[ImageError], None] | None, threshold: float | None = None) -> Iterator[Prediction]:
 
         min_size = self.preprocessing.resize_size  # files are decoded no larger than the resize needs
         names: list[str] = []
@@ -174,12 +182,16 @@ class Bundle:
                 names.append(str(source))
                 images.append(image)
             if len(images) == batch_size:
-                yield from self._predict_batch(names, images, top_k)
+                yield from self._predict_batch(names, images, top_k, threshold)
                 names, images = [], []
         if images:
-            yield from self._predict_batch(names, images, top_k)
+            yield from self._predict_batch(names, images, top_k, threshold)
 
-    def _predict_batch(self, names: list[str], images: list[Image.Image], top_k: int) -> Iterator[Prediction]:
+    def _predict_batch(self, names: list[str], images: list[Image.Image], top_k: int,
+                       threshold: float | None = None) -> Iterator[Prediction]:
+        if self.task == "multilabel":
+            yield from label_sets(names, self.logits(images), self.class_names, self.thresholds or [], top_k, threshold)
+            return
         probabilities = self.probabilities(images)
         k = max(1, min(top_k, len(self.class_names)))
         scores, indices = probabilities.topk(k, dim=1)

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import torch
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, FiniteFloat, StrictInt, StrictStr, ValidationError, ValidationInfo, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, FiniteFloat, StrictInt, StrictStr, ValidationError, ValidationInfo, field_validator, model_validator
 
 from graft.choices import CROP_MODES, HEAD_KINDS, INTERPOLATIONS, POOLINGS
 from graft.errors import BundleError
@@ -135,6 +135,15 @@ class BundleDocument(_Record):
     adapters: LoraRecord | None = None
     # The calibration temperature the logits are divided by (graft.training.calibration); 1: none.
     temperature: Annotated[FiniteFloat, Field(ge=MIN_TEMPERATURE, le=MAX_TEMPERATURE)] = 1.0
+    # Multi-label bundles (`graft.shipping.multilabel`): sigmoid scores, one threshold per class name.
+    task: Literal["classification", "multilabel"] = "classification"
+    thresholds: list[Share] | None = None
+
+    @model_validator(mode="after")
+    def _thresholds_per_label(self) -> "BundleDocument":
+        if self.task == "multilabel" and (self.thresholds is None or len(self.thresholds) != len(self.class_names)):
+            raise ValueError(f"thresholds: a multilabel bundle has one threshold per class name ({len(self.class_names)})")
+        return self
 
     @field_validator("class_names")
     @classmethod

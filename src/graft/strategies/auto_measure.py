@@ -265,9 +265,27 @@ def _holdout_probe_scores(train_features, train_labels, val_features, val_labels
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import log_loss
 
+    if np.asarray(train_labels).ndim == 2:  # label sets: one probe per label
+        return _label_set_probe_scores(train_features, np.asarray(train_labels), val_features, np.asarray(val_labels))
     probe = LogisticRegression(max_iter=1000).fit(train_features, train_labels)
     loss = log_loss(val_labels, probe.predict_proba(val_features), labels=probe.classes_)
     correct = probe.predict(val_features) == np.asarray(val_labels)
+    return ViewScore(float(correct.mean()), float(loss), tuple(bool(c) for c in correct))
+
+
+def _label_set_probe_scores(train_features, train_labels: np.ndarray, val_features, val_labels: np.ndarray) -> ViewScore:
+    """The multi-label probe (scikit-learn's one-vs-rest logistic regression): an image counts as
+    right when its whole label set is, and the loss is the mean binary cross-entropy over its labels.
+    A label without both a positive and a negative in the sample is left out."""
+    from sklearn.linear_model import LogisticRegression  # only auto's probes need scikit-learn
+    from sklearn.multiclass import OneVsRestClassifier
+
+    varied = (train_labels.min(0) == 0) & (train_labels.max(0) == 1)
+    train_labels, val_labels = train_labels[:, varied], val_labels[:, varied]
+    probe = OneVsRestClassifier(LogisticRegression(max_iter=1000)).fit(train_features, train_labels)
+    scores = np.clip(probe.predict_proba(val_features), 1e-7, 1 - 1e-7)
+    loss = -(val_labels * np.log(scores) + (1 - val_labels) * np.log(1 - scores)).mean()
+    correct = ((scores >= 0.5) == (val_labels == 1)).all(axis=1)
     return ViewScore(float(correct.mean()), float(loss), tuple(bool(c) for c in correct))
 
 
@@ -285,11 +303,14 @@ def _median_image_side(paths) -> float | None:
 
 def _probe_accuracy(features: torch.Tensor, labels: list[int], seed: int) -> float | None:
     """3-fold cross-validated accuracy of a probe on the training features (None: a class has
-    fewer than two images)."""
+    fewer than two images, or the images carry label sets: the rule's accuracy thresholds are
+    those of one label per image)."""
     # scikit-learn takes about a second to import; only auto's probes need it.
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold, cross_val_score
 
+    if labels and isinstance(labels[0], list):
+        return None
     folds = min(3, min(Counter(labels).values()))
     if folds < 2:
         return None

@@ -20,6 +20,8 @@ from graft.models.stages import Stage
 from graft.training import distributed
 from graft.training.features import FeatureCache, Tap, default_cache_dir
 from graft.training.loop import EpochRecord, FitResult
+from graft.training.multilabel import task_named
+from graft.training.task import Task
 
 if TYPE_CHECKING:
     from graft.training.checkpoint import Checkpointer
@@ -45,6 +47,11 @@ class TrainContext:
     # Where the frozen prefix a strategy will train on ends, and its outputs kept from the passes
     # of the whole backbone over the plain view (`with_prefix_tap`); None: nothing is kept.
     tap: Tap | None = None
+
+    @property
+    def task(self) -> Task:
+        """What the labels ask for: single-label (softmax) or multi-label (`graft.training.multilabel`)."""
+        return task_named(self.dataset.task)
 
 
 def with_prefix_tap(context: TrainContext, module_name: str) -> TrainContext:

@@ -21,9 +21,10 @@ from graft.models.pooling import pooling_of
 from graft.models.stages import Stage
 from graft.speed.numerics import intra_op_threads
 from graft.strategies.base import AuditRow, TrainContext, TrainOutcome, count_params, has_batchnorm
-from graft.training import CLASSIFICATION, HeadSteps, Phase, class_weights, run_phase
+from graft.training import HeadSteps, Phase, class_weights, run_phase
 from graft.training.features import ExtractionStats, extract_features
 from graft.training.loop import EpochRecord, FitResult, view_batches, warmup_cosine_schedule
+from graft.training.multilabel import positive_weights
 
 
 class FeatureExtract:
@@ -131,7 +132,7 @@ def head_phase(head: nn.Module, train: tuple[torch.Tensor, torch.Tensor], val: t
     optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=config.weight_decay)
     scheduler = warmup_cosine_schedule(optimizer, epochs=epochs, steps_per_epoch=math.ceil(train_views.shape[1] / batch_size),
                                        warmup_epochs=config.warmup_epochs)
-    loss_fn = CLASSIFICATION.training_loss(train_labels, context.head_spec.num_classes, config)
+    loss_fn = context.task.training_loss(train_labels, context.head_spec.num_classes, config)
     generator = torch.Generator().manual_seed(config.seed)
 
     def before_epoch(epoch: int) -> None:
@@ -146,8 +147,8 @@ def head_phase(head: nn.Module, train: tuple[torch.Tensor, torch.Tensor], val: t
         name="head", title="head epochs", model=head, optimizer=optimizer, scheduler=scheduler, generator=generator,
         epochs=epochs, patience=patience,
         batches=lambda epoch: view_batches(train_views, train_labels, batch_size, generator),
-        steps=lambda epochs_left: HeadSteps(head, loss_fn, optimizer, scheduler),
-        predict=predict, val_labels=val_labels, before_epoch=before_epoch,
+        steps=lambda epochs_left: HeadSteps(head, loss_fn, optimizer, scheduler, task=context.task),
+        predict=predict, val_labels=val_labels, task=context.task, before_epoch=before_epoch,
         # Head epochs are tiny ops where OpenMP's thread wake-ups cost more than they save.
         threads=1,
     )
@@ -201,15 +202,18 @@ def fit_logistic_regression(
     started = time.perf_counter()
     views, count = train_views.shape[0], train_views.shape[1]
     inputs = train_views.reshape(views * count, -1).float()
-    targets = train_labels.repeat(views)
-    weights = class_weights(train_labels, context.head_spec.num_classes, config.class_weighting)
+    targets = train_labels.repeat(views, *[1] * (train_labels.dim() - 1))  # (N,) class indices or (N, C) label sets
+    if context.task.name == "multilabel":  # one binary logistic regression per label (scikit-learn's one-vs-rest)
+        weights = positive_weights(train_labels) if config.class_weighting == "balanced" else None
+    else:
+        weights = class_weights(train_labels, context.head_spec.num_classes, config.class_weighting)
     solve_logistic_regression(linear, inputs, targets, views=views, class_weight=weights)
     head.eval()
     with torch.no_grad():
         train_logits = head(inputs)
         val_logits = head(val_features)
-    train_loss, train_accuracy = CLASSIFICATION.evaluate(train_logits, targets)
-    val_loss, val_accuracy = CLASSIFICATION.evaluate(val_logits, val_labels)
+    train_loss, train_accuracy = context.task.evaluate(train_logits, targets)
+    val_loss, val_accuracy = context.task.evaluate(val_logits, val_labels)
     record = EpochRecord(epoch=0, train_loss=train_loss, train_accuracy=train_accuracy, val_loss=val_loss,
                          val_accuracy=val_accuracy, lr=[1.0], seconds=round(time.perf_counter() - started, 3))
     context.on_epoch([record])
@@ -224,7 +228,9 @@ def solve_logistic_regression(linear: nn.Linear, inputs: torch.Tensor, targets: 
     """Set `linear` to the minimiser of scikit-learn's multinomial `LogisticRegression(C=c,
     class_weight=...)` objective on `inputs` (N, D) -> `targets` (N,): the class-weighted
     cross-entropy summed over the rows (divided by `views` when each image is `views` rows) plus
-    ||W||^2 / (2 c), the bias not penalised. From zero, by L-BFGS with a strong-Wolfe line search."""
+    ||W||^2 / (2 c), the bias not penalised. From zero, by L-BFGS with a strong-Wolfe line search.
+    Multi-hot `targets` (N, C) make it C binary logistic regressions (one-vs-rest), `class_weight`
+    then weighting each label's positives."""
     with torch.no_grad():
         linear.weight.zero_()
         linear.bias.zero_()
@@ -234,7 +240,10 @@ def solve_logistic_regression(linear: nn.Linear, inputs: torch.Tensor, targets: 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
         logits = inputs @ linear.weight.T + linear.bias
-        loss = nn.functional.cross_entropy(logits, targets, weight=class_weight, reduction="sum") / views
+        if targets.dim() == 2:
+            loss = nn.functional.binary_cross_entropy_with_logits(logits, targets.float(), pos_weight=class_weight, reduction="sum") / views
+        else:
+            loss = nn.functional.cross_entropy(logits, targets, weight=class_weight, reduction="sum") / views
         loss = loss + (linear.weight * linear.weight).sum() / (2 * c)
         loss.backward()
         return loss

@@ -20,7 +20,7 @@ from graft.speed.folding import inference_network
 from graft.speed.numerics import autocast
 from graft.strategies.base import TrainContext, TrainOutcome
 from graft.strategies.plan import StagePlan, apply_trainability, param_groups
-from graft.training import CLASSIFICATION, Phase, run_phase
+from graft.training import Phase, run_phase
 from graft.training import distributed
 from graft.training.loop import TrainSteps, make_optimizer, warmup_cosine_schedule
 
@@ -46,26 +46,26 @@ def image_phase(model: GraftModel, plan: StagePlan, context: TrainContext, stage
                                  shuffle=True, seed=config.seed) if distributed.active() else None
     train = context.dataset.train
     train_loader, prepare = training_loader(
-        train.paths, train.labels, context.backbone.preprocessing, augment=config.augment,
+        train.paths, torch.tensor(train.labels), context.backbone.preprocessing, augment=config.augment,
         batch_size=config.batch_size, device=device, generator=generator, sampler=sampler,
     )
     model.to(device).to(memory_format=torch.channels_last)
     apply_trainability(model, stages, plan.trainable_at(0), plan)
     optimizer = make_optimizer(param_groups(model, stages, plan, config.weight_decay), device)
     scheduler = warmup_cosine_schedule(optimizer, epochs=epochs, steps_per_epoch=len(train_loader), warmup_epochs=config.warmup_epochs)
-    loss_fn = CLASSIFICATION.training_loss(torch.tensor(train.labels), context.head_spec.num_classes, config).to(device)
+    loss_fn = context.task.training_loss(torch.tensor(train.labels), context.head_spec.num_classes, config).to(device)
     thaw = ThawEvents(model, stages, plan, context, sampler)
 
     def steps(epochs_left: int) -> TrainSteps:
         compiler = training_compiler(context, epochs_left * len(train_loader))
         thaw.steps = TrainSteps(thaw.network, loss_fn, optimizer, scheduler, precision=context.precision, device=device,
-                                prepare=prepare, compiler=compiler)
+                                prepare=prepare, compiler=compiler, task=context.task)
         return thaw.steps
 
     return Phase(
         name="finetune", title=f"{config.strategy} epochs", model=model, optimizer=optimizer, scheduler=scheduler,
         generator=generator, epochs=epochs, patience=patience, batches=lambda epoch: train_loader, steps=steps,
-        predict=validation_logits(model, context, thaw.restore), val_labels=torch.tensor(context.dataset.val.labels),
+        predict=validation_logits(model, context, thaw.restore), val_labels=torch.tensor(context.dataset.val.labels), task=context.task,
         before_epoch=thaw.before_epoch,
         # Reading the loss back is free on a CPU; on a GPU it would stall the queue every step.
         batch_status=lambda loss: f"batch loss {loss.item():.3f}" if device.type == "cpu" else None,

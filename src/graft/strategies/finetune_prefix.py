@@ -18,7 +18,7 @@ from graft.speed.numerics import autocast
 from graft.strategies.base import TrainContext, TrainOutcome
 from graft.strategies.finetune_images import training_compiler
 from graft.strategies.plan import StagePlan, apply_trainability, param_groups
-from graft.training import CLASSIFICATION, Phase, run_phase
+from graft.training import Phase, run_phase
 from graft.training.features import ExtractionStats, FeatureCache, backbone_key, extract_features
 from graft.training.loop import TrainSteps, make_optimizer, view_batches, warmup_cosine_schedule
 
@@ -105,7 +105,7 @@ def prefix_phase(model: GraftModel, trainable: nn.Module, plan: StagePlan, conte
     steps_per_epoch = math.ceil(train_views.shape[1] / config.batch_size)
     scheduler = warmup_cosine_schedule(optimizer, epochs=epochs, steps_per_epoch=steps_per_epoch, warmup_epochs=config.warmup_epochs)
     labels = torch.tensor(context.dataset.train.labels)
-    loss_fn = CLASSIFICATION.training_loss(labels, context.head_spec.num_classes, config).to(device)
+    loss_fn = context.task.training_loss(labels, context.head_spec.num_classes, config).to(device)
     generator = torch.Generator().manual_seed(config.seed)
 
     def before_epoch(epoch: int) -> None:
@@ -113,7 +113,7 @@ def prefix_phase(model: GraftModel, trainable: nn.Module, plan: StagePlan, conte
 
     def steps(epochs_left: int) -> TrainSteps:
         return TrainSteps(trainable, loss_fn, optimizer, scheduler, precision=context.precision, device=device,
-                          compiler=training_compiler(context, epochs_left * steps_per_epoch))
+                          compiler=training_compiler(context, epochs_left * steps_per_epoch), task=context.task)
 
     def predict() -> torch.Tensor:
         trainable.eval()
@@ -131,6 +131,6 @@ def prefix_phase(model: GraftModel, trainable: nn.Module, plan: StagePlan, conte
         name="finetune", title=f"{config.strategy} epochs", model=model, optimizer=optimizer, scheduler=scheduler,
         generator=generator, epochs=epochs, patience=patience,
         batches=lambda epoch: view_batches(train_views, labels, config.batch_size, generator), steps=steps,
-        predict=predict, val_labels=torch.tensor(context.dataset.val.labels), before_epoch=before_epoch,
+        predict=predict, val_labels=torch.tensor(context.dataset.val.labels), task=context.task, before_epoch=before_epoch,
         start_is_candidate=plan.start_is_candidate,
     )

@@ -1,4 +1,4 @@
-"""Classification metrics with the keys of design.md (`accuracy`, `macro_f1`, `per_class`, ...)."""
+"""Classification metrics with the keys of design.md (`accuracy`, `macro_f1`, `per_class`, ...), single- and multi-label."""
 
 from __future__ import annotations
 
@@ -47,5 +47,52 @@ def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int], class_n
             for i, name in enumerate(class_names)
         },
         "confusion_matrix": confusion.tolist(),
+        "class_names": list(class_names),
+    }
+
+
+def macro_average_precision(targets: np.ndarray, scores: np.ndarray) -> float:
+    """The mean over labels with at least one positive of scikit-learn's `average_precision_score`
+    (targets and scores (N, C)); nan when no label has a positive."""
+    from sklearn.metrics import average_precision_score  # scikit-learn loads only for multi-label metrics
+
+    present = np.asarray(targets).sum(0) > 0
+    if not present.any():
+        return float("nan")
+    return float(average_precision_score(np.asarray(targets)[:, present], np.asarray(scores)[:, present], average="macro"))
+
+
+def multilabel_metrics(targets: Sequence[Sequence[int]], scores: np.ndarray, thresholds: Sequence[float],
+                       class_names: Sequence[str]) -> dict[str, Any]:
+    """Multi-label scores: macro mAP (`map`, over the labels with a positive), micro and macro F1 at
+    the per-label `thresholds`, subset `accuracy` (the whole label set right), and per label its
+    precision, recall, F1, AP (null without a positive), support and threshold.
+
+    `macro_f1` averages the labels with a positive or a prediction (scikit-learn's `f1_score`
+    with `zero_division=0` over those labels), listed in `macro_f1_classes`.
+    """
+    from sklearn.metrics import average_precision_score, precision_recall_fscore_support  # loads only for multi-label metrics
+
+    truth = np.asarray(targets, dtype=np.int64).reshape(-1, len(class_names))
+    scores = np.asarray(scores, dtype=np.float64).reshape(truth.shape)
+    predicted = (scores >= np.asarray(thresholds)[None, :]).astype(np.int64)
+    precision, recall, f1, support = precision_recall_fscore_support(truth, predicted, average=None, zero_division=0)
+    _, _, micro_f1, _ = precision_recall_fscore_support(truth, predicted, average="micro", zero_division=0)
+    averaged = (truth.sum(0) > 0) | (predicted.sum(0) > 0)
+    ap = [float(average_precision_score(truth[:, i], scores[:, i])) if truth[:, i].any() else None for i in range(truth.shape[1])]
+    return {
+        "task": "multilabel",
+        "map": macro_average_precision(truth, scores),
+        "micro_f1": float(micro_f1),
+        "macro_f1": float(f1[averaged].mean()) if averaged.any() else 0.0,
+        "macro_f1_classes": [name for name, used in zip(class_names, averaged) if used],
+        "accuracy": float((predicted == truth).all(1).mean()) if len(truth) else 0.0,
+        "per_class": {
+            name: {
+                "precision": round(float(precision[i]), 6), "recall": round(float(recall[i]), 6), "f1": round(float(f1[i]), 6),
+                "ap": None if ap[i] is None else round(ap[i], 6), "support": int(support[i]), "threshold": float(thresholds[i]),
+            }
+            for i, name in enumerate(class_names)
+        },
         "class_names": list(class_names),
     }

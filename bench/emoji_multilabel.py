@@ -1,0 +1,153 @@
+"""The emoji multi-label task, and graft's multi-label training measured on it.
+
+Images: npm `emoji-datasource-apple` 16.0.0 (64 px PNGs); labels: the English CLDR keywords of
+npm `cldr-annotations-full` 48.2.0 (`annotations/en/annotations.json`, `default`), joined through
+the code points of `emoji.json`. Keywords used by at least 30 emoji are the labels; an emoji with
+none of them stays in, with no label. 20 % of the emoji are held out as `test` by a seeded
+iterative stratification (the `split` column); graft splits the rest into training and validation.
+
+    cd /tmp && npm pack emoji-datasource-apple@16.0.0 cldr-annotations-full@48.2.0
+    python bench/emoji_multilabel.py build --packs /tmp --out /tmp/emoji-task
+    python bench/emoji_multilabel.py measure --data /tmp/emoji-task/labels.csv
+
+`measure` trains graft's default (feature-extract) on the CSV, scores scikit-learn's one-vs-rest
+`LogisticRegression` on the same frozen features (from graft's feature cache), and one fine-tuning
+strategy, each on the held-out test rows by macro mAP, with wall times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import shutil
+import sys
+import tarfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import print_table, write_results  # noqa: E402
+
+MIN_EMOJI_PER_KEYWORD = 30
+TEST_FRACTION = 0.2
+
+
+def _extract(pack: Path, member_prefix: str, into: Path) -> Path:
+    """The members of an npm tarball under `member_prefix`, extracted once into `into`."""
+    marker = into / ".extracted"
+    if not marker.exists():
+        with tarfile.open(pack) as archive:
+            archive.extractall(into, members=[m for m in archive.getmembers() if m.name.startswith(member_prefix)], filter="data")
+        marker.touch()
+    return into / "package"
+
+
+def emoji_keywords(packs: Path, work: Path) -> list[tuple[Path, str, list[str]]]:
+    """(PNG, emoji, CLDR keywords) of every Apple emoji image whose character CLDR annotates."""
+    images = _extract(packs / "emoji-datasource-apple-16.0.0.tgz", "package/", work / "apple")
+    cldr = _extract(packs / "cldr-annotations-full-48.2.0.tgz", "package/annotations/en/", work / "cldr")
+    annotations = json.loads((cldr / "annotations/en/annotations.json").read_text())["annotations"]["annotations"]
+    found = []
+    for entry in json.loads((images / "emoji.json").read_text()):
+        png = images / "img/apple/64" / entry["image"]
+        if not entry.get("has_img_apple") or not png.is_file():
+            continue
+        character = "".join(chr(int(code, 16)) for code in entry["unified"].split("-"))
+        keywords = annotations.get(character) or annotations.get(character.replace("\ufe0f", ""))
+        if keywords:
+            found.append((png, character, list(keywords["default"])))
+    return found
+
+
+def build(packs: Path, out: Path, seed: int = 0) -> Path:
+    """Write `out/images/*.png` and `out/labels.csv` (path,labels,split); returns the CSV."""
+    from iterstrat.ml_stratifiers import MultilabelStratifiedShuffleSplit
+
+    found = emoji_keywords(packs, out / "npm")
+    uses = Counter(k for _, _, keywords in found for k in set(keywords))
+    kept = sorted(k for k, n in uses.items() if n >= MIN_EMOJI_PER_KEYWORD)
+    targets = np.array([[k in keywords for k in kept] for _, _, keywords in found], dtype=np.int64)
+    splitter = MultilabelStratifiedShuffleSplit(n_splits=1, test_size=TEST_FRACTION, random_state=seed)
+    _, test_index = next(splitter.split(np.zeros(len(found)), targets))
+    test = set(test_index.tolist())
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    csv_path = out / "labels.csv"
+    with csv_path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "labels", "split"])
+        for row, (png, _, keywords) in enumerate(found):
+            shutil.copyfile(png, out / "images" / png.name)
+            writer.writerow([f"images/{png.name}", ";".join(k for k in kept if k in keywords), "test" if row in test else ""])
+    print(f"{len(found)} emoji, {len(kept)} keywords used by >= {MIN_EMOJI_PER_KEYWORD} emoji, "
+          f"{len(test)} held out for test, {int((targets.sum(1) == 0).sum())} with no kept keyword -> {csv_path}")
+    return csv_path
+
+
+def _sklearn_one_vs_rest(run_dir: Path, csv_path: Path) -> tuple[float, float]:
+    """(test macro mAP, seconds) of scikit-learn's one-vs-rest LogisticRegression on the features
+    graft cached for its run (the same frozen backbone, the same training images)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.multiclass import OneVsRestClassifier
+
+    from graft.input.multilabel import load_multilabel_dataset
+    from graft.models.backbones import load_backbone
+    from graft.training.features import FeatureCache, backbone_key, default_cache_dir, extract_features
+    from graft.training.metrics import macro_average_precision
+
+    config = json.loads((run_dir / "config.json").read_text())
+    dataset = load_multilabel_dataset(csv_path, seed=config["seed"], val_fraction=config["val_fraction"])
+    backbone = load_backbone(config["backbone"])
+    precision = config["resolved"]["precision"]
+    cache = FeatureCache(default_cache_dir(), backbone_key(backbone, backbone.preprocessing, precision))
+    features = {part: extract_features(backbone, images.paths, images.digests, cache=cache, precision=precision).numpy()
+                for part, images in (("train", dataset.train), ("test", dataset.test))}
+    started = time.perf_counter()
+    probe = OneVsRestClassifier(LogisticRegression(max_iter=2000)).fit(features["train"], np.asarray(dataset.train.labels))
+    seconds = time.perf_counter() - started
+    return macro_average_precision(np.asarray(dataset.test.labels), probe.predict_proba(features["test"])), seconds
+
+
+def measure(csv_path: Path, out: Path, finetune: str) -> None:
+    """graft's default, scikit-learn's one-vs-rest probe and `finetune`, on the held-out test rows."""
+    import graft
+
+    rows = []
+    for strategy in ("feature-extract", finetune):
+        started = time.perf_counter()
+        run = graft.train(csv_path, out=out / strategy, strategy=strategy, verbose=False, overwrite=True)
+        seconds = time.perf_counter() - started
+        test = run.metrics["test"]
+        rows.append({"method": f"graft {strategy}" + (" (default)" if strategy == "feature-extract" else ""),
+                     "test_map": round(test["map"], 4), "test_micro_f1": round(test["micro_f1"], 4),
+                     "val_map": round(run.metrics["map"], 4), "seconds": round(seconds, 1)})
+        if strategy == "feature-extract":
+            sk_map, sk_seconds = _sklearn_one_vs_rest(run.run_dir, csv_path)
+            rows.append({"method": "scikit-learn one-vs-rest LogisticRegression (same features)", "test_map": round(sk_map, 4),
+                         "test_micro_f1": None, "val_map": None, "seconds": round(sk_seconds, 1)})
+    print_table(rows, ["method", "test_map", "test_micro_f1", "val_map", "seconds"])
+    write_results("emoji_multilabel", rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build")
+    b.add_argument("--packs", type=Path, default=Path("/tmp"))
+    b.add_argument("--out", type=Path, default=Path("/tmp/emoji-task"))
+    m = sub.add_parser("measure")
+    m.add_argument("--data", type=Path, default=Path("/tmp/emoji-task/labels.csv"))
+    m.add_argument("--out", type=Path, default=Path("/tmp/emoji-runs"))
+    m.add_argument("--finetune", default="partial")
+    args = parser.parse_args()
+    if args.command == "build":
+        build(args.packs, args.out)
+    else:
+        measure(args.data, args.out, args.finetune)
+
+
+if __name__ == "__main__":
+    main()
