@@ -45,8 +45,10 @@ def train(
     return train_with_config(config, reporter=Reporter(verbose), resume=resume, overwrite=overwrite)
 
 
-def evaluate(bundle: str | Path | Bundle, data: str | Path, *, on_bad_image: str = "error", batch_size: int = 32) -> dict[str, Any]:
-    """Metrics of a bundle on a labelled folder (or CSV): the keys of `metrics.json`."""
+def evaluate(bundle: str | Path | Bundle, data: str | Path, *, on_bad_image: str = "error", batch_size: int = 32,
+             unknown: str = "auto") -> dict[str, Any]:
+    """Metrics of a bundle on a labelled folder (or CSV): the keys of `metrics.json`, and with
+    `unknown="auto"` the share of the images the bundle answers "unknown" for (`unknown_rate`)."""
     choices = get_args(OnBadImage)
     if on_bad_image not in choices:
         raise ConfigError(f"--on-bad-image: {on_bad_image!r} is not one of {', '.join(choices)}")
@@ -58,7 +60,7 @@ def evaluate(bundle: str | Path | Bundle, data: str | Path, *, on_bad_image: str
             f"{data}: classes {unknown} are not among the bundle's classes ({', '.join(model.class_names)}); "
             "rename the folders to the bundle's class names or remove them"
         )
-    metrics = labelled_metrics(model, images, batch_size=batch_size)
+    metrics = labelled_metrics(model, images, batch_size=batch_size, unknown=unknown)
     metrics.update(
         backbone=model.backbone,
         strategy=model.meta.get("strategy"),
@@ -67,10 +69,12 @@ def evaluate(bundle: str | Path | Bundle, data: str | Path, *, on_bad_image: str
     return metrics
 
 
-def predict(bundle: str | Path | Bundle, paths: Iterable[str | Path], *, top_k: int = 5, batch_size: int = 32) -> Iterator[Prediction]:
-    """Predictions for image files and folders (folders are searched recursively), streamed."""
+def predict(bundle: str | Path | Bundle, paths: Iterable[str | Path], *, top_k: int = 5, batch_size: int = 32,
+            unknown: str = "auto") -> Iterator[Prediction]:
+    """Predictions for image files and folders (folders are searched recursively), streamed;
+    `unknown="off"` never answers "unknown" (`Bundle.predict`)."""
     model = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
-    return model.iter_predict(expand_image_paths(paths), top_k=top_k, batch_size=batch_size)
+    return model.iter_predict(expand_image_paths(paths), top_k=top_k, batch_size=batch_size, unknown=unknown)
 
 
 def expand_image_paths(paths: Iterable[str | Path]) -> Iterator[Path]:

@@ -12,7 +12,8 @@
    (`Plan`), shown as the audit table;
 7. `_start_run_files`: the run folder claimed, `config.json` and `split.json` written;
 8. `_train`: the strategy trains, recording history and checkpoints after every epoch;
-9. `_measure`: the validation metrics and the run's facts;
+9. `_fit_unknown`: the "none of these" detector, in the trained model's feature space;
+   `_measure`: the validation metrics and the run's facts;
 10. `_write_run`: bundle, held-out test/ metrics, predictions, metrics, the report last.
 
 Under torchrun every rank runs every step; only rank 0 speaks and writes files (the run folder is
@@ -45,6 +46,8 @@ from graft.speed.numerics import resolve_device, resolve_precision, should_compi
 from graft.models.stages import Stage, discover_stages
 from graft.strategies import AuditRow, TrainContext, get_strategy
 from graft.strategies.base import cache_dir_of, count_params, resolve_bn_stats
+from graft.shipping.unknown import UnknownDetector
+from graft.training.unknown_fit import fit_run_detector, weights_fingerprint
 
 if TYPE_CHECKING:
     from graft.training.checkpoint import Checkpointer
@@ -120,9 +123,12 @@ def train_with_config(
     plan = _plan_strategy(config, backbone, dataset, voice)
     if main_rank:
         _start_run_files(config, plan, numerics, dataset, places.run_dir, resume=resume, overwrite=overwrite)
+    pretrained = weights_fingerprint(backbone.model)
     outcome = _train(plan, dataset, backbone, numerics, places, voice)
+    unknown = _fit_unknown(plan, dataset, backbone, numerics, outcome, places, voice, pretrained=pretrained)
     measured = _measure(plan, dataset, backbone, outcome, train_seconds=time.perf_counter() - started)
-    metrics = _write_run(plan, dataset, backbone, numerics, outcome, measured, places, voice) if main_rank else measured
+    measured["unknown"] = unknown.record()
+    metrics = _write_run(plan, dataset, backbone, numerics, outcome, measured, places, voice, unknown) if main_rank else measured
     distributed.barrier()  # no rank returns before the files exist
     voice.say(_summary(metrics, outcome, places.run_dir))
     return RunResult(run_dir=places.run_dir, bundle_dir=places.bundle_dir, metrics=metrics, history=outcome.fit.history)
@@ -273,6 +279,19 @@ def _train(plan: Plan, dataset: Dataset, backbone: Backbone, numerics: Numerics,
         raise TrainingError(f"{places.run_dir}: {error}{kept}") from None
 
 
+def _fit_unknown(plan: Plan, dataset: Dataset, backbone: Backbone, numerics: Numerics, outcome: TrainOutcome, places: RunPlaces,
+                 reporter: Reporter, *, pretrained: str) -> UnknownDetector:
+    """The "none of these" detector of the trained model (`graft.training.unknown_fit`): from the
+    cached features when its backbone still has the pretrained weights, else from its own."""
+    model_backbone = outcome.model.backbone
+    view = Backbone(name=backbone.name, architecture=backbone.architecture, model=model_backbone,
+                    preprocessing=outcome.preprocessing or backbone.preprocessing, weights_source=backbone.weights_source,
+                    weights_id=backbone.weights_id, num_features=(outcome.head_spec or plan.head_spec).in_features,
+                    pooling=outcome.pooling or backbone.pooling)
+    return fit_run_detector(model_backbone, view, dataset, frozen=weights_fingerprint(model_backbone) == pretrained,
+                            cache_root=places.cache_root, precision=numerics.precision, device=numerics.device, reporter=reporter)
+
+
 def _measure(plan: Plan, dataset: Dataset, backbone: Backbone, outcome: TrainOutcome, *, train_seconds: float) -> dict[str, Any]:
     """Validation metrics and the run's facts: the keys of metrics.json but the held-out `test`."""
     predicted = outcome.val_logits.argmax(1).tolist()
@@ -296,12 +315,12 @@ def _measure(plan: Plan, dataset: Dataset, backbone: Backbone, outcome: TrainOut
 
 def _write_run(
     plan: Plan, dataset: Dataset, backbone: Backbone, numerics: Numerics, outcome: TrainOutcome,
-    measured: dict[str, Any], places: RunPlaces, reporter: Reporter,
+    measured: dict[str, Any], places: RunPlaces, reporter: Reporter, unknown: UnknownDetector | None = None,
 ) -> dict[str, Any]:
     """Write the bundle, then score it on the held-out test/ folder (seen only now), then the
     predictions and metrics; the checkpoint goes and the report is written last. Returns the
     metrics written (`measured`, with `test` when there is a test/ folder)."""
-    save_bundle(places.bundle_dir, outcome.model, _bundle_meta(plan, dataset, backbone, numerics, outcome, measured))
+    save_bundle(places.bundle_dir, outcome.model, _bundle_meta(plan, dataset, backbone, numerics, outcome, measured), unknown=unknown)
     metrics = {**measured, **_held_out_metrics(places.bundle_dir, dataset, reporter)}
     write_json(places.run_dir / "val_predictions.json", validation_predictions(dataset, outcome.val_logits))
     write_json(places.run_dir / "metrics.json", metrics)
@@ -385,9 +404,18 @@ def validation_predictions(dataset: Dataset, logits: torch.Tensor) -> list[dict[
     return rows
 
 
-def labelled_metrics(model: Bundle, images: LabelledImages, *, batch_size: int = 32) -> dict[str, Any]:
-    """Accuracy, macro-F1, per-class scores and `num_images` of a bundle on labelled images."""
+def labelled_metrics(model: Bundle, images: LabelledImages, *, batch_size: int = 32, unknown: str = "auto") -> dict[str, Any]:
+    """Accuracy, macro-F1, per-class scores and `num_images` of a bundle on labelled images.
+
+    The scores are the classifier's (its best class for every image); with the bundle's "none of
+    these" check on (`unknown="auto"`), `unknown_rate` is the share of the images it answers
+    "unknown" for, and `num_unknown` their count."""
     index = {name: i for i, name in enumerate(model.class_names)}
     truth = [index[images.class_names[y]] for y in images.labels]
-    predicted = [model.class_names.index(p.label) for p in model.iter_predict(images.paths, top_k=1, batch_size=batch_size)]
-    return {**classification_metrics(truth, predicted, model.class_names), "num_images": len(truth)}
+    predictions = list(model.iter_predict(images.paths, top_k=1, batch_size=batch_size, unknown=unknown))
+    predicted = [model.class_names.index(p.top_k[0][0]) for p in predictions]
+    metrics = {**classification_metrics(truth, predicted, model.class_names), "num_images": len(truth)}
+    if model.unknown is not None and unknown == "auto":
+        rejected = sum(p.unknown_score is not None and p.unknown_score > model.unknown.threshold for p in predictions)
+        metrics.update(unknown_rate=rejected / max(len(predictions), 1), num_unknown=rejected)
+    return metrics

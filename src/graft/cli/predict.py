@@ -10,6 +10,8 @@ from typing import List
 
 import typer
 
+from graft.shipping.unknown import MODES, UNKNOWN_HELP
+
 FORMATS = ("table", "csv", "json")
 
 
@@ -25,6 +27,7 @@ def predict(
     out: Path | None = typer.Option(
         None, "--out", "-o", help="Write CSV here, with a progress bar; resumes: appends, skips images already in it."
     ),
+    unknown: str = typer.Option("auto", "--unknown", help=UNKNOWN_HELP),
 ) -> None:
     """Predict the labels of images with a trained bundle."""
     from graft.shipping.bundle import load_bundle
@@ -35,11 +38,13 @@ def predict(
         raise ConfigError(f"--format: {output_format!r} is not one of {', '.join(FORMATS)}")
     check_number("top_k", top_k, TOP_K)
     check_number("batch_size", batch_size, BATCH_SIZE)
+    if unknown not in MODES:
+        raise ConfigError(f"--unknown: {unknown!r} is not one of {', '.join(MODES)}")
     if out is not None and explain is not None:
         raise ConfigError("--explain and --out cannot be combined: write the CSV first, then explain the images you want to see")
     model = load_bundle(bundle)
     if out is not None:
-        _predict_to_file(model, paths, out, top_k, batch_size)
+        _predict_to_file(model, paths, out, top_k, batch_size, unknown)
         return
     failures: list[ImageError] = []
 
@@ -49,7 +54,7 @@ def predict(
         if output_format == "json":
             print(json.dumps({"path": error.path, "error": error.reason}), flush=True)
 
-    stream = model.iter_predict(_expand(paths), top_k=top_k, batch_size=batch_size, on_error=on_error)
+    stream = model.iter_predict(_expand(paths), top_k=top_k, batch_size=batch_size, on_error=on_error, unknown=unknown)
     explained: list = []
     if explain is not None:
         stream = _remember(stream, explained)
@@ -67,10 +72,11 @@ def _print_predictions(stream, output_format: str, top_k: int) -> None:
             print(json.dumps(prediction.to_dict()), flush=True)
     elif output_format == "csv":
         writer = csv.writer(sys.stdout)
-        writer.writerow(["path", "label", "score", "top_k"])
+        writer.writerow(["path", "label", "score", "top_k", "unknown_score"])
         for prediction in stream:
             writer.writerow([prediction.path, prediction.label, f"{prediction.score:.6f}",
-                             ";".join(f"{label}:{score:.4f}" for label, score in prediction.top_k)])
+                             ";".join(f"{label}:{score:.4f}" for label, score in prediction.top_k),
+                             "" if prediction.unknown_score is None else f"{prediction.unknown_score:.6f}"])
     else:
         from rich.table import Table
 
@@ -78,11 +84,12 @@ def _print_predictions(stream, output_format: str, top_k: int) -> None:
 
         table = Table()
         table.add_column("path", overflow="fold")  # the whole name, wrapped, never cut to "…"
-        for column in ("label", "score", f"top {top_k}"):
+        for column in ("label", "score", f"top {top_k}", "unknown score"):
             table.add_column(column)
         for prediction in stream:
             table.add_row(prediction.path, prediction.label, f"{prediction.score:.3f}",
-                          ", ".join(f"{label} {score:.2f}" for label, score in prediction.top_k))
+                          ", ".join(f"{label} {score:.2f}" for label, score in prediction.top_k),
+                          "-" if prediction.unknown_score is None else f"{prediction.unknown_score:.3f}")
         make_console().print(table)
 
 
@@ -96,15 +103,15 @@ def _remember(stream, seen: list):
 def _explain(model, predictions: list, folder: Path) -> None:
     from graft.report.explain import explain_images
 
-    written = explain_images(model, [p.path for p in predictions], folder, labels=[p.label for p in predictions])
+    written = explain_images(model, [p.path for p in predictions], folder, labels=[p.top_k[0][0] for p in predictions])
     print(f"graft: {len(written)} class activation maps written to {folder}", file=sys.stderr)
 
 
-def _predict_to_file(model, paths: List[Path], out: Path, top_k: int, batch_size: int) -> None:
+def _predict_to_file(model, paths: List[Path], out: Path, top_k: int, batch_size: int, unknown: str) -> None:
     from graft.shipping.batch_predict import predict_to_csv
     from graft.console import Reporter
 
-    result = predict_to_csv(model, paths, out, top_k=top_k, batch_size=batch_size, reporter=Reporter())
+    result = predict_to_csv(model, paths, out, top_k=top_k, batch_size=batch_size, reporter=Reporter(), unknown=unknown)
     print(f"graft: {result.written} predictions appended to {result.out} ({result.skipped} already there, "
           f"{len(result.failed)} unreadable)", file=sys.stderr)
     if result.failed:

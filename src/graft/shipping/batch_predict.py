@@ -52,12 +52,14 @@ def predict_to_csv(
     top_k: int = 3,
     batch_size: int = 32,
     reporter: Reporter = QUIET,
+    unknown: str = "auto",
 ) -> BatchResult:
     """Predict every image under `paths` into the CSV `out`, appending to it and resuming.
 
     Images whose path is already in `out` are skipped; a trailing partial line (from a killed
     run) is removed first. Missing parent folders of `out` are created. Progress is shown by
-    `reporter` (a rich bar on stderr in the CLI).
+    `reporter` (a rich bar on stderr in the CLI). `unknown` as `Bundle.predict`'s: the label
+    is "unknown" past the bundle's threshold (the file keeps its columns; no unknown_score).
     """
     from graft.api import expand_image_paths
 
@@ -86,7 +88,7 @@ def predict_to_csv(
                 _write_row(handle, (error.path, "", "", "", error.reason))
                 advance(1, status=f"{len(failed)} unreadable")
 
-            for prediction in model.iter_predict(todo, top_k=top_k, batch_size=batch_size, on_error=on_error):
+            for prediction in model.iter_predict(todo, top_k=top_k, batch_size=batch_size, on_error=on_error, unknown=unknown):
                 _write_row(handle, _prediction_row(prediction))
                 written += 1
                 advance(1)

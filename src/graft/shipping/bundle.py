@@ -3,6 +3,7 @@
     bundle/
       model.safetensors   the whole adapted network (backbone + head), tensors only
       graft.json          format version, backbone, class names, preprocessing, head, strategy
+      unknown.safetensors what scores how unlike the training images an input is (graft.shipping.unknown)
 
 Loading never unpickles anything: safetensors + JSON. A bundle is written into a temporary
 folder and renamed into place, so it appears whole or not at all.
@@ -25,6 +26,7 @@ from graft.models.heads import HeadSpec, make_head
 from graft.models.model import GraftModel
 from graft.speed.numerics import autocast, inference_precision
 from graft.input.preprocessing import Preprocessing, build_transforms
+from graft.shipping.unknown import MODES, UNKNOWN_LABEL, UnknownDetector, load_unknown, save_unknown
 
 MODEL_FILE = "model.safetensors"
 META_FILE = "graft.json"
@@ -32,24 +34,32 @@ META_FILE = "graft.json"
 
 @dataclass(frozen=True)
 class Prediction:
-    """One image's prediction: the best label and score, and the top-k (label, score) pairs."""
+    """One image's prediction: the best label and score, and the top-k (label, score) pairs.
+
+    With the bundle's "none of these" check on, `unknown_score` says how unlike the training
+    images the image is, and `label` is "unknown" past the bundle's threshold (`score` and
+    `top_k` stay the classifier's)."""
 
     path: str
     label: str
     score: float
     top_k: list[tuple[str, float]]
+    unknown_score: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        row = {
             "path": self.path,
             "label": self.label,
             "score": round(self.score, 6),
             "top_k": [{"label": label, "score": round(score, 6)} for label, score in self.top_k],
         }
+        if self.unknown_score is not None:
+            row["unknown_score"] = round(self.unknown_score, 6)
+        return row
 
 
-def save_bundle(path: str | Path, model: GraftModel, meta: dict[str, Any]) -> Path:
-    """Write `model` and its metadata as a bundle folder at `path`, atomically."""
+def save_bundle(path: str | Path, model: GraftModel, meta: dict[str, Any], *, unknown: UnknownDetector | None = None) -> Path:
+    """Write `model` and its metadata (and the "none of these" detector) as a bundle folder at `path`, atomically."""
     from safetensors.torch import save_file
 
     from graft import __version__
@@ -57,6 +67,8 @@ def save_bundle(path: str | Path, model: GraftModel, meta: dict[str, Any]) -> Pa
 
     path = Path(path)
     full_meta = {"format_version": BUNDLE_FORMAT, "graft_version": __version__, **meta}
+    if unknown is not None:
+        full_meta["unknown"] = unknown.record()
     for key in ("backbone", "class_names", "preprocessing", "head"):
         if key not in full_meta:
             raise BundleError(f"bundle metadata is missing {key!r} (a graft bug: please report it)")
@@ -67,6 +79,8 @@ def save_bundle(path: str | Path, model: GraftModel, meta: dict[str, Any]) -> Pa
                             "rerun with a lower --lr")
     with atomic_dir(path) as folder:
         save_file(state, str(folder / MODEL_FILE), metadata={"format": "graft", "format_version": str(BUNDLE_FORMAT)})
+        if unknown is not None:
+            save_unknown(folder, unknown)
         (folder / META_FILE).write_text(json.dumps(full_meta, indent=2) + "\n", encoding="utf-8")
     return path
 
@@ -79,6 +93,8 @@ class Bundle:
 
     `precision` is what `logits` computes in: the bundle's recorded training precision
     (`meta["precision"]`) where this device runs it natively, else fp32; assign "fp32" to force it.
+    `unknown` scores how unlike the training images an input is (None for a bundle without it);
+    `predict(..., unknown="off")` never answers "unknown".
     """
 
     def __init__(self, path: Path, meta: dict[str, Any], model: GraftModel) -> None:
@@ -90,6 +106,7 @@ class Bundle:
         self.transform = build_transforms(self.preprocessing)
         self.device = torch.device("cpu")
         self.precision = inference_precision(meta.get("precision"), self.device)
+        self.unknown: UnknownDetector | None = None
 
     @property
     def backbone(self) -> str:
@@ -103,18 +120,28 @@ class Bundle:
 
     def logits(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """Raw logits (N, classes) for RGB PIL images, preprocessed as in training."""
+        return self.features_and_logits(images)[1]
+
+    def features_and_logits(self, images: Sequence[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The features the head reads (N, D) and its raw logits (N, classes), for RGB PIL images."""
         if not images:
-            return torch.empty(0, len(self.class_names))
+            return torch.empty(0, int(self.meta["head"]["in_features"])), torch.empty(0, len(self.class_names))
         model = inference_network(self.model, self.preprocessing.input_size, self.precision)  # BatchNorm folded in fp32
         with torch.inference_mode():
             batch = torch.stack([self.transform(image) for image in images]).to(self.device)
             # The precision the bundle was trained in, where the device runs it (see `precision`).
             with autocast(self.precision, self.device):
-                return model(batch.contiguous(memory_format=torch.channels_last)).float().cpu()
+                features = model.backbone(batch.contiguous(memory_format=torch.channels_last))
+                logits = model.head(features)
+            return features.float().cpu(), logits.float().cpu()
 
-    def predict(self, sources: Iterable[str | Path | Image.Image], *, top_k: int = 5, batch_size: int = 32) -> list[Prediction]:
-        """Predict image files (paths) or PIL images. Unreadable files raise `ImageError`."""
-        return list(self.iter_predict(sources, top_k=top_k, batch_size=batch_size))
+    def predict(self, sources: Iterable[str | Path | Image.Image], *, top_k: int = 5, batch_size: int = 32,
+                unknown: str = "auto") -> list[Prediction]:
+        """Predict image files (paths) or PIL images. Unreadable files raise `ImageError`.
+
+        `unknown="auto"` answers "unknown" for an image past the bundle's "none of these"
+        threshold (`graft.shipping.unknown`), "off" always answers with one of the classes."""
+        return list(self.iter_predict(sources, top_k=top_k, batch_size=batch_size, unknown=unknown))
 
     def iter_predict(
         self,
@@ -123,6 +150,7 @@ class Bundle:
         top_k: int = 5,
         batch_size: int = 32,
         on_error: Callable[[ImageError], None] | None = None,
+        unknown: str = "auto",
     ) -> Iterator[Prediction]:
         """Like `predict`, streaming: images are read and predicted one batch at a time.
 
@@ -133,10 +161,16 @@ class Bundle:
 
         check_number("top_k", top_k, TOP_K)
         check_number("batch_size", batch_size, BATCH_SIZE)
-        return self._stream_predictions(sources, top_k, batch_size, on_error)
+        if unknown not in MODES:
+            from graft.errors import ConfigError
+
+            raise ConfigError(f"{unknown!r} is not one of {', '.join(MODES)} (auto: answer 'unknown' for images "
+                              "unlike the training images, off: never)", parameter="unknown")
+        detector = self.unknown if unknown == "auto" else None
+        return self._stream_predictions(sources, top_k, batch_size, on_error, detector)
 
     def _stream_predictions(self, sources: Iterable[str | Path | Image.Image], top_k: int, batch_size: int,
-                            on_error: Callable[[ImageError], None] | None) -> Iterator[Prediction]:
+                            on_error: Callable[[ImageError], None] | None, detector: UnknownDetector | None) -> Iterator[Prediction]:
         from graft.input.images import load_image, to_rgb
 
         min_size = self.preprocessing.resize_size  # files are decoded no larger than the resize needs
@@ -157,18 +191,22 @@ class Bundle:
                 names.append(str(source))
                 images.append(image)
             if len(images) == batch_size:
-                yield from self._predict_batch(names, images, top_k)
+                yield from self._predict_batch(names, images, top_k, detector)
                 names, images = [], []
         if images:
-            yield from self._predict_batch(names, images, top_k)
+            yield from self._predict_batch(names, images, top_k, detector)
 
-    def _predict_batch(self, names: list[str], images: list[Image.Image], top_k: int) -> Iterator[Prediction]:
-        probabilities = self.logits(images).softmax(dim=1)
+    def _predict_batch(self, names: list[str], images: list[Image.Image], top_k: int,
+                       detector: UnknownDetector | None) -> Iterator[Prediction]:
+        features, logits = self.features_and_logits(images)
+        probabilities = logits.softmax(dim=1)
         k = max(1, min(top_k, len(self.class_names)))
         scores, indices = probabilities.topk(k, dim=1)
-        for name, row_scores, row_indices in zip(names, scores.tolist(), indices.tolist()):
+        unknown_scores = detector.scores(features).tolist() if detector is not None else [None] * len(names)
+        for name, row_scores, row_indices, unknown_score in zip(names, scores.tolist(), indices.tolist(), unknown_scores):
             pairs = [(self.class_names[i], float(s)) for s, i in zip(row_scores, row_indices)]
-            yield Prediction(path=name, label=pairs[0][0], score=pairs[0][1], top_k=pairs)
+            label = UNKNOWN_LABEL if unknown_score is not None and unknown_score > detector.threshold else pairs[0][0]
+            yield Prediction(path=name, label=label, score=pairs[0][1], top_k=pairs, unknown_score=unknown_score)
 
 
 def load_bundle(path: str | Path) -> Bundle:
@@ -206,6 +244,8 @@ def load_bundle(path: str | Path) -> Bundle:
         raise BundleError(f"{model_path}: cannot be read as safetensors ({str(exc)[:200]}); {DAMAGED}") from None
     model.eval().to(memory_format=torch.channels_last)
     bundle = Bundle(path, meta, model)
+    if document.unknown is not None:
+        bundle.unknown = load_unknown(path, document.unknown, len(document.class_names), document.head.in_features)
     check_runs(meta_path, bundle)
     return bundle
 

@@ -118,6 +118,17 @@ class LoraRecord(_Record):
     target_modules: Annotated[list[Name], Field(min_length=1)]
 
 
+class UnknownRecord(_Record):
+    """The "none of these" detector (`graft.shipping.unknown`); its tensors are in unknown.safetensors."""
+
+    method: Literal["knn", "mahalanobis"]
+    threshold: FiniteFloat
+    feature_dim: Width
+    k: Width = 1
+    kept_share: Share = 0.95
+    val_rejected: Share = 0.0
+
+
 class BundleDocument(_Record):
     """graft.json: the fields graft writes (`graft.api.train`) and reads, with their ranges."""
 
@@ -131,6 +142,7 @@ class BundleDocument(_Record):
     precision: Literal["fp32", "bf16"] | None = None
     val_accuracy: Share | None = None
     adapters: LoraRecord | None = None
+    unknown: UnknownRecord | None = None
 
     @field_validator("class_names")
     @classmethod

@@ -133,7 +133,7 @@ def onnx_metadata(bundle: Bundle) -> dict[str, str]:
     from graft import __version__
 
     pre = bundle.preprocessing
-    return {
+    metadata = {
         "graft.format": "graft-onnx-1",
         "graft.version": __version__,
         "graft.backbone": bundle.backbone,
@@ -152,6 +152,12 @@ def onnx_metadata(bundle: Bundle) -> dict[str, str]:
         ),
         "graft.output": f"{OUTPUT_NAME}: float32 (batch, {len(bundle.class_names)}), softmax gives probabilities",
     }
+    if bundle.unknown is not None:  # the "none of these" score reads the backbone's features, which the graph does not output
+        metadata["graft.unknown"] = (
+            f"not in the graph: graft predict / serve answer 'unknown' when the {bundle.unknown.method} score of the "
+            f"backbone's features exceeds {bundle.unknown.threshold:.6g} (bundle/unknown.safetensors, graft.shipping.unknown)"
+        )
+    return metadata
 
 
 def _to_onnx(onnx: Any, bundle: Bundle, opset: int) -> Any:
