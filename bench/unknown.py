@@ -43,7 +43,8 @@ UNKNOWN_SETS = ("mnist", "skimage", "emoji")
 SKIMAGE_NAMES = ("astronaut", "brick", "camera", "cat", "checkerboard", "clock", "coffee", "coins", "colorwheel", "grass",
                  "gravel", "horse", "hubble_deep_field", "immunohistochemistry", "logo", "microaneurysms", "moon", "page",
                  "retina", "rocket", "text", "cell", "human_mitosis", "shepp_logan_phantom", "binary_blobs")
-CANDIDATES = [("knn", k) for k in (1, 2, 5, 10, 20, 50)] + [("mahalanobis", 0), ("pytorch-ood mahalanobis", 0), ("pytorch-ood knn", 1)]
+CANDIDATES = [("knn", k) for k in (1, 2, 5, 10, 20, 50)] + [("mahalanobis", 0), ("mahalanobis raw features", 0),
+                                                             ("pytorch-ood mahalanobis", 0), ("pytorch-ood knn", 1)]
 EMOJI_COMMAND = "npm pack emoji-datasource-apple@16.0.0 && tar xzf emoji-datasource-apple-16.0.0.tgz"
 
 
@@ -132,6 +133,12 @@ def candidate_scores(method: str, k: int, train: torch.Tensor, labels: torch.Ten
         detector = (KNN(None, k=k) if method.endswith("knn") else Mahalanobis(None)).fit_features(train, labels)
         score = lambda x: detector.predict_features(x).float()  # noqa: E731
         return score, float(torch.quantile(score(val).double(), 0.95))
+    if method == "mahalanobis raw features":  # graft's Ledoit-Wolf Mahalanobis without the L2 normalisation
+        from graft.shipping.unknown import fit_mahalanobis, mahalanobis_scores
+
+        means, precision = fit_mahalanobis(train.float(), labels)
+        score = lambda x: mahalanobis_scores(means, precision, x)  # noqa: E731
+        return score, float(torch.quantile(score(val).double(), 0.95))
     fitted = fit_unknown_detector(train, labels, val, method=method, k=max(k, 1))
     return fitted.scores, fitted.threshold
 
@@ -155,35 +162,48 @@ def evaluate_candidates(features: dict[str, torch.Tensor], labels: torch.Tensor,
     return rows
 
 
+def strategy_features(root: Path, strategy: str, args: argparse.Namespace, splits: dict, sets: dict) -> dict:
+    """Train `strategy`, then the features of every split and unknown set in its bundle's space."""
+    cache = RESULTS / "cache-unknown"
+    run = graft.train(root, out=RESULTS / "runs" / f"unknown-{root.name}-{strategy}", strategy=strategy, cache_dir=str(cache),
+                      verbose=False, seed=args.seed, epochs=args.epochs, overwrite=True)
+    frozen = strategy in ("feature-extract", "linear-probe")
+    features = {name: bundle_features(run.bundle_dir, frozen, cache, s.paths, s.digests) for name, s in splits.items()}
+    for name, paths in sets.items():
+        features[name] = bundle_features(run.bundle_dir, frozen, cache, paths, [file_digest(p.read_bytes()) for p in paths])
+    return {"features": features, "labels": torch.tensor(splits["train"].labels),
+            "test_accuracy": graft.evaluate(run.bundle_dir, root / "test", unknown="off")["accuracy"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shots", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--strategies", nargs="*", default=["feature-extract", "partial"])
     parser.add_argument("--epochs", type=int, default=None, help="epochs of each strategy (default: its own)")
+    parser.add_argument("--rescore", action="store_true", help="score the features a previous run saved, without training")
     parser.add_argument("--per-set", type=int, default=500, help="images of MNIST and of emoji (skimage has what it has)")
     args = parser.parse_args()
     torch.set_num_threads(2)
     root = task_folder(args.shots, args.seed)
     folders = unknown_folders(args.per_set, args.seed)
-    cache = RESULTS / "cache-unknown"
     splits = {name: load_labelled_folder(root / name)[0] for name in ("train", "valid", "test")}
     sets = {name: sorted(folder.glob("*.png")) for name, folder in folders.items()}
     print(f"unknown sets: {', '.join(f'{n} {len(p)}' for n, p in sets.items())}", flush=True)
     rows: list[dict] = []
     columns = ["strategy", "score", "select_min_auroc"] + [f"auroc_{n}" for n in UNKNOWN_SETS] + [f"rejected_{n}" for n in UNKNOWN_SETS] + ["id_test_kept"]
     for strategy in args.strategies:
-        run = graft.train(root, out=RESULTS / "runs" / f"unknown-{root.name}-{strategy}", strategy=strategy, cache_dir=str(cache),
-                          verbose=False, seed=args.seed, epochs=args.epochs, overwrite=True)
-        frozen = strategy in ("feature-extract", "linear-probe")
-        features = {name: bundle_features(run.bundle_dir, frozen, cache, s.paths, s.digests) for name, s in splits.items()}
-        for name, paths in sets.items():
-            features[name] = bundle_features(run.bundle_dir, frozen, cache, paths, [file_digest(p.read_bytes()) for p in paths])
-        labels = torch.tensor(splits["train"].labels)
-        for row in evaluate_candidates(features, labels, args.seed):
-            rows.append({"strategy": strategy, "test_accuracy": graft.evaluate(run.bundle_dir, root / "test")["accuracy"] if not rows else None, **row})
+        saved = RESULTS / f"unknown-features-{root.name}-{strategy}.pt"
+        if args.rescore:
+            stored = torch.load(saved)
+        else:
+            stored = strategy_features(root, strategy, args, splits, sets)
+            torch.save(stored, saved)
+        for row in evaluate_candidates(stored["features"], stored["labels"], args.seed):
+            rows.append({"strategy": strategy, "test_accuracy": stored["test_accuracy"], **row})
             print_table([rows[-1]], columns)
-        write_results(f"unknown_{args.shots}shot_seed{args.seed}", rows, {"unknown_images": {n: len(p) for n, p in sets.items()}})
+        write_results(f"unknown_{args.shots}shot_seed{args.seed}_{'_'.join(args.strategies)}", rows,
+                      {"unknown_images": {n: len(p) for n, p in sets.items()}, "epochs": args.epochs})
     print()
     print_table(rows, columns)
 

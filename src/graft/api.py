@@ -54,10 +54,10 @@ def evaluate(bundle: str | Path | Bundle, data: str | Path, *, on_bad_image: str
         raise ConfigError(f"--on-bad-image: {on_bad_image!r} is not one of {', '.join(choices)}")
     model = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
     images, bad = load_labelled_folder(data, on_bad_image=on_bad_image)  # type: ignore[arg-type]
-    unknown = sorted(set(images.class_names) - set(model.class_names))
-    if unknown:
+    foreign = sorted(set(images.class_names) - set(model.class_names))
+    if foreign:
         raise DataError(
-            f"{data}: classes {unknown} are not among the bundle's classes ({', '.join(model.class_names)}); "
+            f"{data}: classes {foreign} are not among the bundle's classes ({', '.join(model.class_names)}); "
             "rename the folders to the bundle's class names or remove them"
         )
     metrics = labelled_metrics(model, images, batch_size=batch_size, unknown=unknown)
