@@ -67,6 +67,7 @@ def save_bundle(path: str | Path, model: GraftModel, meta: dict[str, Any], *, un
 
     path = Path(path)
     full_meta = {"format_version": BUNDLE_FORMAT, "graft_version": __version__, **meta}
+    full_meta.pop("unknown", None)  # recorded only with its tensors, which come with `unknown`
     if unknown is not None:
         full_meta["unknown"] = unknown.record()
     for key in ("backbone", "class_names", "preprocessing", "head"):
