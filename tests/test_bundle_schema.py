@@ -110,7 +110,8 @@ def lora_bundle(trained_run, holdout_folder, tmp_path_factory) -> Path:
     bundle = load_bundle(trained_run.bundle_dir)
     adapters = apply_lora(bundle.model, rank=4, alpha=4.0, target_modules=["conv_stem", "conv_head"])
     meta = {k: v for k, v in bundle.meta.items() if k not in ("format_version", "graft_version")}
-    folder = save_bundle(tmp_path_factory.mktemp("lora") / "bundle", bundle.model, {**meta, "adapters": adapters})
+    folder = save_bundle(tmp_path_factory.mktemp("lora") / "bundle", bundle.model, {**meta, "adapters": adapters},
+                         unknown=bundle.unknown)
     images = sorted(holdout_folder.rglob("*.png"))[:3]
     # Untampered, it loads and predicts as the bundle it was made from (lora_B starts at zero).
     assert [p.label for p in load_bundle(folder).predict(images)] == [p.label for p in bundle.predict(images)]

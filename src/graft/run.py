@@ -13,7 +13,8 @@
    (`Plan`), shown as the audit table;
 7. `_start_run_files`: the run folder claimed, `config.json` and `split.json` written;
 8. `_train`: the strategy trains, recording history and checkpoints after every epoch;
-9. `_measure`: the validation metrics and the run's facts, with the calibration temperature
+9. `_fit_unknown`: the "none of these" detector, in the trained model's feature space;
+   `_measure`: the validation metrics and the run's facts, with the calibration temperature
    fitted on the validation logits;
 10. `_check_data`: the data check (`graft.input.check`: likely wrong labels, duplicates and leaks,
     odd classes and images) on the pretrained backbone's features, most of them from the cache
@@ -50,6 +51,7 @@ from graft.report import write_report
 from graft.run_folder import RUN_FILES, check_folder, check_writable_folder, claim_folder
 from graft.shipping.bundle import Bundle, load_bundle, save_bundle
 from graft.shipping.multilabel import labelled_set_metrics
+from graft.shipping.unknown import UnknownDetector
 from graft.speed.cpu_precision import choose_cpu_precision
 from graft.speed.numerics import resolve_device, resolve_precision, should_compile
 from graft.strategies import AuditRow, TrainContext, get_strategy
@@ -60,6 +62,7 @@ from graft.training.checkpoint import check_same_data, prepare_checkpoints
 from graft.training.features import FeatureCache, backbone_key
 from graft.training.loop import EpochRecord, seed_everything
 from graft.training.metrics import classification_metrics
+from graft.training.unknown_fit import fit_run_detector, weights_fingerprint
 
 if TYPE_CHECKING:
     from graft.training.checkpoint import Checkpointer
@@ -135,12 +138,15 @@ def train_with_config(
     plan = _plan_strategy(config, backbone, dataset, voice)
     if main_rank:
         _start_run_files(config, plan, numerics, dataset, places.run_dir, resume=resume, overwrite=overwrite)
+    pretrained = weights_fingerprint(backbone.model)
     outcome = _train(plan, dataset, backbone, numerics, places, voice)
+    unknown = _fit_unknown(plan, dataset, backbone, numerics, outcome, places, voice, pretrained=pretrained)
     measured = _measure(plan, dataset, backbone, outcome, train_seconds=time.perf_counter() - started)
+    measured["unknown"] = unknown.record() if unknown is not None else None
     checked = _check_data(config, dataset, numerics, places, voice) if config.check_data else None
     if checked is not None:
         measured["data_check"] = checked.counts()
-    metrics = _write_run(plan, dataset, backbone, numerics, outcome, measured, places, voice) if main_rank else measured
+    metrics = _write_run(plan, dataset, backbone, numerics, outcome, measured, places, voice, unknown) if main_rank else measured
     distributed.barrier()  # no rank returns before the files exist
     voice.say(_summary(metrics, outcome, places.run_dir))
     return RunResult(run_dir=places.run_dir, bundle_dir=places.bundle_dir, metrics=metrics, history=outcome.fit.history)
@@ -293,6 +299,22 @@ def _train(plan: Plan, dataset: Dataset, backbone: Backbone, numerics: Numerics,
         raise TrainingError(f"{places.run_dir}: {error}{kept}") from None
 
 
+def _fit_unknown(plan: Plan, dataset: Dataset, backbone: Backbone, numerics: Numerics, outcome: TrainOutcome, places: RunPlaces,
+                 reporter: Reporter, *, pretrained: str) -> UnknownDetector | None:
+    """The "none of these" detector of the trained model (`graft.training.unknown_fit`): from the
+    cached features when its backbone still has the pretrained weights, else from its own. None
+    for label sets: its class-conditional score needs one class per image."""
+    if dataset.task == "multilabel":
+        return None
+    model_backbone = outcome.model.backbone
+    view = Backbone(name=backbone.name, architecture=backbone.architecture, model=model_backbone,
+                    preprocessing=outcome.preprocessing or backbone.preprocessing, weights_source=backbone.weights_source,
+                    weights_id=backbone.weights_id, num_features=(outcome.head_spec or plan.head_spec).in_features,
+                    pooling=outcome.pooling or backbone.pooling)
+    return fit_run_detector(model_backbone, view, dataset, frozen=weights_fingerprint(model_backbone) == pretrained,
+                            cache_root=places.cache_root, precision=numerics.precision, device=numerics.device, reporter=reporter)
+
+
 def _measure(plan: Plan, dataset: Dataset, backbone: Backbone, outcome: TrainOutcome, *, train_seconds: float) -> dict[str, Any]:
     """Validation metrics and the run's facts: the keys of metrics.json but the held-out `test`.
 
@@ -341,12 +363,12 @@ def _check_data(config: TrainConfig, dataset: Dataset, numerics: Numerics, place
 
 def _write_run(
     plan: Plan, dataset: Dataset, backbone: Backbone, numerics: Numerics, outcome: TrainOutcome,
-    measured: dict[str, Any], places: RunPlaces, reporter: Reporter,
+    measured: dict[str, Any], places: RunPlaces, reporter: Reporter, unknown: UnknownDetector | None = None,
 ) -> dict[str, Any]:
     """Write the bundle, then score it on the held-out test/ folder (seen only now), then the
     predictions and metrics; the checkpoint goes and the report is written last. Returns the
     metrics written (`measured`, with `test` when there is a test/ folder)."""
-    save_bundle(places.bundle_dir, outcome.model, _bundle_meta(plan, dataset, backbone, numerics, outcome, measured))
+    save_bundle(places.bundle_dir, outcome.model, _bundle_meta(plan, dataset, backbone, numerics, outcome, measured), unknown=unknown)
     metrics = {**measured, **_held_out_metrics(places.bundle_dir, dataset, reporter)}
     temperature = measured.get("calibration", {}).get("temperature", 1.0)
     write_json(places.run_dir / "val_predictions.json", validation_predictions(dataset, outcome.val_logits.float() / temperature, metrics))
@@ -440,19 +462,29 @@ def validation_predictions(dataset: Dataset, logits: torch.Tensor, metrics: dict
     return rows
 
 
-def labelled_metrics(model: Bundle, images: LabelledImages, *, batch_size: int = 32) -> dict[str, Any]:
+def labelled_metrics(model: Bundle, images: LabelledImages, *, batch_size: int = 32, unknown: str = "auto") -> dict[str, Any]:
     """Accuracy, macro-F1, per-class scores, `num_images`, and the calibration measures (`ece`,
     `nll`, `brier`) of the bundle's calibrated scores (`temperature`) on labelled images
-    (multi-label images: `graft.shipping.multilabel.labelled_set_metrics`)."""
+    (multi-label images: `graft.shipping.multilabel.labelled_set_metrics`).
+
+    The scores are the classifier's (its best class for every image); with the bundle's "none of
+    these" check on (`unknown="auto"`), `unknown_rate` is the share of the images it answers
+    "unknown" for, and `num_unknown` their count."""
     if getattr(model, "task", "classification") == "multilabel":
         return labelled_set_metrics(model, images.paths, images.labels, images.class_names, batch_size=batch_size)
     index = {name: i for i, name in enumerate(model.class_names)}
     truth = [index[images.class_names[y]] for y in images.labels]
     probabilities = torch.zeros(len(truth), len(model.class_names))
+    rejected = 0
     # Every class's probability (top-k of all classes), to measure calibration as well as accuracy.
-    for row, prediction in enumerate(model.iter_predict(images.paths, top_k=len(model.class_names), batch_size=batch_size)):
+    stream = model.iter_predict(images.paths, top_k=len(model.class_names), batch_size=batch_size, unknown=unknown)
+    for row, prediction in enumerate(stream):
         for label, score in prediction.top_k:
             probabilities[row, index[label]] = score
+        rejected += prediction.unknown_score is not None and prediction.unknown_score > model.unknown.threshold
     predicted = probabilities.argmax(1).tolist()
-    return {**classification_metrics(truth, predicted, model.class_names), "num_images": len(truth),
-            **calibration_measures(probabilities, truth), "temperature": model.temperature}
+    metrics = {**classification_metrics(truth, predicted, model.class_names), "num_images": len(truth),
+               **calibration_measures(probabilities, truth), "temperature": model.temperature}
+    if model.unknown is not None and unknown == "auto":
+        metrics.update(unknown_rate=rejected / max(len(truth), 1), num_unknown=rejected)
+    return metrics

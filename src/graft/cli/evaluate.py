@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from graft.console import Reporter, make_console
+from graft.shipping.unknown import UNKNOWN_HELP
 
 
 def evaluate(
@@ -15,11 +16,12 @@ def evaluate(
     data: Path = typer.Argument(..., help="Labelled folder (one sub-folder per class), CSV of path,label, or multi-label CSV of path,labels."),
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON (the keys of metrics.json)."),
     on_bad_image: str = typer.Option("error", help="error: stop and list unreadable images; skip: evaluate without them (each is named)."),
+    unknown: str = typer.Option("auto", "--unknown", help=UNKNOWN_HELP + " auto reports the share answered 'unknown'."),
 ) -> None:
     """Evaluate a trained bundle on a labelled folder."""
     from graft.api import evaluate as evaluate_bundle  # torch loads only when a command runs: `graft --help` stays instant
 
-    metrics = evaluate_bundle(bundle, data, on_bad_image=on_bad_image)
+    metrics = evaluate_bundle(bundle, data, on_bad_image=on_bad_image, unknown=unknown)
     reporter = Reporter()  # on stderr, so --json keeps stdout clean
     for bad in metrics["bad_images"]:
         reporter.warn(f"skipped {bad['path']}: {bad['reason']}")
@@ -41,6 +43,9 @@ def evaluate(
     console.print(f"{metrics['num_images']} images: accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}{over}")
     console.print(f"calibrated scores (temperature {metrics['temperature']:.3g}): ECE {metrics['ece']:.4f} (15 bins), "
                   f"NLL {metrics['nll']:.4f}, Brier {metrics['brier']:.4f}")
+    if "unknown_rate" in metrics:
+        console.print(f"unknown: {metrics['num_unknown']} images ({metrics['unknown_rate']:.1%}) are unlike the training images "
+                      "(accuracy counts the best class of every image)")
     table = Table("class", "precision", "recall", "f1", "support")
     for name, row in metrics["per_class"].items():
         table.add_row(name, f"{row['precision']:.3f}", f"{row['recall']:.3f}", f"{row['f1']:.3f}", str(row["support"]))

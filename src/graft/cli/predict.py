@@ -14,6 +14,7 @@ import typer
 from graft.console import Reporter, make_console
 from graft.errors import ConfigError, ImageError
 from graft.ranges import BATCH_SIZE, TOP_K, check_number
+from graft.shipping.unknown import MODES, UNKNOWN_HELP
 
 FORMATS = ("table", "csv", "json")
 
@@ -33,6 +34,7 @@ def predict(
     threshold: float | None = typer.Option(
         None, "--threshold", help="Multi-label bundles: one score threshold (0 to 1) for every label instead of the per-label ones stored in the bundle."
     ),
+    unknown: str = typer.Option("auto", "--unknown", help=UNKNOWN_HELP),
 ) -> None:
     """Predict the labels of images with a trained bundle."""
     from graft.shipping.bundle import load_bundle  # torch loads only when a command runs: `graft --help` stays instant
@@ -41,13 +43,15 @@ def predict(
         raise ConfigError(f"--format: {output_format!r} is not one of {', '.join(FORMATS)}")
     check_number("top_k", top_k, TOP_K)
     check_number("batch_size", batch_size, BATCH_SIZE)
+    if unknown not in MODES:
+        raise ConfigError(f"--unknown: {unknown!r} is not one of {', '.join(MODES)}")
     if out is not None and explain is not None:
         raise ConfigError("--explain and --out cannot be combined: write the CSV first, then explain the images you want to see")
     model = load_bundle(bundle)
     if threshold is not None and model.task != "multilabel":
         raise ConfigError(f"--threshold: {bundle} is a single-label bundle (it predicts the best label); --threshold is for multi-label bundles")
     if out is not None:
-        _predict_to_file(model, paths, out, top_k, batch_size, threshold)
+        _predict_to_file(model, paths, out, top_k, batch_size, threshold, unknown)
         return
     failures: list[ImageError] = []
 
@@ -57,7 +61,7 @@ def predict(
         if output_format == "json":
             print(json.dumps({"path": error.path, "error": error.reason}), flush=True)
 
-    stream = model.iter_predict(_expand(paths), top_k=top_k, batch_size=batch_size, on_error=on_error, threshold=threshold)
+    stream = model.iter_predict(_expand(paths), top_k=top_k, batch_size=batch_size, on_error=on_error, threshold=threshold, unknown=unknown)
     explained: list = []
     if explain is not None:
         stream = _remember(stream, explained)
@@ -78,21 +82,23 @@ def _print_predictions(stream, output_format: str, top_k: int) -> None:
             print(json.dumps(prediction.to_dict()), flush=True)
     elif output_format == "csv":
         writer = csv.writer(sys.stdout)
-        writer.writerow(["path", "label", "score", "top_k"])
+        writer.writerow(["path", "label", "score", "top_k", "unknown_score"])
         for prediction in stream:
             writer.writerow([prediction.path, prediction.label, f"{prediction.score:.6f}",
-                             ";".join(f"{label}:{score:.4f}" for label, score in prediction.top_k)])
+                             ";".join(f"{label}:{score:.4f}" for label, score in prediction.top_k),
+                             "" if prediction.unknown_score is None else f"{prediction.unknown_score:.6f}"])
     else:
         from rich.table import Table
 
 
         table = Table()
         table.add_column("path", overflow="fold")  # the whole name, wrapped, never cut to "…"
-        for column in ("label", "score", f"top {top_k}"):
+        for column in ("label", "score", f"top {top_k}", "unknown score"):
             table.add_column(column)
         for prediction in stream:
             table.add_row(prediction.path, prediction.label, f"{prediction.score:.3f}",
-                          ", ".join(f"{label} {score:.2f}" for label, score in prediction.top_k))
+                          ", ".join(f"{label} {score:.2f}" for label, score in prediction.top_k),
+                          "-" if prediction.unknown_score is None else f"{prediction.unknown_score:.3f}")
         make_console().print(table)
 
 
@@ -133,14 +139,14 @@ def _remember(stream, seen: list):
 def _explain(model, predictions: list, folder: Path) -> None:
     from graft.report.explain import explain_images  # torch loads only when a command runs: `graft --help` stays instant
 
-    written = explain_images(model, [p.path for p in predictions], folder, labels=[p.label for p in predictions])
+    written = explain_images(model, [p.path for p in predictions], folder, labels=[p.top_k[0][0] for p in predictions])
     print(f"graft: {len(written)} class activation maps written to {folder}", file=sys.stderr)
 
 
-def _predict_to_file(model, paths: List[Path], out: Path, top_k: int, batch_size: int, threshold: float | None = None) -> None:
+def _predict_to_file(model, paths: List[Path], out: Path, top_k: int, batch_size: int, threshold: float | None, unknown: str) -> None:
     from graft.shipping.batch_predict import predict_to_csv  # torch loads only when a command runs: `graft --help` stays instant
 
-    result = predict_to_csv(model, paths, out, top_k=top_k, batch_size=batch_size, reporter=Reporter(), threshold=threshold)
+    result = predict_to_csv(model, paths, out, top_k=top_k, batch_size=batch_size, reporter=Reporter(), threshold=threshold, unknown=unknown)
     print(f"graft: {result.written} predictions appended to {result.out} ({result.skipped} already there, "
           f"{len(result.failed)} unreadable)", file=sys.stderr)
     if result.failed:

@@ -10,6 +10,7 @@ import typer
 from graft.errors import ConfigError
 from graft.extras import require_extra
 from graft.ranges import PORT, UPLOAD_MB, check_number
+from graft.shipping.unknown import UNKNOWN_HELP
 
 
 def serve(
@@ -23,6 +24,7 @@ def serve(
     max_request_megapixels: int = typer.Option(200, help="Most pixels the images of one request may declare together, in millions."),
     log_level: str = typer.Option("info", help="uvicorn's log level: critical, error, warning, info, debug or trace."),
     access_log: bool = typer.Option(True, "--access-log/--no-access-log", help="Log every request (uvicorn)."),
+    unknown: str = typer.Option("auto", "--unknown", help=UNKNOWN_HELP),
 ) -> None:
     """Serve a bundle: POST /predict, GET /healthz, a web page at / and API docs at /docs."""
 
@@ -38,7 +40,7 @@ def serve(
         raise ConfigError(f"--log-level: {log_level!r} is not one of {', '.join(LOG_LEVELS)}")
     app = create_app(
         bundle, max_upload_bytes=int(max_upload_mb * 1024 * 1024), max_images=max_images, top_k=top_k,
-        max_pixels=max_megapixels * 1_000_000, max_request_pixels=max_request_megapixels * 1_000_000,
+        max_pixels=max_megapixels * 1_000_000, max_request_pixels=max_request_megapixels * 1_000_000, unknown=unknown,
     )
     print(f"graft: serving {app.state.bundle.path} on http://{host}:{port}/ (API docs at /docs)", file=sys.stderr)
     # One process: the model is loaded once and inference runs in the thread pool.

@@ -101,7 +101,7 @@ def explain_images(
             batch = bundle.transform(image).unsqueeze(0).to(bundle.device)
             # The score shown is the one predict gives (the bundle's own precision); the map
             # itself is computed in fp32, where gradients are exact.
-            probabilities = bundle.logits([image]).softmax(dim=1)[0]
+            probabilities = bundle.probabilities([image])[0]
             index = bundle.class_names.index(labels[number]) if labels is not None else int(probabilities.argmax())
             mask = cam(input_tensor=batch, targets=[ClassifierOutputTarget(index)])[0]
             overlay = show_cam_on_image(displayable(batch, bundle.preprocessing).astype(np.float32), mask, use_rgb=True)

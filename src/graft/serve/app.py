@@ -40,6 +40,7 @@ from graft.input.images import MAX_IMAGE_PIXELS, image_size, load_image
 from graft.ranges import IMAGES_PER_REQUEST, TOP_K, UPLOAD_BYTES, check_number  # noqa: E402
 from graft.serve.page import PAGE_HTML  # noqa: E402
 from graft.shipping.bundle import Bundle, load_bundle  # noqa: E402
+from graft.shipping.unknown import MODES  # noqa: E402
 from graft.speed.allocator import release_free_memory
 
 DEFAULT_MAX_UPLOAD_BYTES = 10 * 1024 * 1024
@@ -76,6 +77,7 @@ def create_app(
     top_k: int = DEFAULT_TOP_K,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_request_pixels: int = DEFAULT_MAX_REQUEST_PIXELS,
+    unknown: str = "auto",
 ) -> FastAPI:
     """A FastAPI app that predicts with `bundle` (a `Bundle` or its folder, loaded once here).
 
@@ -83,6 +85,8 @@ def create_app(
     the default number of labels per image (a request may ask for fewer or more with `?top_k=`).
     `max_pixels` bounds the pixels each image declares in its header, `max_request_pixels` their
     sum over a request; both are checked before decoding, and an image over them gets a 413.
+    `unknown` ("auto" or "off") as `Bundle.predict`'s: "auto" answers "unknown", with its
+    `unknown_score`, for an image unlike the bundle's training images.
 
     Memory stays flat whatever is uploaded: each image is decoded at the size the model needs
     (`load_image(min_size=...)`), and the server decodes at most `max_pixels` pixels at a time,
@@ -92,6 +96,8 @@ def create_app(
     >>> uvicorn.run(create_app("runs/birds/bundle"), host="127.0.0.1", port=8000)
     """
     _check_limits(max_upload_bytes, max_images, top_k, max_pixels, max_request_pixels)
+    if unknown not in MODES:
+        raise ConfigError(f"{unknown!r} is not one of {', '.join(MODES)}", parameter="unknown")
     model = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
 
     app = FastAPI(
@@ -112,7 +118,7 @@ def create_app(
     }
     _add_health(app, model, limits)
 
-    _add_predict(app, model, limits)
+    _add_predict(app, model, limits, unknown)
 
     return app
 
@@ -149,7 +155,7 @@ def _add_page_and_explanations(app: FastAPI) -> None:
         return HTMLResponse(PAGE_HTML, headers={"Content-Security-Policy": PAGE_CSP, "Cache-Control": "no-store"})
 
 
-def _add_predict(app: FastAPI, model: Bundle, limits: dict[str, int]) -> None:
+def _add_predict(app: FastAPI, model: Bundle, limits: dict[str, int], unknown: str) -> None:
     """`POST /predict`: each upload checked against the limits, decoded at the model's size, predicted."""
     top_k, max_images, max_upload_bytes = limits["top_k"], limits["max_images"], limits["max_upload_bytes"]
     max_pixels, max_request_pixels = limits["max_pixels"], limits["max_request_pixels"]
@@ -180,7 +186,7 @@ def _add_predict(app: FastAPI, model: Bundle, limits: dict[str, int]) -> None:
             if refusal is not None:
                 return refusal
             predictions = await run_in_threadpool(
-                _predict, model, inference_lock, decoding, payloads, sizes, min_size, k or top_k
+                _predict, model, inference_lock, decoding, payloads, sizes, min_size, k or top_k, unknown
             )
         except ImageTooLargeError as error:
             return _refuse(413, f"{error.path}: {error.reason}", error.path)
@@ -255,6 +261,7 @@ def _predict(
     sizes: list[tuple[int, int]],
     min_size: int,
     top_k: int,
+    unknown: str,
 ) -> list[dict[str, Any]]:
     """Decode every upload at the model's size, within the pixel budget; one forward pass at a time."""
 
@@ -267,7 +274,7 @@ def _predict(
         if sum(width * height for width, height in sizes) > RELEASE_AFTER_PIXELS:
             release_free_memory()
     with lock:
-        predictions = model.predict(images, top_k=top_k, batch_size=len(images))
+        predictions = model.predict(images, top_k=top_k, batch_size=len(images), unknown=unknown)
     rows = []
     for (name, _), prediction in zip(payloads, predictions):
         row = prediction.to_dict()

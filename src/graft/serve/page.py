@@ -32,6 +32,8 @@ PAGE_HTML = """<!doctype html>
   .result .name { font-size: 12px; color: var(--muted); overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
   .result .label { font-size: 18px; font-weight: 600; margin: 2px 0; }
   .result .error { color: var(--bad); font-size: 13px; }
+  .result[data-unknown="true"] .label { color: var(--bad); }
+  .result .unknown-note { color: var(--muted); font-size: 12px; }
   .result[data-state="pending"] .label { color: var(--muted); font-weight: 400; }
   .topk { list-style: none; margin: 6px 0 0; padding: 0; font-size: 13px; }
   .topk li { display: grid; grid-template-columns: 1fr 52px; gap: 6px; align-items: center; margin: 3px 0; }
@@ -98,7 +100,15 @@ PAGE_HTML = """<!doctype html>
   function showPrediction(item, prediction) {
     item.dataset.state = "done";
     const body = item.querySelector(".body");
-    body.querySelector(".label").textContent = prediction.label + " " + percent(prediction.score);
+    if (prediction.label === "unknown" && prediction.unknown_score !== undefined) {
+      // Unlike the training images: the classes below are what the classifier alone would say.
+      item.dataset.unknown = "true";
+      body.querySelector(".label").textContent = "unknown";
+      body.append(el("div", "unknown-note", "unlike the training images (unknown score " +
+        prediction.unknown_score.toFixed(3) + "); the classes' own scores:"));
+    } else {
+      body.querySelector(".label").textContent = prediction.label + " " + percent(prediction.score);
+    }
     const list = el("ol", "topk");
     prediction.top_k.forEach(function (entry) {
       const row = el("li");

@@ -55,6 +55,7 @@ def predict_to_csv(
     batch_size: int = 32,
     reporter: Reporter = QUIET,
     threshold: float | None = None,
+    unknown: str = "auto",
 ) -> BatchResult:
     """Predict every image under `paths` into the CSV `out`, appending to it and resuming.
 
@@ -62,6 +63,8 @@ def predict_to_csv(
     run) is removed first. Missing parent folders of `out` are created. Progress is shown by
     `reporter` (a rich bar on stderr in the CLI). A multi-label bundle's `label` column holds the
     image's label set joined by ';' (at its thresholds, or `threshold`), `score` the best label's score.
+    `unknown` as `Bundle.predict`'s: the label
+    is "unknown" past the bundle's threshold (the file keeps its columns; no unknown_score).
     """
 
     check_number("top_k", top_k, TOP_K)
@@ -89,7 +92,7 @@ def predict_to_csv(
                 _write_row(handle, (error.path, "", "", "", error.reason))
                 advance(1, status=f"{len(failed)} unreadable")
 
-            for prediction in model.iter_predict(todo, top_k=top_k, batch_size=batch_size, on_error=on_error, threshold=threshold):
+            for prediction in model.iter_predict(todo, top_k=top_k, batch_size=batch_size, on_error=on_error, threshold=threshold, unknown=unknown):
                 _write_row(handle, _prediction_row(prediction))
                 written += 1
                 advance(1)

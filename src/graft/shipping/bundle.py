@@ -4,6 +4,7 @@
       model.safetensors   the whole adapted network (backbone + head), tensors only
       graft.json          format version, backbone, class names, preprocessing, head, strategy,
                           the calibration temperature
+      unknown.safetensors what scores how unlike the training images an input is (graft.shipping.unknown)
 
 Loading never unpickles anything: safetensors + JSON. A bundle is written into a temporary
 folder and renamed into place, so it appears whole or not at all.
@@ -35,6 +36,7 @@ from graft.shipping.bundle_schema import (
     safetensors_shapes,
 )
 from graft.shipping.multilabel import LabelSetPrediction, check_threshold, label_sets
+from graft.shipping.unknown import MODES, UNKNOWN_LABEL, UnknownDetector, load_unknown, save_unknown
 from graft.speed.allocator import reuse_freed_memory
 from graft.speed.folding import inference_network
 from graft.speed.numerics import autocast, inference_precision
@@ -45,29 +47,40 @@ META_FILE = "graft.json"
 
 @dataclass(frozen=True)
 class Prediction:
-    """One image's prediction: the best label and score, and the top-k (label, score) pairs."""
+    """One image's prediction: the best label and score, and the top-k (label, score) pairs.
+
+    With the bundle's "none of these" check on, `unknown_score` says how unlike the training
+    images the image is, and `label` is "unknown" past the bundle's threshold (`score` and
+    `top_k` stay the classifier's)."""
 
     path: str
     label: str
     score: float
     top_k: list[tuple[str, float]]
+    unknown_score: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        row = {
             "path": self.path,
             "label": self.label,
             "score": round(self.score, 6),
             "top_k": [{"label": label, "score": round(score, 6)} for label, score in self.top_k],
         }
+        if self.unknown_score is not None:
+            row["unknown_score"] = round(self.unknown_score, 6)
+        return row
 
 
-def save_bundle(path: str | Path, model: GraftModel, meta: dict[str, Any]) -> Path:
-    """Write `model` and its metadata as a bundle folder at `path`, atomically."""
+def save_bundle(path: str | Path, model: GraftModel, meta: dict[str, Any], *, unknown: UnknownDetector | None = None) -> Path:
+    """Write `model` and its metadata (and the "none of these" detector) as a bundle folder at `path`, atomically."""
     from safetensors.torch import save_file
 
 
     path = Path(path)
     full_meta = {"format_version": BUNDLE_FORMAT, "graft_version": __version__, **meta}
+    full_meta.pop("unknown", None)  # recorded only with its tensors, which come with `unknown`
+    if unknown is not None:
+        full_meta["unknown"] = unknown.record()
     for key in ("backbone", "class_names", "preprocessing", "head"):
         if key not in full_meta:
             raise BundleError(f"bundle metadata is missing {key!r} (a graft bug: please report it)")
@@ -78,6 +91,8 @@ def save_bundle(path: str | Path, model: GraftModel, meta: dict[str, Any]) -> Pa
                             "rerun with a lower --lr")
     with replace_dir(path) as folder:
         save_file(state, str(folder / MODEL_FILE), metadata={"format": "graft", "format_version": str(BUNDLE_FORMAT)})
+        if unknown is not None:
+            save_unknown(folder, unknown)
         (folder / META_FILE).write_text(json.dumps(full_meta, indent=2) + "\n", encoding="utf-8")
     return path
 
@@ -94,6 +109,8 @@ class Bundle:
 
     `precision` is what `logits` computes in: the bundle's recorded training precision
     (`meta["precision"]`) where this device runs it natively, else fp32; assign "fp32" to force it.
+    `unknown` scores how unlike the training images an input is (None for a bundle without it);
+    `predict(..., unknown="off")` never answers "unknown".
     """
 
     def __init__(self, path: Path, meta: dict[str, Any], model: GraftModel) -> None:
@@ -108,6 +125,7 @@ class Bundle:
         self.temperature = float(meta.get("temperature", 1.0))
         self.task: str = meta.get("task", "classification")  # "multilabel": label sets (`graft.shipping.multilabel`)
         self.thresholds: list[float] | None = meta.get("thresholds")
+        self.unknown: UnknownDetector | None = None
 
     @property
     def backbone(self) -> str:
@@ -121,25 +139,34 @@ class Bundle:
 
     def logits(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """Raw logits (N, classes) for RGB PIL images, preprocessed as in training."""
+        return self.features_and_logits(images)[1]
+
+    def features_and_logits(self, images: Sequence[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The features the head reads (N, D) and its raw logits (N, classes), for RGB PIL images."""
         if not images:
-            return torch.empty(0, len(self.class_names))
+            return torch.empty(0, int(self.meta["head"]["in_features"])), torch.empty(0, len(self.class_names))
         model = inference_network(self.model, self.preprocessing.input_size, self.precision)  # BatchNorm folded in fp32
         with torch.inference_mode():
             batch = torch.stack([self.transform(image) for image in images]).to(self.device)
             # The precision the bundle was trained in, where the device runs it (see `precision`).
             with autocast(self.precision, self.device):
-                return model(batch.contiguous(memory_format=torch.channels_last)).float().cpu()
+                features = model.backbone(batch.contiguous(memory_format=torch.channels_last))
+                logits = model.head(features)
+            return features.float().cpu(), logits.float().cpu()
 
     def probabilities(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """Calibrated class probabilities (N, classes): softmax of the logits divided by `temperature`."""
         return (self.logits(images) / self.temperature).softmax(dim=1)
 
     def predict(self, sources: Iterable[str | Path | Image.Image], *, top_k: int = 5, batch_size: int = 32,
-                threshold: float | None = None) -> list[Prediction] | list[LabelSetPrediction]:
-        """Predict image files (paths) or PIL images. Unreadable files raise `ImageError`. A
-        multi-label bundle gives `LabelSetPrediction`s: the labels at or above their stored
-        thresholds, or above `threshold` for every label when given."""
-        return list(self.iter_predict(sources, top_k=top_k, batch_size=batch_size, threshold=threshold))
+                threshold: float | None = None, unknown: str = "auto") -> list[Prediction] | list[LabelSetPrediction]:
+        """Predict image files (paths) or PIL images. Unreadable files raise `ImageError`.
+
+        A multi-label bundle gives `LabelSetPrediction`s: the labels at or above their stored
+        thresholds, or above `threshold` for every label when given. `unknown="auto"` answers
+        "unknown" for an image past the bundle's "none of these" threshold (`graft.shipping.unknown`),
+        "off" always answers with one of the classes."""
+        return list(self.iter_predict(sources, top_k=top_k, batch_size=batch_size, threshold=threshold, unknown=unknown))
 
     def iter_predict(
         self,
@@ -149,6 +176,7 @@ class Bundle:
         batch_size: int = 32,
         on_error: Callable[[ImageError], None] | None = None,
         threshold: float | None = None,
+        unknown: str = "auto",
     ) -> Iterator[Prediction]:
         """Like `predict`, streaming: images are read and predicted one batch at a time.
 
@@ -159,10 +187,15 @@ class Bundle:
         check_number("top_k", top_k, TOP_K)
         check_number("batch_size", batch_size, BATCH_SIZE)
         check_threshold(threshold)
-        return self._stream_predictions(sources, top_k, batch_size, on_error, threshold)
+        if unknown not in MODES:
+            raise ConfigError(f"{unknown!r} is not one of {', '.join(MODES)} (auto: answer 'unknown' for images "
+                              "unlike the training images, off: never)", parameter="unknown")
+        detector = self.unknown if unknown == "auto" else None
+        return self._stream_predictions(sources, top_k, batch_size, on_error, threshold, detector)
 
     def _stream_predictions(self, sources: Iterable[str | Path | Image.Image], top_k: int, batch_size: int,
-                            on_error: Callable[[ImageError], None] | None, threshold: float | None = None) -> Iterator[Prediction]:
+                            on_error: Callable[[ImageError], None] | None, threshold: float | None,
+                            detector: UnknownDetector | None) -> Iterator[Prediction]:
 
         min_size = self.preprocessing.resize_size  # files are decoded no larger than the resize needs
         names: list[str] = []
@@ -182,22 +215,25 @@ class Bundle:
                 names.append(str(source))
                 images.append(image)
             if len(images) == batch_size:
-                yield from self._predict_batch(names, images, top_k, threshold)
+                yield from self._predict_batch(names, images, top_k, threshold, detector)
                 names, images = [], []
         if images:
-            yield from self._predict_batch(names, images, top_k, threshold)
+            yield from self._predict_batch(names, images, top_k, threshold, detector)
 
-    def _predict_batch(self, names: list[str], images: list[Image.Image], top_k: int,
-                       threshold: float | None = None) -> Iterator[Prediction]:
+    def _predict_batch(self, names: list[str], images: list[Image.Image], top_k: int, threshold: float | None,
+                       detector: UnknownDetector | None) -> Iterator[Prediction]:
         if self.task == "multilabel":
             yield from label_sets(names, self.logits(images), self.class_names, self.thresholds or [], top_k, threshold)
             return
-        probabilities = self.probabilities(images)
+        features, logits = self.features_and_logits(images)
+        probabilities = (logits / self.temperature).softmax(dim=1)
         k = max(1, min(top_k, len(self.class_names)))
         scores, indices = probabilities.topk(k, dim=1)
-        for name, row_scores, row_indices in zip(names, scores.tolist(), indices.tolist()):
+        unknown_scores = detector.scores(features).tolist() if detector is not None else [None] * len(names)
+        for name, row_scores, row_indices, unknown_score in zip(names, scores.tolist(), indices.tolist(), unknown_scores):
             pairs = [(self.class_names[i], float(s)) for s, i in zip(row_scores, row_indices)]
-            yield Prediction(path=name, label=pairs[0][0], score=pairs[0][1], top_k=pairs)
+            label = UNKNOWN_LABEL if unknown_score is not None and unknown_score > detector.threshold else pairs[0][0]
+            yield Prediction(path=name, label=label, score=pairs[0][1], top_k=pairs, unknown_score=unknown_score)
 
 
 def load_bundle(path: str | Path) -> Bundle:
@@ -233,6 +269,8 @@ def load_bundle(path: str | Path) -> Bundle:
         raise BundleError(f"{model_path}: cannot be read as safetensors ({str(exc)[:200]}); {DAMAGED}") from None
     model.eval().to(memory_format=torch.channels_last)
     bundle = Bundle(path, meta, model)
+    if document.unknown is not None:
+        bundle.unknown = load_unknown(path, document.unknown, len(document.class_names), document.head.in_features)
     check_runs(meta_path, bundle)
     return bundle
 

@@ -120,6 +120,17 @@ class LoraRecord(_Record):
     target_modules: Annotated[list[Name], Field(min_length=1)]
 
 
+class UnknownRecord(_Record):
+    """The "none of these" detector (`graft.shipping.unknown`); its tensors are in unknown.safetensors."""
+
+    method: Literal["knn", "mahalanobis"]
+    threshold: FiniteFloat
+    feature_dim: Width
+    k: Width = 1
+    kept_share: Share = 0.95
+    val_rejected: Share = 0.0
+
+
 class BundleDocument(_Record):
     """graft.json: the fields graft writes (`graft.api.train`) and reads, with their ranges."""
 
@@ -144,6 +155,7 @@ class BundleDocument(_Record):
         if self.task == "multilabel" and (self.thresholds is None or len(self.thresholds) != len(self.class_names)):
             raise ValueError(f"thresholds: a multilabel bundle has one threshold per class name ({len(self.class_names)})")
         return self
+    unknown: UnknownRecord | None = None
 
     @field_validator("class_names")
     @classmethod

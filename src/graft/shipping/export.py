@@ -146,7 +146,7 @@ def onnx_metadata(bundle: Bundle) -> dict[str, str]:
     """The ONNX `metadata_props` for a bundle: class names and the preprocessing, as strings."""
 
     pre = bundle.preprocessing
-    return {
+    metadata = {
         "graft.format": "graft-onnx-1",
         "graft.version": __version__,
         "graft.backbone": bundle.backbone,
@@ -169,6 +169,12 @@ def onnx_metadata(bundle: Bundle) -> dict[str, str]:
         ),
         "graft.temperature": repr(bundle.temperature),
     }
+    if bundle.unknown is not None:  # the "none of these" score reads the backbone's features, which the graph does not output
+        metadata["graft.unknown"] = (
+            f"not in the graph: graft predict / serve answer 'unknown' when the {bundle.unknown.method} score of the "
+            f"backbone's features exceeds {bundle.unknown.threshold:.6g} (bundle/unknown.safetensors, graft.shipping.unknown)"
+        )
+    return metadata
 
 
 def _to_onnx(onnx: Any, bundle: Bundle, opset: int) -> Any:
