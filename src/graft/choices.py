@@ -20,3 +20,5 @@ AUGMENT_LEVELS: tuple[str, ...] = ("none", "light", "strong")
 # (`timm.data.transforms.str_to_interp_mode`, `transforms_imagenet_eval`): what a bundle may record.
 INTERPOLATIONS: tuple[str, ...] = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
 CROP_MODES: tuple[str, ...] = ("center", "squash", "border")
+# --unknown: answer `unknown` past the bundle's threshold, or never.
+UNKNOWN_MODES: tuple[str, ...] = ("auto", "off")

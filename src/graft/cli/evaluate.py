@@ -7,8 +7,8 @@ from pathlib import Path
 
 import typer
 
+from graft.cli import options
 from graft.console import Reporter, make_console
-from graft.shipping.unknown import UNKNOWN_HELP
 
 
 def evaluate(
@@ -16,7 +16,7 @@ def evaluate(
     data: Path = typer.Argument(..., help="Labelled folder (one sub-folder per class), CSV of path,label, or multi-label CSV of path,labels."),
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON (the keys of metrics.json)."),
     on_bad_image: str = typer.Option("error", help="error: stop and list unreadable images; skip: evaluate without them (each is named)."),
-    unknown: str = typer.Option("auto", "--unknown", help=UNKNOWN_HELP + " auto reports the share answered 'unknown'."),
+    unknown: str = typer.Option("auto", "--unknown", help=options.UNKNOWN_HELP + " auto reports the share answered 'unknown'."),
 ) -> None:
     """Evaluate a trained bundle on a labelled folder."""
     from graft.api import evaluate as evaluate_bundle  # torch loads only when a command runs: `graft --help` stays instant

@@ -11,10 +11,11 @@ from typing import List
 
 import typer
 
+from graft.choices import UNKNOWN_MODES
+from graft.cli import options
 from graft.console import Reporter, make_console
 from graft.errors import ConfigError, ImageError
 from graft.ranges import BATCH_SIZE, TOP_K, check_number
-from graft.shipping.unknown import MODES, UNKNOWN_HELP
 
 FORMATS = ("table", "csv", "json")
 
@@ -34,7 +35,7 @@ def predict(
     threshold: float | None = typer.Option(
         None, "--threshold", help="Multi-label bundles: one score threshold (0 to 1) for every label instead of the per-label ones stored in the bundle."
     ),
-    unknown: str = typer.Option("auto", "--unknown", help=UNKNOWN_HELP),
+    unknown: str = typer.Option("auto", "--unknown", help=options.UNKNOWN_HELP),
 ) -> None:
     """Predict the labels of images with a trained bundle."""
     from graft.shipping.bundle import load_bundle  # torch loads only when a command runs: `graft --help` stays instant
@@ -43,8 +44,8 @@ def predict(
         raise ConfigError(f"--format: {output_format!r} is not one of {', '.join(FORMATS)}")
     check_number("top_k", top_k, TOP_K)
     check_number("batch_size", batch_size, BATCH_SIZE)
-    if unknown not in MODES:
-        raise ConfigError(f"--unknown: {unknown!r} is not one of {', '.join(MODES)}")
+    if unknown not in UNKNOWN_MODES:
+        raise ConfigError(f"--unknown: {unknown!r} is not one of {', '.join(UNKNOWN_MODES)}")
     if out is not None and explain is not None:
         raise ConfigError("--explain and --out cannot be combined: write the CSV first, then explain the images you want to see")
     model = load_bundle(bundle)

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import typer
 
+from graft.cli import options
 from graft.errors import ConfigError
 from graft.extras import require_extra
 from graft.ranges import PORT, UPLOAD_MB, check_number
-from graft.shipping.unknown import UNKNOWN_HELP
 
 
 def serve(
@@ -24,7 +24,7 @@ def serve(
     max_request_megapixels: int = typer.Option(200, help="Most pixels the images of one request may declare together, in millions."),
     log_level: str = typer.Option("info", help="uvicorn's log level: critical, error, warning, info, debug or trace."),
     access_log: bool = typer.Option(True, "--access-log/--no-access-log", help="Log every request (uvicorn)."),
-    unknown: str = typer.Option("auto", "--unknown", help=UNKNOWN_HELP),
+    unknown: str = typer.Option("auto", "--unknown", help=options.UNKNOWN_HELP),
 ) -> None:
     """Serve a bundle: POST /predict, GET /healthz, a web page at / and API docs at /docs."""
 

@@ -35,12 +35,12 @@ from fastapi.exceptions import RequestValidationError  # noqa: E402
 from fastapi.responses import HTMLResponse, JSONResponse  # noqa: E402
 from starlette.concurrency import run_in_threadpool  # noqa: E402
 
+from graft.choices import UNKNOWN_MODES  # noqa: E402
 from graft.errors import ConfigError, ImageError, ImageTooLargeError  # noqa: E402
 from graft.input.images import MAX_IMAGE_PIXELS, image_size, load_image
 from graft.ranges import IMAGES_PER_REQUEST, TOP_K, UPLOAD_BYTES, check_number  # noqa: E402
 from graft.serve.page import PAGE_HTML  # noqa: E402
 from graft.shipping.bundle import Bundle, load_bundle  # noqa: E402
-from graft.shipping.unknown import MODES  # noqa: E402
 from graft.speed.allocator import release_free_memory
 
 DEFAULT_MAX_UPLOAD_BYTES = 10 * 1024 * 1024
@@ -96,8 +96,8 @@ def create_app(
     >>> uvicorn.run(create_app("runs/birds/bundle"), host="127.0.0.1", port=8000)
     """
     _check_limits(max_upload_bytes, max_images, top_k, max_pixels, max_request_pixels)
-    if unknown not in MODES:
-        raise ConfigError(f"{unknown!r} is not one of {', '.join(MODES)}", parameter="unknown")
+    if unknown not in UNKNOWN_MODES:
+        raise ConfigError(f"{unknown!r} is not one of {', '.join(UNKNOWN_MODES)}", parameter="unknown")
     model = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
 
     app = FastAPI(

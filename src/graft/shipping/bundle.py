@@ -35,8 +35,9 @@ from graft.shipping.bundle_schema import (
     BUNDLE_FORMAT, BundleDocument, DAMAGED, check_adapters, check_head, check_runs, check_weights, read_document,
     safetensors_shapes,
 )
+from graft.choices import UNKNOWN_MODES
 from graft.shipping.multilabel import LabelSetPrediction, check_threshold, label_sets
-from graft.shipping.unknown import MODES, UNKNOWN_LABEL, UnknownDetector, load_unknown, save_unknown
+from graft.shipping.unknown import UNKNOWN_LABEL, UnknownDetector, load_unknown, save_unknown
 from graft.speed.allocator import reuse_freed_memory
 from graft.speed.folding import inference_network
 from graft.speed.numerics import autocast, inference_precision
@@ -187,8 +188,8 @@ class Bundle:
         check_number("top_k", top_k, TOP_K)
         check_number("batch_size", batch_size, BATCH_SIZE)
         check_threshold(threshold)
-        if unknown not in MODES:
-            raise ConfigError(f"{unknown!r} is not one of {', '.join(MODES)} (auto: answer 'unknown' for images "
+        if unknown not in UNKNOWN_MODES:
+            raise ConfigError(f"{unknown!r} is not one of {', '.join(UNKNOWN_MODES)} (auto: answer 'unknown' for images "
                               "unlike the training images, off: never)", parameter="unknown")
         detector = self.unknown if unknown == "auto" else None
         return self._stream_predictions(sources, top_k, batch_size, on_error, threshold, detector)

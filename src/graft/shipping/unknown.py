@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from graft.errors import BundleError
+from graft.shipping.bundle_schema import DAMAGED, safetensors_shapes
 
 UNKNOWN_LABEL = "unknown"
 UNKNOWN_FILE = "unknown.safetensors"
@@ -43,9 +44,6 @@ METHODS = ("knn", "mahalanobis")
 DEFAULT_METHOD = "mahalanobis"
 DEFAULT_K = 1  # k-NN's k, where `method="knn"` is asked for
 KEPT_SHARE = 0.95  # of the in-distribution validation images kept at the threshold
-MODES = ("auto", "off")  # --unknown: answer `unknown` past the threshold, or never
-UNKNOWN_HELP = ("auto: answer 'unknown' for an image unlike the training images (past the bundle's threshold, which keeps "
-                "95 % of its validation images), with its unknown_score; off: always one of the classes.")
 
 # The tensors each method keeps, by name.
 _TENSORS = {"knn": ("train_features",), "mahalanobis": ("class_means", "precision")}
@@ -136,7 +134,6 @@ def load_unknown(folder: Path, record: Any, class_count: int, in_features: int) 
     its tensors read from unknown.safetensors and checked against the record before use."""
     from safetensors.torch import load_file
 
-    from graft.shipping.bundle_schema import DAMAGED, safetensors_shapes
 
     path = folder / UNKNOWN_FILE
     if not path.is_file():
