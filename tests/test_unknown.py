@@ -18,8 +18,11 @@ import graft
 from graft.errors import BundleError, ConfigError
 from graft.input.data import load_dataset
 from graft.input.images import load_image
+from graft.input.preprocessing import build_transforms
+from graft.models.backbones import with_pooling
 from graft.shipping.bundle import load_bundle, save_bundle
-from graft.shipping.unknown import UNKNOWN_FILE, fit_unknown_detector, knn_scores
+from graft.shipping.bundle_schema import UnknownRecord
+from graft.shipping.unknown import PROJECTED_DIM, UNKNOWN_FILE, fit_unknown_detector, knn_scores, load_unknown, save_unknown
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +96,46 @@ def test_a_damaged_detector_is_refused_at_load(trained_run, tmp_path):
     (folder / "graft.json").write_text(json.dumps({**meta, "unknown": {**meta["unknown"], "threshold": "0.5"}}))
     with pytest.raises(BundleError, match="unknown.threshold"):
         load_bundle(folder)
+
+
+def test_the_low_rank_covariance_is_ledoit_wolfs(lite0, fashion_folder, holdout_folder):
+    """On real features, the eigenvector form kept for wide features scores as scikit-learn's
+    Ledoit-Wolf precision does (exact while there are fewer images than kept directions)."""
+    from graft.shipping.unknown import fit_mahalanobis, low_rank_mahalanobis, low_rank_scores, mahalanobis_scores
+
+    transform = build_transforms(lite0.preprocessing)
+    train = load_dataset(fashion_folder).train
+    with torch.no_grad():
+        train_features, query = (torch.nn.functional.normalize(lite0.model.eval()(torch.stack([transform(load_image(p)) for p in paths])), dim=1)
+                                 for paths in (train.paths, sorted(holdout_folder.rglob("*.png"))))
+    labels = torch.tensor(train.labels)
+    means, precision = fit_mahalanobis(train_features, labels)
+    kept = low_rank_mahalanobis(train_features, labels, PROJECTED_DIM)
+    full, low_rank = mahalanobis_scores(means, precision, query), low_rank_scores(kept["class_means"], kept["projection"], kept["inverse_variances"], query)
+    assert torch.allclose(low_rank, full, rtol=1e-3)
+
+
+def test_wide_grid_features_are_scored_on_their_principal_directions(lite0, fashion_folder, holdout_folder, digits, tmp_path):
+    """grid-3 features of Lite0 are 16 048 wide: the detector keeps a (16 048, 256) projection, not a
+    16 048-square precision, and still tells MNIST digits from held-out Fashion-MNIST."""
+    grids = with_pooling(lite0, "grid-3")
+    transform = build_transforms(grids.preprocessing)
+    train = load_dataset(fashion_folder).train
+
+    def features(paths: list[Path]) -> torch.Tensor:
+        with torch.no_grad():
+            return grids.model.eval()(torch.stack([transform(load_image(p)) for p in paths]))
+
+    train_features = features(train.paths)
+    held_out = sorted(holdout_folder.rglob("*.png"))
+    detector = fit_unknown_detector(train_features, torch.tensor(train.labels), features(held_out))
+    assert train_features.shape[1] == 16048 and detector.feature_dim == 16048
+    assert tuple(detector.tensors["projection"].shape) == (16048, min(PROJECTED_DIM, len(train.paths)))
+    save_unknown(tmp_path, detector)
+    again = load_unknown(tmp_path, UnknownRecord(**detector.record()), 3, 16048)
+    digit_scores, fashion_scores = again.scores(features(digits[:10])), again.scores(features(held_out))
+    assert float((digit_scores > again.threshold).float().mean()) >= 0.7
+    assert float((fashion_scores > again.threshold).float().mean()) <= 0.3
 
 
 def test_a_fine_tuned_bundle_scores_in_its_own_feature_space(fashion_folder, lite0, tmp_path):
