@@ -50,7 +50,7 @@ def test_writes_every_image_once_and_resumes_without_repeating(bundle, images, t
     assert set(by_path) == set(expected)
     for path, row in by_path.items():
         assert row["label"] == expected[path].label and abs(float(row["score"]) - expected[path].score) < 1e-5
-        assert row["top_k"].split(";")[0].startswith(expected[path].label + ":") and row["error"] == ""
+        assert row["top_k"].split(";")[0].startswith(expected[path].top_k[0][0] + ":") and row["error"] == ""
 
     before = out.read_bytes()
     again = predict_to_csv(bundle, [images], out)
@@ -117,7 +117,7 @@ def test_cli_killed_run_resumes_to_every_image_exactly_once(trained_run, holdout
     rows = read_predictions(out)
     assert len(rows) == 216 and len(set(_paths(rows))) == 216
     assert _paths(rows)[: len(interrupted)] == _paths(interrupted)
-    assert all(row["label"] in ("bag", "sneaker", "trouser") for row in rows)
+    assert all(row["label"] in ("bag", "sneaker", "trouser", "unknown") for row in rows)
     assert list(csv.reader(out.open()))[0] == list(CSV_COLUMNS)
 
 

@@ -139,7 +139,7 @@ def test_server_predicts_every_random_valid_image(client, picture):
     response = client.post("/predict?top_k=2", files=[("files", (f"x.{fmt.lower()}", _encode(image, fmt), "image/*"))])
     assert response.status_code == 200, response.text
     (row,) = response.json()["predictions"]
-    assert row["label"] in ("bag", "sneaker", "trouser") and len(row["top_k"]) == 2
+    assert row["label"] in ("bag", "sneaker", "trouser", "unknown") and len(row["top_k"]) == 2  # random pixels may be unknown
     assert 0.0 <= row["score"] <= 1.0
 
 

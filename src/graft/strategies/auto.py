@@ -102,6 +102,10 @@ class _Trained:
         """Its validation accuracy, log-loss and which images it got right."""
         labels = torch.tensor(self.context.dataset.val.labels)
         logits = self.outcome.val_logits.float()
+        if labels.dim() == 2:  # label sets: right when the whole set is (sigmoid at 0.5); binary cross-entropy
+            correct = ((logits.sigmoid() >= 0.5) == labels.bool()).all(1)
+            loss = float(torch.nn.functional.binary_cross_entropy_with_logits(logits, labels.float())) if len(labels) else 0.0
+            return ViewScore(float(correct.float().mean()) if len(labels) else 0.0, loss, tuple(correct.tolist()))
         correct = logits.argmax(1) == labels
         loss = float(torch.nn.functional.cross_entropy(logits, labels)) if len(labels) else 0.0
         return ViewScore(float(correct.float().mean()) if len(labels) else 0.0, loss, tuple(correct.tolist()))
