@@ -406,7 +406,7 @@ def _bundle_meta(
         "strategy": plan.resolved_config.strategy,
         "precision": numerics.precision,
         "val_accuracy": measured["accuracy"],
-        "temperature": measured["calibration"]["temperature"],
+        "temperature": measured.get("calibration", {}).get("temperature", 1.0),  # label sets: sigmoid, no temperature
     }
     if outcome.adapters:
         meta["adapters"] = outcome.adapters
