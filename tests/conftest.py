@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import os
 from pathlib import Path
 
@@ -85,3 +86,42 @@ def foolbox_imagenet() -> list[tuple[Path, int]]:
     files = sorted(folder.glob("imagenet_*.jpg"))
     assert len(files) == 20, f"expected foolbox's 20 ImageNet images in {folder}"
     return [(f, int(f.stem.split("_")[-1])) for f in files]
+
+
+# Labels derived from Fashion-MNIST classes: what a shop would tag. Trousers and bags that are not
+# dark have no label at all (every label negative).
+TOPS = {"tshirt_top", "pullover", "coat", "shirt"}
+FOOTWEAR = {"sandal", "sneaker", "ankle_boot"}
+
+
+def _labels(class_name: str, dark: bool) -> list[str]:
+    names = (["top"] if class_name in TOPS else []) + (["footwear"] if class_name in FOOTWEAR else [])
+    return names + (["dark"] if dark else [])
+
+
+@pytest.fixture(scope="session")
+def multilabel_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """60 real Fashion-MNIST images (6 per class) with label sets over top, footwear and dark."""
+    from graft.input.sample_data import load_fashion_mnist, sample_per_class, write_image_folder
+
+    source = load_fashion_mnist("test")
+    root = tmp_path_factory.mktemp("multilabel") / "data"
+    chosen = sample_per_class(source.labels, 6, np.random.default_rng(0))
+    write_image_folder(source, chosen, root)
+    # "dark": the garment's mean ink (over its pixels) is below the median of the chosen images.
+    ink = np.array([source.images[i][source.images[i] > 0].mean() for i in chosen])
+    dark = ink < np.median(ink)
+    with (root / "labels.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "labels"])
+        for index, is_dark in zip(chosen, dark):
+            name = source.class_names[int(source.labels[index])]
+            writer.writerow([f"{name}/{source.name}-{int(index):05d}.png", ";".join(_labels(name, bool(is_dark)))])
+    return root / "labels.csv"
+
+
+@pytest.fixture(scope="session")
+def multilabel_run(multilabel_csv: Path, tmp_path_factory: pytest.TempPathFactory):
+    import graft
+
+    return graft.train(multilabel_csv, out=tmp_path_factory.mktemp("ml-runs") / "fe", epochs=40, verbose=False)

@@ -17,38 +17,6 @@ from graft.shipping.bundle import load_bundle
 from graft.shipping.multilabel import LabelSetPrediction
 from graft.training.multilabel import choose_thresholds
 
-# Labels derived from Fashion-MNIST classes: what a shop would tag. Trousers and bags that are not
-# dark have no label at all (every label negative).
-TOPS = {"tshirt_top", "pullover", "coat", "shirt"}
-FOOTWEAR = {"sandal", "sneaker", "ankle_boot"}
-
-
-def _labels(class_name: str, dark: bool) -> list[str]:
-    names = (["top"] if class_name in TOPS else []) + (["footwear"] if class_name in FOOTWEAR else [])
-    return names + (["dark"] if dark else [])
-
-
-@pytest.fixture(scope="session")
-def multilabel_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """60 real Fashion-MNIST images (6 per class) with label sets over top, footwear and dark."""
-    from graft.input.sample_data import load_fashion_mnist, sample_per_class, write_image_folder
-
-    source = load_fashion_mnist("test")
-    root = tmp_path_factory.mktemp("multilabel") / "data"
-    chosen = sample_per_class(source.labels, 6, np.random.default_rng(0))
-    write_image_folder(source, chosen, root)
-    # "dark": the garment's mean ink (over its pixels) is below the median of the chosen images.
-    ink = np.array([source.images[i][source.images[i] > 0].mean() for i in chosen])
-    dark = ink < np.median(ink)
-    with (root / "labels.csv").open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["path", "labels"])
-        for index, is_dark in zip(chosen, dark):
-            name = source.class_names[int(source.labels[index])]
-            writer.writerow([f"{name}/{source.name}-{int(index):05d}.png", ";".join(_labels(name, bool(is_dark)))])
-    return root / "labels.csv"
-
-
 def _rows(csv_path: Path) -> list[list[str]]:
     with csv_path.open(newline="") as handle:
         return list(csv.reader(handle))
@@ -139,11 +107,6 @@ def test_thresholds_maximise_each_labels_f1() -> None:
 
 
 # --- training, bundle, predict ------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def multilabel_run(multilabel_csv: Path, tmp_path_factory: pytest.TempPathFactory):
-    return graft.train(multilabel_csv, out=tmp_path_factory.mktemp("ml-runs") / "fe", epochs=40, verbose=False)
 
 
 def test_a_multilabel_run_measures_map_and_stores_its_thresholds(multilabel_run) -> None:
