@@ -1,18 +1,22 @@
 """The emoji multi-label task, and graft's multi-label training measured on it.
 
-Images: npm `emoji-datasource-apple` 16.0.0 (64 px PNGs); labels: the English CLDR keywords of
-npm `cldr-annotations-full` 48.2.0 (`annotations/en/annotations.json`, `default`), joined through
-the code points of `emoji.json`. Keywords used by at least 30 emoji are the labels; an emoji with
-none of them stays in, with no label. 20 % of the emoji are held out as `test` by a seeded
-iterative stratification (the `split` column); graft splits the rest into training and validation.
+Images: npm `emoji-datasource-apple` 16.0.0 (64 px PNGs), every emoji with its skin-tone
+variants; labels: the English CLDR keywords (`default`) of npm `cldr-annotations-full` 48.2.0
+(`annotations/en/annotations.json`) and, for the sequences it does not list (skin tones, people
+with professions, couples, flags), of `cldr-annotations-derived-full` 48.2.0
+(`annotationsDerived/en/annotations.json`), joined through the code points of `emoji.json`.
+Keywords used by at least 30 emoji (skin-tone variants counted once) are the labels; an image with none of them stays in, with no
+label. The split is by emoji, not by image: an emoji and its skin-tone variants (near copies of one
+drawing) fall on the same side. 20 % of the emoji are held out as `test` and 20 % of the rest are
+`valid`, each by a seeded iterative stratification over the emoji's label sets (the `split` column).
 
-    cd /tmp && npm pack emoji-datasource-apple@16.0.0 cldr-annotations-full@48.2.0
+    cd /tmp && npm pack emoji-datasource-apple@16.0.0 cldr-annotations-full@48.2.0 cldr-annotations-derived-full@48.2.0
     python bench/emoji_multilabel.py build --packs /tmp --out /tmp/emoji-task
     python bench/emoji_multilabel.py measure --data /tmp/emoji-task/labels.csv
 
-`measure` trains graft's default (feature-extract) on the CSV, scores scikit-learn's one-vs-rest
-`LogisticRegression` on the same frozen features (from graft's feature cache), and one fine-tuning
-strategy, each on the held-out test rows by macro mAP, with wall times.
+`measure` trains graft's default (`auto`) and `feature-extract` on the CSV, scores scikit-learn's
+one-vs-rest `LogisticRegression` on the same frozen features (from graft's feature cache), and one
+fine-tuning strategy, each on the held-out test rows by macro mAP, with wall times.
 """
 
 from __future__ import annotations
@@ -47,43 +51,67 @@ def _extract(pack: Path, member_prefix: str, into: Path) -> Path:
 
 
 def emoji_keywords(packs: Path, work: Path) -> list[tuple[Path, str, list[str]]]:
-    """(PNG, emoji, CLDR keywords) of every Apple emoji image whose character CLDR annotates."""
+    """(PNG, base emoji's code points, CLDR keywords) of every Apple emoji image, skin-tone variants
+    included, whose character CLDR annotates."""
     images = _extract(packs / "emoji-datasource-apple-16.0.0.tgz", "package/", work / "apple")
     cldr = _extract(packs / "cldr-annotations-full-48.2.0.tgz", "package/annotations/en/", work / "cldr")
-    annotations = json.loads((cldr / "annotations/en/annotations.json").read_text())["annotations"]["annotations"]
+    derived = _extract(packs / "cldr-annotations-derived-full-48.2.0.tgz", "package/annotationsDerived/en/", work / "cldr-derived")
+    annotations = {
+        **json.loads((derived / "annotationsDerived/en/annotations.json").read_text())["annotationsDerived"]["annotations"],
+        **json.loads((cldr / "annotations/en/annotations.json").read_text())["annotations"]["annotations"],
+    }
     found = []
     for entry in json.loads((images / "emoji.json").read_text()):
-        png = images / "img/apple/64" / entry["image"]
-        if not entry.get("has_img_apple") or not png.is_file():
-            continue
-        character = "".join(chr(int(code, 16)) for code in entry["unified"].split("-"))
-        keywords = annotations.get(character) or annotations.get(character.replace("\ufe0f", ""))
-        if keywords:
-            found.append((png, character, list(keywords["default"])))
+        for variant in [entry, *(entry.get("skin_variations") or {}).values()]:
+            png = images / "img/apple/64" / variant["image"]
+            if not variant.get("has_img_apple") or not png.is_file():
+                continue
+            character = "".join(chr(int(code, 16)) for code in variant["unified"].split("-"))
+            keywords = annotations.get(character) or annotations.get(character.replace("\ufe0f", ""))
+            if keywords:
+                found.append((png, entry["unified"], list(keywords["default"])))
     return found
+
+
+def _grouped_split(groups: list[str], targets: np.ndarray, fraction: float, seed: int) -> set[str]:
+    """The groups (base emoji) drawn as `fraction` of them by iterative stratification over each
+    group's label set (the union of its images' labels)."""
+    from iterstrat.ml_stratifiers import MultilabelStratifiedShuffleSplit
+
+    names = sorted(set(groups))
+    union = np.zeros((len(names), targets.shape[1]), dtype=np.int64)
+    index = {name: row for row, name in enumerate(names)}
+    for group, target in zip(groups, targets):
+        union[index[group]] |= target
+    splitter = MultilabelStratifiedShuffleSplit(n_splits=1, test_size=fraction, random_state=seed)
+    _, chosen = next(splitter.split(np.zeros(len(names)), union))
+    return {names[i] for i in chosen}
 
 
 def build(packs: Path, out: Path, seed: int = 0) -> Path:
     """Write `out/images/*.png` and `out/labels.csv` (path,labels,split); returns the CSV."""
-    from iterstrat.ml_stratifiers import MultilabelStratifiedShuffleSplit
-
     found = emoji_keywords(packs, out / "npm")
-    uses = Counter(k for _, _, keywords in found for k in set(keywords))
+    uses = Counter(k for _, k in {(group, k) for _, group, keywords in found for k in keywords})  # emoji, not images
     kept = sorted(k for k, n in uses.items() if n >= MIN_EMOJI_PER_KEYWORD)
     targets = np.array([[k in keywords for k in kept] for _, _, keywords in found], dtype=np.int64)
-    splitter = MultilabelStratifiedShuffleSplit(n_splits=1, test_size=TEST_FRACTION, random_state=seed)
-    _, test_index = next(splitter.split(np.zeros(len(found)), targets))
-    test = set(test_index.tolist())
+    groups = [group for _, group, _ in found]
+    test = _grouped_split(groups, targets, TEST_FRACTION, seed)
+    rest = [row for row, group in enumerate(groups) if group not in test]
+    valid = _grouped_split([groups[r] for r in rest], targets[rest], TEST_FRACTION, seed)
     (out / "images").mkdir(parents=True, exist_ok=True)
     csv_path = out / "labels.csv"
+    sides = Counter()
     with csv_path.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(["path", "labels", "split"])
-        for row, (png, _, keywords) in enumerate(found):
+        for (png, group, keywords) in found:
+            side = "test" if group in test else "valid" if group in valid else "train"
+            sides[side] += 1
             shutil.copyfile(png, out / "images" / png.name)
-            writer.writerow([f"images/{png.name}", ";".join(k for k in kept if k in keywords), "test" if row in test else ""])
-    print(f"{len(found)} emoji, {len(kept)} keywords used by >= {MIN_EMOJI_PER_KEYWORD} emoji, "
-          f"{len(test)} held out for test, {int((targets.sum(1) == 0).sum())} with no kept keyword -> {csv_path}")
+            writer.writerow([f"images/{png.name}", ";".join(k for k in kept if k in keywords), "" if side == "train" else side])
+    print(f"{len(found)} emoji images ({len(set(groups))} emoji), {len(kept)} keywords used by >= {MIN_EMOJI_PER_KEYWORD} emoji, "
+          f"{sides['train']} train / {sides['valid']} valid / {sides['test']} test images, "
+          f"{int((targets.sum(1) == 0).sum())} with no kept keyword -> {csv_path}")
     return csv_path
 
 
@@ -111,24 +139,26 @@ def _sklearn_one_vs_rest(run_dir: Path, csv_path: Path) -> tuple[float, float]:
     return macro_average_precision(np.asarray(dataset.test.labels), probe.predict_proba(features["test"])), seconds
 
 
-def measure(csv_path: Path, out: Path, finetune: str) -> None:
-    """graft's default, scikit-learn's one-vs-rest probe and `finetune`, on the held-out test rows."""
+def measure(csv_path: Path, out: Path, strategies: list[str]) -> None:
+    """Each of `strategies` trained by graft ("default" is `graft train` with no strategy named),
+    and scikit-learn's one-vs-rest probe on the frozen average-pooled features, on the test rows."""
     import graft
 
     rows = []
-    for strategy in ("feature-extract", finetune):
+    for strategy in strategies:
+        options = {} if strategy == "default" else {"strategy": strategy}
         started = time.perf_counter()
-        run = graft.train(csv_path, out=out / strategy, strategy=strategy, verbose=False, overwrite=True)
+        run = graft.train(csv_path, out=out / strategy, verbose=False, overwrite=True, **options)
         seconds = time.perf_counter() - started
         test = run.metrics["test"]
-        rows.append({"method": f"graft {strategy}" + (" (default)" if strategy == "feature-extract" else ""),
-                     "test_map": round(test["map"], 4), "test_micro_f1": round(test["micro_f1"], 4),
-                     "val_map": round(run.metrics["map"], 4), "seconds": round(seconds, 1)})
+        chosen = (run.metrics.get("auto") or {}).get("kept") or run.metrics["strategy"]
+        rows.append({"method": f"graft {strategy}", "chosen": str(chosen), "test_map": round(test["map"], 4),
+                     "test_micro_f1": round(test["micro_f1"], 4), "val_map": round(run.metrics["map"], 4), "seconds": round(seconds, 1)})
         if strategy == "feature-extract":
             sk_map, sk_seconds = _sklearn_one_vs_rest(run.run_dir, csv_path)
-            rows.append({"method": "scikit-learn one-vs-rest LogisticRegression (same features)", "test_map": round(sk_map, 4),
-                         "test_micro_f1": None, "val_map": None, "seconds": round(sk_seconds, 1)})
-    print_table(rows, ["method", "test_map", "test_micro_f1", "val_map", "seconds"])
+            rows.append({"method": "scikit-learn one-vs-rest LogisticRegression (same features)", "chosen": "",
+                         "test_map": round(sk_map, 4), "test_micro_f1": None, "val_map": None, "seconds": round(sk_seconds, 1)})
+        print_table(rows, ["method", "chosen", "test_map", "test_micro_f1", "val_map", "seconds"])
     write_results("emoji_multilabel", rows)
 
 
@@ -141,12 +171,13 @@ def main() -> None:
     m = sub.add_parser("measure")
     m.add_argument("--data", type=Path, default=Path("/tmp/emoji-task/labels.csv"))
     m.add_argument("--out", type=Path, default=Path("/tmp/emoji-runs"))
-    m.add_argument("--finetune", default="partial")
+    m.add_argument("--strategies", nargs="+", default=["default", "feature-extract", "partial"],
+                   help="graft strategies to train ('default': no strategy named); feature-extract adds the probe")
     args = parser.parse_args()
     if args.command == "build":
         build(args.packs, args.out)
     else:
-        measure(args.data, args.out, args.finetune)
+        measure(args.data, args.out, args.strategies)
 
 
 if __name__ == "__main__":
