@@ -8,11 +8,10 @@ JavaScript and no other file.
 
 from __future__ import annotations
 
-import html
 import json
 import time
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -24,6 +23,7 @@ from graft.models.backbones import load_backbone
 from graft.models.stages import discover_stages
 from graft.report.activations import feature_maps_figure
 from graft.report.forgetting import MAX_CKA_IMAGES, stage_forgetting
+from graft.report.parts import esc, fmt, gallery, img, note, page, scope_note, section, table, thumbnail
 from graft.shipping.bundle import load_bundle
 from graft.strategies import STRATEGY_NAMES, get_strategy
 from graft.strategies.auto_measure import describe_framing, describe_pooling
@@ -46,70 +46,6 @@ MAX_MISTAKES = 12
 MAX_CHECK_THUMBNAILS = 12
 MAX_CHECK_ROWS = 40
 REPORT_FEATURE_STAGES = 4  # rows of feature maps in the report; show-features draws any others
-
-STYLE = """
-body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 0 auto; max-width: 1180px;
-       padding: 1.5rem; color: #1d2327; line-height: 1.45; }
-h1 { margin-bottom: .2rem; } h2 { border-bottom: 2px solid #e3e6e8; padding-bottom: .2rem; margin-top: 2rem; }
-.lead { color: #50575e; margin-top: 0; }
-.cards { display: flex; flex-wrap: wrap; gap: .8rem; margin: 1rem 0; }
-.card { background: #f4f6f7; border-radius: 8px; padding: .6rem 1rem; min-width: 9rem; }
-.card b { display: block; font-size: 1.35rem; }
-table { border-collapse: collapse; margin: .6rem 0; font-size: .9rem; }
-th, td { border-bottom: 1px solid #e3e6e8; padding: .25rem .7rem; text-align: right; }
-th:first-child, td:first-child { text-align: left; }
-th { background: #f4f6f7; }
-img { max-width: 100%; height: auto; }
-figure { margin: .6rem 0; }
-figcaption, .note { color: #50575e; font-size: .85rem; }
-.gallery { display: flex; flex-wrap: wrap; gap: .8rem; }
-.gallery figure { width: 120px; margin: 0; text-align: center; }
-.gallery img { width: 112px; height: 112px; image-rendering: pixelated; border: 1px solid #ccd0d4; }
-.bad { color: #b32d2e; }
-"""
-
-
-# --- small HTML helpers, shared with compare.html -----------------------------------------------
-
-
-def esc(value: object) -> str:
-    return html.escape(str(value), quote=True)
-
-
-def page(title: str, body: str) -> str:
-    """A complete HTML document with the report's inline style and no external resources."""
-    return (
-        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
-        "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
-        f"<title>{esc(title)}</title>\n<style>{STYLE}</style>\n</head>\n<body>\n{body}\n</body>\n</html>\n"
-    )
-
-
-def section(section_id: str, heading: str, content: str) -> str:
-    return f'<section id="{esc(section_id)}">\n<h2>{esc(heading)}</h2>\n{content}\n</section>\n'
-
-
-def table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
-    head = "".join(f"<th>{esc(h)}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(f"<td>{esc(cell)}</td>" for cell in row) + "</tr>\n" for row in rows)
-    return f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}</tbody>\n</table>"
-
-
-def img(uri: str, alt: str, caption: str | None = None) -> str:
-    tag = f'<img src="{uri}" alt="{esc(alt)}">'
-    return f"<figure>{tag}<figcaption>{esc(caption)}</figcaption></figure>" if caption else f"<figure>{tag}</figure>"
-
-
-def note(text: str) -> str:
-    return f'<p class="note">{esc(text)}</p>'
-
-
-def fmt(value: Any, digits: int = 3) -> str:
-    if value is None:
-        return "n/a"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
 
 
 # --- reading the run back -----------------------------------------------------------------------
@@ -237,8 +173,7 @@ def write_report(run_dir: str | Path, *, cka_images: int | None = None) -> Path:
 def _macro_f1_scope(metrics: Mapping[str, Any]) -> str:
     """A note such as `(over 2 of 3 classes)` when macro-F1 averages fewer than all the classes."""
     names = metrics.get("class_names", [])
-    averaged = metrics.get("macro_f1_classes", names)
-    return "" if len(averaged) == len(names) else f" (over {len(averaged)} of {len(names)} classes)"
+    return scope_note(len(metrics.get("macro_f1_classes", names)), len(names), "classes")
 
 
 def header(run: Run) -> str:
@@ -433,22 +368,17 @@ def mistakes_section(run: Run, figures: Any) -> str:
         return note("val_predictions.json is missing: no per-image predictions to show.")
     if not wrong:
         return "<p>Every validation image was classified correctly.</p>"
-    tiles = []
-    for row in wrong[:MAX_MISTAKES]:
-        try:
-            uri = figures.image_uri(load_image(run.data_root / row["path"], min_size=160), max_side=160)
-        except ImageError:
-            continue  # the data folder moved since training; the caption table below still lists it
-        tiles.append(
-            f'<figure><img src="{uri}" alt="{esc(row["path"])}">'
-            f"<figcaption>true <b>{esc(row['true'])}</b><br>predicted <b class=\"bad\">{esc(row['label'])}</b> "
-            f"({row['score']:.2f})</figcaption></figure>"
-        )
+    tiles = [
+        thumbnail(run.data_root / row["path"], row["path"], figures=figures, caption=(
+            f"true <b>{esc(row['true'])}</b><br>predicted <b class=\"bad\">{esc(row['label'])}</b> ({row['score']:.2f})"
+        ))
+        for row in wrong[:MAX_MISTAKES]
+    ]  # a data folder moved since training loses its tiles; the table below still lists them
     listing = table(
         ["image", "true", "predicted", "score", "score of the true class"],
         [(r["path"], r["true"], r["label"], f"{r['score']:.3f}", f"{r['true_score']:.3f}") for r in wrong[:MAX_MISTAKES]],
     )
-    return f"<p>{len(wrong)} of {len(run.predictions)} validation images are wrong; the {min(len(wrong), MAX_MISTAKES)} most confident:</p>" + f'<div class="gallery">{"".join(tiles)}</div>' + listing
+    return f"<p>{len(wrong)} of {len(run.predictions)} validation images are wrong; the {min(len(wrong), MAX_MISTAKES)} most confident:</p>" + gallery(tiles) + listing
 
 
 def filters_section(trained: torch.nn.Module, pretrained: torch.nn.Module, figures: Any) -> str:
