@@ -3,7 +3,8 @@
 Everything is read back from the run folder (config.json, metrics.json, history.jsonl,
 split.json, val_predictions.json, bundle/), so a report can be rebuilt for any finished run with
 `write_report(run_dir)`. Figures are embedded as base64 PNGs: the page needs no network, no
-JavaScript and no other file.
+JavaScript and no other file. A multi-label run's page (`MULTILABEL_SECTIONS`) has the sections of
+`graft.report.multilabel` in place of those that read one label per image.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ from graft.models.backbones import load_backbone
 from graft.models.stages import discover_stages
 from graft.report.activations import feature_maps_figure
 from graft.report.forgetting import MAX_CKA_IMAGES, stage_forgetting
+from graft.report.multilabel import (
+    CURVE_SCORES, LABEL_SET_SECTIONS, is_multilabel, label_counts, multilabel_cards, multilabel_sections,
+)
 from graft.report.parts import esc, fmt, gallery, img, note, page, scope_note, section, table, thumbnail
 from graft.shipping.bundle import load_bundle
 from graft.strategies import STRATEGY_NAMES, get_strategy
@@ -41,6 +45,12 @@ SECTIONS: tuple[tuple[str, str], ...] = (
     ("filters", "First-layer filters"),
     ("feature-maps", "Feature maps"),
     ("forgetting", "Forgetting per stage"),
+)
+# A label-set run's page: the single-label sections give way to `graft.report.multilabel`'s.
+MULTILABEL_SECTIONS: tuple[tuple[str, str], ...] = (
+    *(s for s in SECTIONS if s[0] in ("data", "strategy", "curves")),
+    *LABEL_SET_SECTIONS,
+    *(s for s in SECTIONS if s[0] in ("filters", "feature-maps", "forgetting")),
 )
 MAX_MISTAKES = 12
 MAX_CHECK_THUMBNAILS = 12
@@ -147,12 +157,29 @@ def write_report(run_dir: str | Path, *, cka_images: int | None = None) -> Path:
     num_images = loaded[0] if loaded else 0
     write_json(run_dir / "forgetting.json", {"images": num_images, "stages": forgetting})
 
+    multilabel = is_multilabel(run.metrics)  # the data check does not run on label sets
+    check = [] if multilabel else [section("data-check", "Data check: likely wrong labels, leaks, odd images", data_check_section(run, figures))]
     parts = [
         header(run),
         section("data", "Data", data_section(run)),
-        section("data-check", "Data check: likely wrong labels, leaks, odd images", data_check_section(run, figures)),
+        *check,
         section("strategy", "Strategy and what it trains", strategy_section(run, bundle, pretrained, stages)),
         section("curves", "Learning curves", curves_section(run, figures)),
+        *(multilabel_sections(run, figures) if multilabel else single_label_sections(run, figures)),
+        section("filters", "First-layer filters", filters_section(bundle.model.backbone, pretrained.model, figures)),
+        section("feature-maps", "Feature maps", feature_maps_section(bundle, val_images, "labels" if multilabel else "class")),
+        section("forgetting", "Forgetting per stage", forgetting_section(forgetting, num_images, figures)),
+        note(f"Report built by graft in {time.perf_counter() - started:.1f} s from {run_dir}."),
+    ]
+    out = run_dir / "report.html"
+    write_text(out, page(f"graft report: {run_dir.name}", "\n".join(parts)))
+    return out
+
+
+def single_label_sections(run: Run, figures: Any) -> list[str]:
+    """The sections that read one label per image: confusion matrix, per-class scores,
+    calibration of the softmax, the most confidently wrong images."""
+    return [
         section("confusion", "Confusion matrix", img(
             figures.figure_uri(figures.confusion_matrix(run.metrics["confusion_matrix"], run.metrics["class_names"])),
             "confusion matrix", "rows: true class; columns: predicted class; shading: fraction of the row",
@@ -160,14 +187,7 @@ def write_report(run_dir: str | Path, *, cka_images: int | None = None) -> Path:
         section("per-class", "Per-class precision, recall and F1", per_class_section(run)),
         section("calibration", "Calibration", calibration_section(run, figures)),
         section("mistakes", "Most confidently wrong validation images", mistakes_section(run, figures)),
-        section("filters", "First-layer filters", filters_section(bundle.model.backbone, pretrained.model, figures)),
-        section("feature-maps", "Feature maps", feature_maps_section(bundle, val_images)),
-        section("forgetting", "Forgetting per stage", forgetting_section(forgetting, num_images, figures)),
-        note(f"Report built by graft in {time.perf_counter() - started:.1f} s from {run_dir}."),
     ]
-    out = run_dir / "report.html"
-    write_text(out, page(f"graft report: {run_dir.name}", "\n".join(parts)))
-    return out
 
 
 def _macro_f1_scope(metrics: Mapping[str, Any]) -> str:
@@ -178,9 +198,12 @@ def _macro_f1_scope(metrics: Mapping[str, Any]) -> str:
 
 def header(run: Run) -> str:
     m = run.metrics
-    cards = [
+    scores = multilabel_cards(m) if is_multilabel(m) else [
         ("validation accuracy", f"{m['accuracy']:.3f}"),
         ("macro-F1", f"{m['macro_f1']:.3f}" + _macro_f1_scope(m)),
+    ]
+    cards = [
+        *scores,
         ("strategy", _strategy_card(m)),
         ("backbone", m.get("backbone", "?")),
         ("trainable / total params", f"{m.get('trainable_params', 0):,} / {m.get('total_params', 0):,}"),
@@ -195,10 +218,24 @@ def header(run: Run) -> str:
 
 
 def data_section(run: Run) -> str:
+    """Images per class (label-set runs: per label), the split, bad images skipped, data warnings."""
     data = run.metrics.get("data", {})
+    counts = label_counts(run.metrics) if is_multilabel(run.metrics) else class_counts(run.metrics)
+    bad = data.get("bad_images", [])
+    if bad:
+        bad_html = f'<p class="bad">{len(bad)} bad image(s) skipped:</p>' + table(["file", "reason"], [(b["path"], b["reason"]) for b in bad])
+    else:
+        bad_html = "<p>Bad images skipped: none.</p>"
+    warnings = "".join(f'<p class="bad">warning: {esc(w)}</p>' for w in data.get("warnings", []))
+    return counts + bad_html + warnings
+
+
+def class_counts(metrics: Mapping[str, Any]) -> str:
+    """Training and validation images per class, the split and the imbalance."""
+    data = metrics.get("data", {})
     train_counts: Mapping[str, int] = data.get("train_per_class", {})
     val_counts: Mapping[str, int] = data.get("val_per_class", {})
-    names = run.metrics["class_names"]
+    names = metrics["class_names"]
     rows = [(name, train_counts.get(name, 0), val_counts.get(name, 0)) for name in names]
     rows.append(("total", sum(train_counts.values()), sum(val_counts.values())))
     ratio = data.get("imbalance_ratio")
@@ -208,13 +245,7 @@ def data_section(run: Run) -> str:
         + (" — consider --class-weighting balanced." if isinstance(ratio, (int, float)) and ratio >= 3 else ".")
         + "</p>"
     )
-    bad = data.get("bad_images", [])
-    if bad:
-        bad_html = f'<p class="bad">{len(bad)} bad image(s) skipped:</p>' + table(["file", "reason"], [(b["path"], b["reason"]) for b in bad])
-    else:
-        bad_html = "<p>Bad images skipped: none.</p>"
-    warnings = "".join(f'<p class="bad">warning: {esc(w)}</p>' for w in data.get("warnings", []))
-    return summary + table(["class", "training images", "validation images"], rows) + bad_html + warnings
+    return summary + table(["class", "training images", "validation images"], rows)
 
 
 def data_check_section(run: Run, figures: Any) -> str:
@@ -323,7 +354,8 @@ def curves_section(run: Run, figures: Any) -> str:
     if not run.history:
         return note("history.jsonl is empty: no epoch was recorded.")
     thawed = [(row["epoch"] + 1, row["stage_thawed"]) for row in run.history if row.get("stage_thawed")]
-    fig = figures.learning_curves(run.history, run.metrics.get("best_epoch"))
+    score = CURVE_SCORES if is_multilabel(run.metrics) else ("accuracy", "train", "validation")
+    fig = figures.learning_curves(run.history, run.metrics.get("best_epoch"), score=score)
     best_epoch = run.metrics.get("best_epoch") or 0
     caption = f"{len(run.history)} epochs; " + (f"best epoch {fmt(best_epoch + 1)} (green line)" if best_epoch >= 0 else
                                                  "no epoch beat the probe training started from on validation: the probe was kept")
@@ -395,7 +427,9 @@ def filters_section(trained: torch.nn.Module, pretrained: torch.nn.Module, figur
     )
 
 
-def feature_maps_section(bundle: Any, val_images: Sequence[tuple[Path, str]]) -> str:
+def feature_maps_section(bundle: Any, val_images: Sequence[tuple[Path, str]], truth: str = "class") -> str:
+    """One validation image through the trained backbone; `truth` names what its label is
+    ("class", or "labels" for a label set joined by ';')."""
     from graft.report.figures import figure_uri  # matplotlib loads only when a figure is drawn
 
     if not val_images:
@@ -405,7 +439,7 @@ def feature_maps_section(bundle: Any, val_images: Sequence[tuple[Path, str]]) ->
     fig = feature_maps_figure(bundle, picture, stages=spread_stages(bundle.model.backbone, REPORT_FEATURE_STAGES))
     return img(
         figure_uri(fig), f"feature maps of {path.name}",
-        f"{path.name} (true class {label}) through the trained backbone: per stage, the most active channels. "
+        f"{path.name} (true {truth} {label or 'none'}) through the trained backbone: per stage, the most active channels. "
         f"Other images and stages: graft show-features BUNDLE IMAGE --stages 0,3,-1 --out maps.png",
     )
 
