@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 
+import numpy as np
 import pytest
 from PIL import Image
 from rich.console import Console
@@ -105,6 +106,22 @@ def test_the_report_of_a_multilabel_run_shows_label_sets(multilabel_run):
     assert not {"script", "link", "iframe"} & page.tags
     errors, images = open_in_chromium(report)
     assert errors == [] and all(image["complete"] and image["naturalWidth"] > 0 for image in images)
+
+
+def test_the_cooccurrence_of_fifty_labels_stays_one_readable_figure():
+    """~50 labels: smaller cells, names still on both axes, no count written in 2,500 cells."""
+    from graft.report.figures import figure_uri, label_cooccurrence
+
+    names = [f"keyword-{i:02d}" for i in range(50)]
+    counts = np.diag(np.arange(10, 60))
+    counts[3, 7] = counts[7, 3] = 9
+    fig = label_cooccurrence(counts, names)
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == names == [t.get_text() for t in ax.get_yticklabels()]
+    assert len(ax.texts) == 0 and fig.get_figwidth() < 15
+    small = label_cooccurrence(counts[:3, :3], names[:3]).axes[0]
+    assert sorted(t.get_text() for t in small.texts) == ["0", "0", "0", "0", "0", "0", "10", "11", "12"]
+    decode_png(figure_uri(fig))
 
 
 def test_the_report_of_a_default_run_explains_what_auto_measured_and_kept(fashion_folder, tmp_path):

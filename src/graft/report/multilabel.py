@@ -108,6 +108,8 @@ def cooccurrence_counts(split: Mapping[str, Any], label_names: list[str]) -> np.
 
 def cooccurrence_section(label_names: list[str], split: Mapping[str, Any], figures: Any) -> str:
     """The co-occurrence heatmap of the training labels and the pairs seen together most often."""
+    if any(";" in name for name in label_names):  # split.json joins a set's names with ';'
+        return note("split.json's label sets cannot be read back: a label name holds ';' (the CSV separates its labels with '|').")
     counts = cooccurrence_counts(split, label_names)
     together = [(int(counts[i, j]), i, j) for i in range(len(label_names)) for j in range(i + 1, len(label_names)) if counts[i, j]]
     together.sort(key=lambda pair: (-pair[0], pair[1], pair[2]))
