@@ -5,12 +5,13 @@ from __future__ import annotations
 import io
 import json
 
+import numpy as np
 import pytest
 from PIL import Image
 from rich.console import Console
 
 from _html import decode_png, open_in_chromium, parse_page
-from graft.report.html import SECTIONS
+from graft.report.html import MULTILABEL_SECTIONS, SECTIONS
 
 FIGURE_SECTIONS = ("curves", "confusion", "calibration", "filters", "feature-maps", "forgetting")
 
@@ -53,6 +54,74 @@ def test_report_has_every_section_with_embedded_figures(trained_run):
         assert wrong[0]["path"] in mistakes.text
     else:
         assert "classified correctly" in mistakes.text
+
+
+def test_the_report_of_a_multilabel_run_shows_label_sets(multilabel_run):
+    """A label-set run's report: mAP and F1 at the thresholds as its headline, every label's AP
+    table worst first with metrics.json's values, the co-occurrence of the training labels,
+    thumbnails of each label's worst validation images with their scores, and none of the
+    sections that read one label per image."""
+    report = multilabel_run.run_dir / "report.html"
+    raw = report.read_text(encoding="utf-8")
+    page = parse_page(report)
+    metrics = json.loads((multilabel_run.run_dir / "metrics.json").read_text())
+    per_class = metrics["per_class"]
+    assert list(page.sections) == [section_id for section_id, _ in MULTILABEL_SECTIONS]
+    for section_id, heading in MULTILABEL_SECTIONS:
+        assert page.sections[section_id].heading.strip() == heading
+    assert not {"confusion", "calibration", "mistakes", "per-class"} & set(page.sections)
+    assert "Confusion matrix" not in raw and "validation accuracy" not in raw.split("</header>")[0]
+    assert f"validation mAP (macro)<b>{metrics['map']:.3f}" in raw
+    assert f"micro-F1 at the thresholds<b>{metrics['micro_f1']:.3f}" in raw
+    assert f"macro-F1 at the thresholds<b>{metrics['macro_f1']:.3f}" in raw
+
+    # One row per label, worst AP first, with the values metrics.json holds.
+    table = page.sections["per-label"]
+    assert table.table_rows == len(per_class) + 1
+    cells = {name: f"{name}{v['ap']:.3f}{v['precision']:.3f}{v['recall']:.3f}{v['f1']:.3f}{v['support']}{v['threshold']:.3f}"
+             for name, v in per_class.items()}
+    positions = {name: table.text.index(row) for name, row in cells.items()}
+    assert sorted(positions, key=positions.get) == sorted(per_class, key=lambda name: per_class[name]["ap"])
+
+    # Co-occurrence of the training label sets of split.json: the heatmap and the pairs.
+    train = json.loads((multilabel_run.run_dir / "split.json").read_text())["train"]
+    both = sum(1 for _, names in train if {"dark", "top"} <= set(names.split(";")))
+    assert both > 0 and not any({"footwear", "top"} <= set(names.split(";")) for _, names in train)
+    cooccurrence = page.sections["cooccurrence"]
+    assert len(cooccurrence.images) == 1 and decode_png(cooccurrence.images[0]).width > 200
+    assert f"darktop{both}" in cooccurrence.text and "footweartop" not in cooccurrence.text
+
+    # Per label: its 3 highest-scoring validation images without it, its 3 lowest-scoring with it.
+    predictions = json.loads((multilabel_run.run_dir / "val_predictions.json").read_text())
+    mistakes = page.sections["label-mistakes"]
+    assert len(mistakes.images) == 6 * len(per_class)
+    for src in mistakes.images:
+        decode_png(src)
+    worst = min(per_class, key=lambda name: per_class[name]["ap"])
+    negative = max((r for r in predictions if worst not in r["true"]), key=lambda r: r["scores"][worst])
+    missed = min((r for r in predictions if worst in r["true"]), key=lambda r: r["scores"][worst])
+    block = mistakes.text.split(f"{worst}: AP {per_class[worst]['ap']:.3f}")[1].split(": AP ")[0]
+    assert block.index(negative["path"]) < block.index(missed["path"])
+    assert f"score {negative['scores'][worst]:.3f}" in block and f"score {missed['scores'][worst]:.3f}" in block
+    assert not {"script", "link", "iframe"} & page.tags
+    errors, images = open_in_chromium(report)
+    assert errors == [] and all(image["complete"] and image["naturalWidth"] > 0 for image in images)
+
+
+def test_the_cooccurrence_of_fifty_labels_stays_one_readable_figure():
+    """~50 labels: smaller cells, names still on both axes, no count written in 2,500 cells."""
+    from graft.report.figures import figure_uri, label_cooccurrence
+
+    names = [f"keyword-{i:02d}" for i in range(50)]
+    counts = np.diag(np.arange(10, 60))
+    counts[3, 7] = counts[7, 3] = 9
+    fig = label_cooccurrence(counts, names)
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == names == [t.get_text() for t in ax.get_yticklabels()]
+    assert len(ax.texts) == 0 and fig.get_figwidth() < 15
+    small = label_cooccurrence(counts[:3, :3], names[:3]).axes[0]
+    assert sorted(t.get_text() for t in small.texts) == ["0", "0", "0", "0", "0", "0", "10", "11", "12"]
+    decode_png(figure_uri(fig))
 
 
 def test_the_report_of_a_default_run_explains_what_auto_measured_and_kept(fashion_folder, tmp_path):

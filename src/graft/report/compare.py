@@ -30,7 +30,7 @@ from graft.atomic import write_json, write_text
 from graft.config import TrainConfig
 from graft.console import QUIET, Reporter
 from graft.errors import ConfigError
-from graft.report.html import esc, fmt, img, note, page, section, table
+from graft.report.parts import esc, fmt, img, note, page, section, table
 from graft.run_folder import claim_folder
 from graft.strategies import STRATEGY_NAMES
 

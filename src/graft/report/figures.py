@@ -53,15 +53,19 @@ def png_uri(data: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
 
 
-def learning_curves(history: Sequence[Mapping[str, Any]], best_epoch: int | None = None) -> Figure:
-    """Loss and accuracy per epoch (train and validation); thawed stages marked as dashed lines."""
+def learning_curves(history: Sequence[Mapping[str, Any]], best_epoch: int | None = None,
+                    score: tuple[str, str, str] = ("accuracy", "train", "validation")) -> Figure:
+    """Loss and accuracy per epoch (train and validation); thawed stages marked as dashed lines.
+
+    `score` names the right panel and its two lines (the history's `train_accuracy` and
+    `val_accuracy`): (title, training line, validation line)."""
     fig = figure(10, 3.6)
     loss_ax, acc_ax = fig.subplots(1, 2)
     epochs = [row["epoch"] + 1 for row in history]
     loss_ax.plot(epochs, [row["train_loss"] for row in history], label="train", color=PALETTE[0])
     loss_ax.plot(epochs, [row["val_loss"] for row in history], label="validation", color=PALETTE[1])
-    acc_ax.plot(epochs, [row["train_accuracy"] for row in history], label="train", color=PALETTE[0])
-    acc_ax.plot(epochs, [row["val_accuracy"] for row in history], label="validation", color=PALETTE[1])
+    acc_ax.plot(epochs, [row["train_accuracy"] for row in history], label=score[1], color=PALETTE[0])
+    acc_ax.plot(epochs, [row["val_accuracy"] for row in history], label=score[2], color=PALETTE[1])
     for row in history:
         if row.get("stage_thawed"):
             for ax in (loss_ax, acc_ax):
@@ -73,7 +77,7 @@ def learning_curves(history: Sequence[Mapping[str, Any]], best_epoch: int | None
     if best_epoch is not None and best_epoch >= 0 and history:  # -1: the starting model was kept
         acc_ax.axvline(best_epoch + 1, color=PALETTE[2], linewidth=1, alpha=0.7, label="best epoch")
     loss_ax.set(title="loss", xlabel="epoch")
-    acc_ax.set(title="accuracy", xlabel="epoch", ylim=(0, 1.02))
+    acc_ax.set(title=score[0], xlabel="epoch", ylim=(0, 1.02))
     for ax in (loss_ax, acc_ax):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -84,20 +88,40 @@ def confusion_matrix(matrix: Sequence[Sequence[int]], class_names: Sequence[str]
     """Counts, rows = true class, columns = predicted; cells shaded by the row's fraction."""
     counts = np.asarray(matrix, dtype=float)
     fractions = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
-    size = max(3.5, 0.38 * len(class_names) + 2)
+    return count_heatmap(counts, fractions, class_names, xlabel="predicted", ylabel="true", shading="fraction of the true class")
+
+
+def label_cooccurrence(counts: np.ndarray, label_names: Sequence[str]) -> Figure:
+    """Images holding both labels (row, column); each cell shaded by the share of the row label's
+    images that also hold the column label. The diagonal counts each label's images, unshaded."""
+    counts = np.asarray(counts, dtype=float)
+    fractions = counts / np.maximum(np.diag(counts)[:, None], 1)
+    np.fill_diagonal(fractions, 0.0)
+    # Many labels: smaller cells, so that ~50 names still fit a readable page-wide figure.
+    cell = 0.38 if len(label_names) <= 25 else 0.22
+    return count_heatmap(counts, fractions, label_names, xlabel="also has", ylabel="images with",
+                         shading="share of the row label's images", cell=cell)
+
+
+def count_heatmap(counts: np.ndarray, fractions: np.ndarray, names: Sequence[str], *, xlabel: str, ylabel: str,
+                  shading: str, cell: float = 0.38) -> Figure:
+    """A square matrix of counts over `names`, cells shaded by `fractions` (0 to 1); the counts are
+    written in the cells up to 25 names."""
+    size = max(3.5, cell * len(names) + 2)
     fig = figure(size + 1, size)
     ax = fig.subplots()
     shown = ax.imshow(fractions, cmap="Blues", vmin=0, vmax=1)
-    ticks = range(len(class_names))
-    ax.set_xticks(ticks, class_names, rotation=45, ha="right", fontsize=8)
-    ax.set_yticks(ticks, class_names, fontsize=8)
-    ax.set(xlabel="predicted", ylabel="true")
-    if len(class_names) <= 25:
+    ticks = range(len(names))
+    fontsize = 8 if cell >= 0.3 else 6
+    ax.set_xticks(ticks, names, rotation=45 if cell >= 0.3 else 90, ha="right" if cell >= 0.3 else "center", fontsize=fontsize)
+    ax.set_yticks(ticks, names, fontsize=fontsize)
+    ax.set(xlabel=xlabel, ylabel=ylabel)
+    if len(names) <= 25:
         for i in ticks:
             for j in ticks:
                 ax.text(j, i, f"{int(counts[i, j])}", ha="center", va="center", fontsize=7,
                         color="white" if fractions[i, j] > 0.55 else "black")
-    fig.colorbar(shown, ax=ax, label="fraction of the true class")
+    fig.colorbar(shown, ax=ax, label=shading)
     return fig
 
 

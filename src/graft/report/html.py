@@ -3,16 +3,16 @@
 Everything is read back from the run folder (config.json, metrics.json, history.jsonl,
 split.json, val_predictions.json, bundle/), so a report can be rebuilt for any finished run with
 `write_report(run_dir)`. Figures are embedded as base64 PNGs: the page needs no network, no
-JavaScript and no other file.
+JavaScript and no other file. A multi-label run's page (`MULTILABEL_SECTIONS`) has the sections of
+`graft.report.multilabel` in place of those that read one label per image.
 """
 
 from __future__ import annotations
 
-import html
 import json
 import time
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -24,6 +24,10 @@ from graft.models.backbones import load_backbone
 from graft.models.stages import discover_stages
 from graft.report.activations import feature_maps_figure
 from graft.report.forgetting import MAX_CKA_IMAGES, stage_forgetting
+from graft.report.multilabel import (
+    CURVE_SCORES, LABEL_SET_SECTIONS, is_multilabel, label_counts, multilabel_cards, multilabel_sections,
+)
+from graft.report.parts import esc, fmt, gallery, img, note, page, scope_note, section, table, thumbnail
 from graft.shipping.bundle import load_bundle
 from graft.strategies import STRATEGY_NAMES, get_strategy
 from graft.strategies.auto_measure import describe_framing, describe_pooling
@@ -42,74 +46,16 @@ SECTIONS: tuple[tuple[str, str], ...] = (
     ("feature-maps", "Feature maps"),
     ("forgetting", "Forgetting per stage"),
 )
+# A label-set run's page: the single-label sections give way to `graft.report.multilabel`'s.
+MULTILABEL_SECTIONS: tuple[tuple[str, str], ...] = (
+    *(s for s in SECTIONS if s[0] in ("data", "strategy", "curves")),
+    *LABEL_SET_SECTIONS,
+    *(s for s in SECTIONS if s[0] in ("filters", "feature-maps", "forgetting")),
+)
 MAX_MISTAKES = 12
 MAX_CHECK_THUMBNAILS = 12
 MAX_CHECK_ROWS = 40
 REPORT_FEATURE_STAGES = 4  # rows of feature maps in the report; show-features draws any others
-
-STYLE = """
-body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 0 auto; max-width: 1180px;
-       padding: 1.5rem; color: #1d2327; line-height: 1.45; }
-h1 { margin-bottom: .2rem; } h2 { border-bottom: 2px solid #e3e6e8; padding-bottom: .2rem; margin-top: 2rem; }
-.lead { color: #50575e; margin-top: 0; }
-.cards { display: flex; flex-wrap: wrap; gap: .8rem; margin: 1rem 0; }
-.card { background: #f4f6f7; border-radius: 8px; padding: .6rem 1rem; min-width: 9rem; }
-.card b { display: block; font-size: 1.35rem; }
-table { border-collapse: collapse; margin: .6rem 0; font-size: .9rem; }
-th, td { border-bottom: 1px solid #e3e6e8; padding: .25rem .7rem; text-align: right; }
-th:first-child, td:first-child { text-align: left; }
-th { background: #f4f6f7; }
-img { max-width: 100%; height: auto; }
-figure { margin: .6rem 0; }
-figcaption, .note { color: #50575e; font-size: .85rem; }
-.gallery { display: flex; flex-wrap: wrap; gap: .8rem; }
-.gallery figure { width: 120px; margin: 0; text-align: center; }
-.gallery img { width: 112px; height: 112px; image-rendering: pixelated; border: 1px solid #ccd0d4; }
-.bad { color: #b32d2e; }
-"""
-
-
-# --- small HTML helpers, shared with compare.html -----------------------------------------------
-
-
-def esc(value: object) -> str:
-    return html.escape(str(value), quote=True)
-
-
-def page(title: str, body: str) -> str:
-    """A complete HTML document with the report's inline style and no external resources."""
-    return (
-        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
-        "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
-        f"<title>{esc(title)}</title>\n<style>{STYLE}</style>\n</head>\n<body>\n{body}\n</body>\n</html>\n"
-    )
-
-
-def section(section_id: str, heading: str, content: str) -> str:
-    return f'<section id="{esc(section_id)}">\n<h2>{esc(heading)}</h2>\n{content}\n</section>\n'
-
-
-def table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
-    head = "".join(f"<th>{esc(h)}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(f"<td>{esc(cell)}</td>" for cell in row) + "</tr>\n" for row in rows)
-    return f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}</tbody>\n</table>"
-
-
-def img(uri: str, alt: str, caption: str | None = None) -> str:
-    tag = f'<img src="{uri}" alt="{esc(alt)}">'
-    return f"<figure>{tag}<figcaption>{esc(caption)}</figcaption></figure>" if caption else f"<figure>{tag}</figure>"
-
-
-def note(text: str) -> str:
-    return f'<p class="note">{esc(text)}</p>'
-
-
-def fmt(value: Any, digits: int = 3) -> str:
-    if value is None:
-        return "n/a"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
 
 
 # --- reading the run back -----------------------------------------------------------------------
@@ -211,21 +157,17 @@ def write_report(run_dir: str | Path, *, cka_images: int | None = None) -> Path:
     num_images = loaded[0] if loaded else 0
     write_json(run_dir / "forgetting.json", {"images": num_images, "stages": forgetting})
 
+    multilabel = is_multilabel(run.metrics)  # the data check does not run on label sets
+    check = [] if multilabel else [section("data-check", "Data check: likely wrong labels, leaks, odd images", data_check_section(run, figures))]
     parts = [
         header(run),
         section("data", "Data", data_section(run)),
-        section("data-check", "Data check: likely wrong labels, leaks, odd images", data_check_section(run, figures)),
+        *check,
         section("strategy", "Strategy and what it trains", strategy_section(run, bundle, pretrained, stages)),
         section("curves", "Learning curves", curves_section(run, figures)),
-        section("confusion", "Confusion matrix", img(
-            figures.figure_uri(figures.confusion_matrix(run.metrics["confusion_matrix"], run.metrics["class_names"])),
-            "confusion matrix", "rows: true class; columns: predicted class; shading: fraction of the row",
-        )),
-        section("per-class", "Per-class precision, recall and F1", per_class_section(run)),
-        section("calibration", "Calibration", calibration_section(run, figures)),
-        section("mistakes", "Most confidently wrong validation images", mistakes_section(run, figures)),
+        *(multilabel_sections(run, figures) if multilabel else single_label_sections(run, figures)),
         section("filters", "First-layer filters", filters_section(bundle.model.backbone, pretrained.model, figures)),
-        section("feature-maps", "Feature maps", feature_maps_section(bundle, val_images)),
+        section("feature-maps", "Feature maps", feature_maps_section(bundle, val_images, "labels" if multilabel else "class")),
         section("forgetting", "Forgetting per stage", forgetting_section(forgetting, num_images, figures)),
         note(f"Report built by graft in {time.perf_counter() - started:.1f} s from {run_dir}."),
     ]
@@ -234,18 +176,34 @@ def write_report(run_dir: str | Path, *, cka_images: int | None = None) -> Path:
     return out
 
 
+def single_label_sections(run: Run, figures: Any) -> list[str]:
+    """The sections that read one label per image: confusion matrix, per-class scores,
+    calibration of the softmax, the most confidently wrong images."""
+    return [
+        section("confusion", "Confusion matrix", img(
+            figures.figure_uri(figures.confusion_matrix(run.metrics["confusion_matrix"], run.metrics["class_names"])),
+            "confusion matrix", "rows: true class; columns: predicted class; shading: fraction of the row",
+        )),
+        section("per-class", "Per-class precision, recall and F1", per_class_section(run)),
+        section("calibration", "Calibration", calibration_section(run, figures)),
+        section("mistakes", "Most confidently wrong validation images", mistakes_section(run, figures)),
+    ]
+
+
 def _macro_f1_scope(metrics: Mapping[str, Any]) -> str:
     """A note such as `(over 2 of 3 classes)` when macro-F1 averages fewer than all the classes."""
     names = metrics.get("class_names", [])
-    averaged = metrics.get("macro_f1_classes", names)
-    return "" if len(averaged) == len(names) else f" (over {len(averaged)} of {len(names)} classes)"
+    return scope_note(len(metrics.get("macro_f1_classes", names)), len(names), "classes")
 
 
 def header(run: Run) -> str:
     m = run.metrics
-    cards = [
+    scores = multilabel_cards(m) if is_multilabel(m) else [
         ("validation accuracy", f"{m['accuracy']:.3f}"),
         ("macro-F1", f"{m['macro_f1']:.3f}" + _macro_f1_scope(m)),
+    ]
+    cards = [
+        *scores,
         ("strategy", _strategy_card(m)),
         ("backbone", m.get("backbone", "?")),
         ("trainable / total params", f"{m.get('trainable_params', 0):,} / {m.get('total_params', 0):,}"),
@@ -260,10 +218,24 @@ def header(run: Run) -> str:
 
 
 def data_section(run: Run) -> str:
+    """Images per class (label-set runs: per label), the split, bad images skipped, data warnings."""
     data = run.metrics.get("data", {})
+    counts = label_counts(run.metrics) if is_multilabel(run.metrics) else class_counts(run.metrics)
+    bad = data.get("bad_images", [])
+    if bad:
+        bad_html = f'<p class="bad">{len(bad)} bad image(s) skipped:</p>' + table(["file", "reason"], [(b["path"], b["reason"]) for b in bad])
+    else:
+        bad_html = "<p>Bad images skipped: none.</p>"
+    warnings = "".join(f'<p class="bad">warning: {esc(w)}</p>' for w in data.get("warnings", []))
+    return counts + bad_html + warnings
+
+
+def class_counts(metrics: Mapping[str, Any]) -> str:
+    """Training and validation images per class, the split and the imbalance."""
+    data = metrics.get("data", {})
     train_counts: Mapping[str, int] = data.get("train_per_class", {})
     val_counts: Mapping[str, int] = data.get("val_per_class", {})
-    names = run.metrics["class_names"]
+    names = metrics["class_names"]
     rows = [(name, train_counts.get(name, 0), val_counts.get(name, 0)) for name in names]
     rows.append(("total", sum(train_counts.values()), sum(val_counts.values())))
     ratio = data.get("imbalance_ratio")
@@ -273,13 +245,7 @@ def data_section(run: Run) -> str:
         + (" — consider --class-weighting balanced." if isinstance(ratio, (int, float)) and ratio >= 3 else ".")
         + "</p>"
     )
-    bad = data.get("bad_images", [])
-    if bad:
-        bad_html = f'<p class="bad">{len(bad)} bad image(s) skipped:</p>' + table(["file", "reason"], [(b["path"], b["reason"]) for b in bad])
-    else:
-        bad_html = "<p>Bad images skipped: none.</p>"
-    warnings = "".join(f'<p class="bad">warning: {esc(w)}</p>' for w in data.get("warnings", []))
-    return summary + table(["class", "training images", "validation images"], rows) + bad_html + warnings
+    return summary + table(["class", "training images", "validation images"], rows)
 
 
 def data_check_section(run: Run, figures: Any) -> str:
@@ -388,7 +354,8 @@ def curves_section(run: Run, figures: Any) -> str:
     if not run.history:
         return note("history.jsonl is empty: no epoch was recorded.")
     thawed = [(row["epoch"] + 1, row["stage_thawed"]) for row in run.history if row.get("stage_thawed")]
-    fig = figures.learning_curves(run.history, run.metrics.get("best_epoch"))
+    score = CURVE_SCORES if is_multilabel(run.metrics) else ("accuracy", "train", "validation")
+    fig = figures.learning_curves(run.history, run.metrics.get("best_epoch"), score=score)
     best_epoch = run.metrics.get("best_epoch") or 0
     caption = f"{len(run.history)} epochs; " + (f"best epoch {fmt(best_epoch + 1)} (green line)" if best_epoch >= 0 else
                                                  "no epoch beat the probe training started from on validation: the probe was kept")
@@ -433,22 +400,17 @@ def mistakes_section(run: Run, figures: Any) -> str:
         return note("val_predictions.json is missing: no per-image predictions to show.")
     if not wrong:
         return "<p>Every validation image was classified correctly.</p>"
-    tiles = []
-    for row in wrong[:MAX_MISTAKES]:
-        try:
-            uri = figures.image_uri(load_image(run.data_root / row["path"], min_size=160), max_side=160)
-        except ImageError:
-            continue  # the data folder moved since training; the caption table below still lists it
-        tiles.append(
-            f'<figure><img src="{uri}" alt="{esc(row["path"])}">'
-            f"<figcaption>true <b>{esc(row['true'])}</b><br>predicted <b class=\"bad\">{esc(row['label'])}</b> "
-            f"({row['score']:.2f})</figcaption></figure>"
-        )
+    tiles = [
+        thumbnail(run.data_root / row["path"], row["path"], figures=figures, caption=(
+            f"true <b>{esc(row['true'])}</b><br>predicted <b class=\"bad\">{esc(row['label'])}</b> ({row['score']:.2f})"
+        ))
+        for row in wrong[:MAX_MISTAKES]
+    ]  # a data folder moved since training loses its tiles; the table below still lists them
     listing = table(
         ["image", "true", "predicted", "score", "score of the true class"],
         [(r["path"], r["true"], r["label"], f"{r['score']:.3f}", f"{r['true_score']:.3f}") for r in wrong[:MAX_MISTAKES]],
     )
-    return f"<p>{len(wrong)} of {len(run.predictions)} validation images are wrong; the {min(len(wrong), MAX_MISTAKES)} most confident:</p>" + f'<div class="gallery">{"".join(tiles)}</div>' + listing
+    return f"<p>{len(wrong)} of {len(run.predictions)} validation images are wrong; the {min(len(wrong), MAX_MISTAKES)} most confident:</p>" + gallery(tiles) + listing
 
 
 def filters_section(trained: torch.nn.Module, pretrained: torch.nn.Module, figures: Any) -> str:
@@ -465,7 +427,9 @@ def filters_section(trained: torch.nn.Module, pretrained: torch.nn.Module, figur
     )
 
 
-def feature_maps_section(bundle: Any, val_images: Sequence[tuple[Path, str]]) -> str:
+def feature_maps_section(bundle: Any, val_images: Sequence[tuple[Path, str]], truth: str = "class") -> str:
+    """One validation image through the trained backbone; `truth` names what its label is
+    ("class", or "labels" for a label set joined by ';')."""
     from graft.report.figures import figure_uri  # matplotlib loads only when a figure is drawn
 
     if not val_images:
@@ -475,7 +439,7 @@ def feature_maps_section(bundle: Any, val_images: Sequence[tuple[Path, str]]) ->
     fig = feature_maps_figure(bundle, picture, stages=spread_stages(bundle.model.backbone, REPORT_FEATURE_STAGES))
     return img(
         figure_uri(fig), f"feature maps of {path.name}",
-        f"{path.name} (true class {label}) through the trained backbone: per stage, the most active channels. "
+        f"{path.name} (true {truth} {label or 'none'}) through the trained backbone: per stage, the most active channels. "
         f"Other images and stages: graft show-features BUNDLE IMAGE --stages 0,3,-1 --out maps.png",
     )
 
