@@ -156,13 +156,15 @@ def test_cli_export(trained_run, holdout_folder, tmp_path):
     assert refused.returncode == 2 and "--onnx" in refused.stderr and "Traceback" not in refused.stderr
 
 
-def test_a_multilabel_bundle_exports_sigmoid_scores_with_its_thresholds(multilabel_run, multilabel_csv, tmp_path):
+def test_a_multilabel_bundle_exports_sigmoid_scores_with_its_thresholds(multilabel_run, multilabel_csv, tmp_path, capsys):
     """The graph outputs the scores to compare with the thresholds; a consumer needs nothing but the
     file to get graft's label sets."""
     bundle = load_bundle(multilabel_run.bundle_dir)
     paths = sorted(multilabel_csv.parent.rglob("*.png"))[::3]  # 20 real images, two of each garment
     images = [load_image(p) for p in paths] + [Image.fromarray(skimage_data.chelsea())]
     result = export_onnx(bundle, out=tmp_path / "labels.onnx", check_images=images)
+    with capsys.disabled():
+        print(f"\nONNX parity, multi-label: max |score diff| {result.max_abs_diff:.3e} on {result.num_check_images} real images")
     assert result.compared == "scores" and 0.0 <= result.max_abs_diff < 1e-4
 
     model = onnx.load(str(result.path))
