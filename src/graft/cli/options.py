@@ -20,6 +20,8 @@ from graft.config import TrainConfig
 
 UNKNOWN_HELP = ("auto: answer 'unknown' for an image unlike the training images (past the bundle's threshold, which keeps "
                 "95 % of its validation images), with its unknown_score; off: always one of the classes.")
+THRESHOLD_HELP = ("Multi-label bundles: one score threshold (0 to 1) for every label instead of the per-label ones "
+                  "stored in the bundle.")
 CONFIG_FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(TrainConfig)}
 # Option names other than the field's name with dashes (a bool that is a plain flag, a short name).
 _OPTION_NAMES = {"train_bn": ("--train-bn",), "check_data": ("--check-data/--no-check-data",), "out": ("--out", "-o")}

@@ -32,9 +32,7 @@ def predict(
     out: Path | None = typer.Option(
         None, "--out", "-o", help="Write CSV here, with a progress bar; resumes: appends, skips images already in it."
     ),
-    threshold: float | None = typer.Option(
-        None, "--threshold", help="Multi-label bundles: one score threshold (0 to 1) for every label instead of the per-label ones stored in the bundle."
-    ),
+    threshold: float | None = typer.Option(None, "--threshold", help=options.THRESHOLD_HELP),
     unknown: str = typer.Option("auto", "--unknown", help=options.UNKNOWN_HELP),
 ) -> None:
     """Predict the labels of images with a trained bundle."""

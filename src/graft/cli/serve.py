@@ -25,8 +25,13 @@ def serve(
     log_level: str = typer.Option("info", help="uvicorn's log level: critical, error, warning, info, debug or trace."),
     access_log: bool = typer.Option(True, "--access-log/--no-access-log", help="Log every request (uvicorn)."),
     unknown: str = typer.Option("auto", "--unknown", help=options.UNKNOWN_HELP),
+    threshold: float | None = typer.Option(
+        None, "--threshold", help=options.THRESHOLD_HELP + " A request's own ?threshold= takes precedence."
+    ),
 ) -> None:
-    """Serve a bundle: POST /predict, GET /healthz, a web page at / and API docs at /docs."""
+    """Serve a bundle: POST /predict, GET /healthz, a web page at / and API docs at /docs.
+
+    A multi-label bundle answers each image's label set, each label at its stored threshold."""
 
     (uvicorn,) = require_extra("serve", "uvicorn")
     from uvicorn.config import LOG_LEVELS
@@ -41,6 +46,7 @@ def serve(
     app = create_app(
         bundle, max_upload_bytes=int(max_upload_mb * 1024 * 1024), max_images=max_images, top_k=top_k,
         max_pixels=max_megapixels * 1_000_000, max_request_pixels=max_request_megapixels * 1_000_000, unknown=unknown,
+        threshold=threshold,
     )
     print(f"graft: serving {app.state.bundle.path} on http://{host}:{port}/ (API docs at /docs)", file=sys.stderr)
     # One process: the model is loaded once and inference runs in the thread pool.

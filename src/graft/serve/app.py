@@ -1,7 +1,8 @@
 """The HTTP API and web page for a bundle (FastAPI; run it with uvicorn or `graft serve`).
 
-    POST /predict   one or more image files (multipart field `files`) -> top-k per image (JSON)
-    GET  /healthz   liveness, the model and the limits
+    POST /predict   one or more image files (multipart field `files`) -> top-k per image (JSON);
+                    a multi-label bundle: each image's label set, `?threshold=` to override
+    GET  /healthz   liveness, the model (its task, a multi-label bundle's thresholds) and the limits
     GET  /          a self-contained page to drop images on
     GET  /docs      OpenAPI docs (the schema itself is /openapi.json)
 
@@ -11,7 +12,8 @@ because on CPU one pass already uses every core and parallel passes only add mem
 
 Every refused request is a 4xx with a JSON body `{"detail": "<what was wrong and the fix>"}`:
 413 for a body, file, image count or pixel count over the limits, 422 for an empty, truncated or non-image file
-(`"file"` names it) and for a request without files.
+(`"file"` names it), for a request without files, and for a `threshold` out of 0..1 or sent to
+a single-label bundle.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ require_extra("serve", "fastapi", "starlette")
 if importlib.util.find_spec("python_multipart") is None and importlib.util.find_spec("multipart") is None:
     require_extra("serve", "python_multipart")
 
-from fastapi import FastAPI, File, Query, Request, UploadFile  # noqa: E402
+from fastapi import FastAPI, File, Form, Query, Request, UploadFile  # noqa: E402
 from fastapi.encoders import jsonable_encoder  # noqa: E402
 from fastapi.exceptions import RequestValidationError  # noqa: E402
 from fastapi.responses import HTMLResponse, JSONResponse  # noqa: E402
@@ -41,6 +43,7 @@ from graft.input.images import MAX_IMAGE_PIXELS, image_size, load_image
 from graft.ranges import IMAGES_PER_REQUEST, TOP_K, UPLOAD_BYTES, check_number  # noqa: E402
 from graft.serve.page import PAGE_HTML  # noqa: E402
 from graft.shipping.bundle import Bundle, load_bundle  # noqa: E402
+from graft.shipping.multilabel import check_threshold  # noqa: E402
 from graft.speed.allocator import release_free_memory
 
 DEFAULT_MAX_UPLOAD_BYTES = 10 * 1024 * 1024
@@ -78,6 +81,7 @@ def create_app(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_request_pixels: int = DEFAULT_MAX_REQUEST_PIXELS,
     unknown: str = "auto",
+    threshold: float | None = None,
 ) -> FastAPI:
     """A FastAPI app that predicts with `bundle` (a `Bundle` or its folder, loaded once here).
 
@@ -86,7 +90,9 @@ def create_app(
     `max_pixels` bounds the pixels each image declares in its header, `max_request_pixels` their
     sum over a request; both are checked before decoding, and an image over them gets a 413.
     `unknown` ("auto" or "off") as `Bundle.predict`'s: "auto" answers "unknown", with its
-    `unknown_score`, for an image unlike the bundle's training images.
+    `unknown_score`, for an image unlike the bundle's training images. `threshold` (multi-label
+    bundles) replaces the per-label thresholds stored in the bundle with one for every label,
+    unless a request gives its own (`?threshold=` or a form field `threshold`).
 
     Memory stays flat whatever is uploaded: each image is decoded at the size the model needs
     (`load_image(min_size=...)`), and the server decodes at most `max_pixels` pixels at a time,
@@ -98,11 +104,14 @@ def create_app(
     _check_limits(max_upload_bytes, max_images, top_k, max_pixels, max_request_pixels)
     if unknown not in UNKNOWN_MODES:
         raise ConfigError(f"{unknown!r} is not one of {', '.join(UNKNOWN_MODES)}", parameter="unknown")
+    check_threshold(threshold)
     model = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+    if threshold is not None:
+        _check_multilabel(model)
 
     app = FastAPI(
         title="graft",
-        summary=f"Image classifier: {model.backbone}, {len(model.class_names)} classes",
+        summary=f"Image classifier: {model.backbone}, {len(model.class_names)} {_kind(model)}",
         description="Predict labels of images with a graft bundle. `POST /predict` with image files.",
         version=str(model.meta.get("graft_version", "")),
     )
@@ -116,9 +125,9 @@ def create_app(
         "top_k": top_k, "max_upload_bytes": max_upload_bytes, "max_images": max_images,
         "max_pixels": max_pixels, "max_request_pixels": max_request_pixels,
     }
-    _add_health(app, model, limits)
+    _add_health(app, model, limits, threshold)
 
-    _add_predict(app, model, limits, unknown)
+    _add_predict(app, model, limits, unknown, threshold)
 
     return app
 
@@ -155,7 +164,11 @@ def _add_page_and_explanations(app: FastAPI) -> None:
         return HTMLResponse(PAGE_HTML, headers={"Content-Security-Policy": PAGE_CSP, "Cache-Control": "no-store"})
 
 
-def _add_predict(app: FastAPI, model: Bundle, limits: dict[str, int], unknown: str) -> None:
+def _kind(model: Bundle) -> str:
+    return "labels (multi-label)" if model.task == "multilabel" else "classes"
+
+
+def _add_predict(app: FastAPI, model: Bundle, limits: dict[str, int], unknown: str, threshold: float | None) -> None:
     """`POST /predict`: each upload checked against the limits, decoded at the model's size, predicted."""
     top_k, max_images, max_upload_bytes = limits["top_k"], limits["max_images"], limits["max_upload_bytes"]
     max_pixels, max_request_pixels = limits["max_pixels"], limits["max_request_pixels"]
@@ -165,16 +178,22 @@ def _add_predict(app: FastAPI, model: Bundle, limits: dict[str, int], unknown: s
 
     @app.post(
         "/predict",
-        summary="Top-k labels for one or more images",
+        summary="Top-k labels (a multi-label bundle: the label set) for one or more images",
         responses={
             413: {"description": "Too many files, or a file, an image's pixels or the request is too large"},
-            422: {"description": "An empty, truncated or non-image file, or no files at all"},
+            422: {"description": "An empty, truncated or non-image file, no files at all, or a threshold out of 0..1"},
         },
     )
     async def predict(
         files: list[UploadFile] = File(..., description="Image files (JPEG, PNG, WebP, BMP, GIF, TIFF...)"),
         k: int | None = Query(None, alias="top_k", ge=1, description=f"Labels per image (default {top_k})"),
+        query_threshold: str | None = Query(None, alias="threshold", description=THRESHOLD_HELP),
+        form_threshold: str | None = Form(None, alias="threshold", description=THRESHOLD_HELP),
     ) -> Any:
+        try:
+            cut = _request_threshold(model, query_threshold, form_threshold, threshold)
+        except ConfigError as error:
+            return _refuse(422, str(error))
         if len(files) > max_images:
             return _refuse(413, f"{len(files)} files in one request, the limit is {max_images}; send them in several requests")
         payloads = await _read_uploads(files, max_upload_bytes)
@@ -186,28 +205,70 @@ def _add_predict(app: FastAPI, model: Bundle, limits: dict[str, int], unknown: s
             if refusal is not None:
                 return refusal
             predictions = await run_in_threadpool(
-                _predict, model, inference_lock, decoding, payloads, sizes, min_size, k or top_k, unknown
+                _predict, model, inference_lock, decoding, payloads, sizes, min_size, k or top_k, unknown, cut
             )
         except ImageTooLargeError as error:
             return _refuse(413, f"{error.path}: {error.reason}", error.path)
         except ImageError as error:
             return _refuse(422, f"{error.path}: {error.reason}", error.path)
+        if model.task == "multilabel":  # the thresholds the label sets were cut at, for the page's marks
+            return {"predictions": predictions, "thresholds": _thresholds(model, cut)}
         return {"predictions": predictions}
 
 
-def _add_health(app: FastAPI, model: Bundle, limits: dict[str, int]) -> None:
-    """`GET /healthz`: liveness, the model's backbone and classes, and the server's limits."""
+THRESHOLD_HELP = ("Multi-label bundles: one score threshold (0 to 1) for every label instead of the per-label ones "
+                  "(or the server's --threshold); in the query or as a form field")
+
+
+def _request_threshold(model: Bundle, query: str | None, form: str | None, default: float | None) -> float | None:
+    """The threshold a request asks for (query or form field), else the server's; `ConfigError` naming `threshold`."""
+    if query is not None and form is not None and query != form:
+        raise ConfigError(f"given twice, {query!r} in the query and {form!r} in the form; give it once", parameter="threshold")
+    text = query if query is not None else form
+    if text is None or text == "":
+        return default
+    _check_multilabel(model)
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not 0.0 <= value <= 1.0:
+        raise ConfigError(f"expected a score between 0 and 1 for every label (leave it out for the bundle's own "
+                          f"per-label thresholds), got {text!r}", parameter="threshold")
+    return value
+
+
+def _check_multilabel(model: Bundle) -> None:
+    """A threshold is for a multi-label bundle: `ConfigError` naming `threshold` for any other."""
+    if model.task != "multilabel":
+        raise ConfigError("the bundle is single-label (it answers the best label); a threshold is for "
+                          "multi-label bundles: leave it out", parameter="threshold")
+
+
+def _thresholds(model: Bundle, threshold: float | None) -> dict[str, float]:
+    """Each label's threshold in effect: `threshold` for every label, or the bundle's own."""
+    cuts = [threshold] * len(model.class_names) if threshold is not None else (model.thresholds or [])
+    return {name: float(cut) for name, cut in zip(model.class_names, cuts)}
+
+
+def _add_health(app: FastAPI, model: Bundle, limits: dict[str, int], threshold: float | None) -> None:
+    """`GET /healthz`: liveness, the model's backbone, task and classes (a multi-label bundle's
+    thresholds), and the server's limits."""
 
     @app.get("/healthz", summary="Liveness, the model and the limits")
     async def healthz() -> dict[str, Any]:
-        return {
+        info: dict[str, Any] = {
             "status": "ok",
             "backbone": model.backbone,
+            "task": model.task,
             "classes": model.class_names,
             "num_classes": len(model.class_names),
-            "temperature": model.temperature,  # the scores are softmax(logits / temperature), calibrated on validation
-            **limits,
         }
+        if model.task == "multilabel":  # sigmoid scores, each label against its threshold (no temperature)
+            info.update(thresholds=_thresholds(model, threshold), threshold=threshold)
+        else:
+            info["temperature"] = model.temperature  # the scores are softmax(logits / temperature), calibrated on validation
+        return {**info, **limits}
 
 
 async def _read_uploads(files: list[UploadFile], max_upload_bytes: int) -> list[tuple[str, bytes]] | JSONResponse:
@@ -262,6 +323,7 @@ def _predict(
     min_size: int,
     top_k: int,
     unknown: str,
+    threshold: float | None,
 ) -> list[dict[str, Any]]:
     """Decode every upload at the model's size, within the pixel budget; one forward pass at a time."""
 
@@ -274,7 +336,7 @@ def _predict(
         if sum(width * height for width, height in sizes) > RELEASE_AFTER_PIXELS:
             release_free_memory()
     with lock:
-        predictions = model.predict(images, top_k=top_k, batch_size=len(images), unknown=unknown)
+        predictions = model.predict(images, top_k=top_k, batch_size=len(images), threshold=threshold, unknown=unknown)
     rows = []
     for (name, _), prediction in zip(payloads, predictions):
         row = prediction.to_dict()

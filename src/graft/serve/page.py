@@ -1,5 +1,8 @@
 """The web page served at `GET /`: drop or pick images, see the predicted labels.
 
+A multi-label bundle's answer shows as the set of labels that pass, each with a bar for its score
+and a mark at its threshold, or "no label" when none passes.
+
 Self-contained on purpose (inline CSS and JS, no CDN, no external font): graft runs where there
 is no network, and the server sends a Content-Security-Policy that forbids any other origin.
 Everything the server returns is put into the page with `textContent`, never as HTML.
@@ -41,6 +44,9 @@ PAGE_HTML = """<!doctype html>
   .bar span { position: absolute; inset: 0 auto 0 0; background: #bcd4ee; }
   .bar em { position: relative; padding-left: 6px; font-style: normal; white-space: nowrap; }
   .topk .pct { text-align: right; font-variant-numeric: tabular-nums; color: var(--muted); }
+  .bar .threshold { position: absolute; top: 0; bottom: 0; width: 2px; margin-left: -1px; background: var(--fg); }
+  .result[data-empty="true"] .label { color: var(--muted); }
+  .result .note { color: var(--muted); font-size: 12px; }
 </style>
 </head>
 <body>
@@ -75,9 +81,11 @@ PAGE_HTML = """<!doctype html>
 
   fetch("healthz").then(function (response) { return response.json(); }).then(function (info) {
     limits = info;
-    document.getElementById("model-info").textContent =
-      info.backbone + " · " + info.num_classes + " classes: " + info.classes.join(", ") +
-      (info.temperature !== 1 ? " · scores calibrated (temperature " + info.temperature.toFixed(2) + ")" : "");
+    document.getElementById("model-info").textContent = info.task === "multilabel"
+      ? info.backbone + " · " + info.num_classes + " labels, several per image: " + info.classes.join(", ") +
+        " · a label is shown when its score reaches its threshold (the mark on its bar)"
+      : info.backbone + " · " + info.num_classes + " classes: " + info.classes.join(", ") +
+        (info.temperature !== 1 ? " · scores calibrated (temperature " + info.temperature.toFixed(2) + ")" : "");
     document.getElementById("limits").textContent =
       "Up to " + megabytes(info.max_upload_bytes) + " per image. Images stay on this server.";
   }).catch(function () {
@@ -122,6 +130,36 @@ PAGE_HTML = """<!doctype html>
     body.append(list);
   }
 
+  // A multi-label answer: the labels that reach their thresholds, each with its score's bar and a
+  // mark at its threshold; "no label" when none does, with the closest one.
+  function showLabelSet(item, prediction, thresholds) {
+    item.dataset.state = "done";
+    item.dataset.task = "multilabel";
+    const body = item.querySelector(".body");
+    const names = prediction.labels.map(function (entry) { return entry.label; });
+    body.querySelector(".label").textContent = names.length ? names.join(", ") : "no label";
+    if (!names.length) {
+      item.dataset.empty = "true";
+      const best = prediction.top_k[0];
+      body.append(el("div", "note", "no label reaches its threshold; closest: " + best.label + " " +
+        percent(best.score) + " (threshold " + percent(thresholds[best.label]) + ")"));
+    }
+    const list = el("ol", "topk labelset");
+    prediction.labels.forEach(function (entry) {
+      const row = el("li");
+      const bar = el("div", "bar");
+      const fill = el("span");
+      fill.style.width = percent(entry.score);
+      const mark = el("i", "threshold");
+      mark.style.left = percent(thresholds[entry.label]);
+      mark.title = "threshold " + percent(thresholds[entry.label]);
+      bar.append(fill, mark, el("em", "", entry.label));
+      row.append(bar, el("span", "pct", percent(entry.score)));
+      list.append(row);
+    });
+    body.append(list);
+  }
+
   function showError(item, message) {
     item.dataset.state = "error";
     const body = item.querySelector(".body");
@@ -140,7 +178,8 @@ PAGE_HTML = """<!doctype html>
       const response = await fetch("predict", { method: "POST", body: form });
       const answer = await response.json();
       if (!response.ok) { showError(item, answer.detail || ("HTTP " + response.status)); return; }
-      showPrediction(item, answer.predictions[0]);
+      if (answer.thresholds) showLabelSet(item, answer.predictions[0], answer.thresholds);
+      else showPrediction(item, answer.predictions[0]);
     } catch (error) {
       showError(item, "the request failed: " + error.message);
     }

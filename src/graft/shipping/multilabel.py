@@ -43,7 +43,7 @@ class LabelSetPrediction:
 def check_threshold(threshold: float | None) -> None:
     """A `--threshold` is a score between 0 and 1."""
     if threshold is not None and not (isinstance(threshold, (int, float)) and 0.0 <= float(threshold) <= 1.0):
-        raise ConfigError(f"--threshold: expected a score between 0 and 1, got {threshold!r}", parameter="threshold")
+        raise ConfigError(f"expected a score between 0 and 1, got {threshold!r}", parameter="threshold")
 
 
 def label_sets(names: Sequence[str], logits: torch.Tensor, class_names: Sequence[str], thresholds: Sequence[float],
