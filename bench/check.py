@@ -147,7 +147,7 @@ def duplicate_row(name: str, source: Path, work: Path, seed: int) -> dict:
     named = {f.path for f in result.findings if f.issue == "leak"}
     return {
         "set": name, "seed": seed, "images": clean.images, "planted": PLANTED, "found": len(planted & named),
-        "clean_false_positives": len(false_positives),
+        "clean_false_positives": len(false_positives), "missed": sorted(planted - named),
         "clean_findings": [f"{f.path}: {f.detail}" for f in false_positives],
     }
 
@@ -173,6 +173,8 @@ def main() -> None:
     for row in duplicates:
         for example in row["clean_findings"]:
             print(f"  {row['set']} clean folder: {example}")
+        for path in row["missed"]:
+            print(f"  {row['set']} planted copy not found: {path}")
     write_results("check" if args.seed == 0 else f"check-seed{args.seed}", labels + duplicates, {"machine": machine(), "seed": args.seed})
 
 

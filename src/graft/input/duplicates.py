@@ -6,11 +6,12 @@ grows as N x `CANDIDATES`, not N x N. A candidate pair is verified on the thumbn
 cropped by up to `MAX_CROP` of each side and resampled onto the other (`WINDOWS`), and the best
 structural similarity (SSIM, Wang et al. 2004, over the whole thumbnail: it compares brightness
 and contrast as well as the pattern, so a darker picture with the same outline is not a copy) is
-kept. The pair is a near copy when that similarity is at least `MIN_SIMILARITY` and the pair is
-far closer than either image's neighbours: its distance (1 - similarity) is at most `DISTINCT`
-times the distance to the `REFERENCE`-th closest candidate (the geometric mean over the two). The second condition is Lowe's distinctiveness test: a
-re-encoded, resized or slightly cropped copy stands out from the images around its source, while
-two plain trousers or two many-pointed stars sit among many look-alikes that are as close.
+kept. The pair is a near copy when it is far closer than either image's neighbours, its distance
+(1 - similarity) at most `DISTINCT` times the distance to the `REFERENCE`-th closest candidate
+(the geometric mean over the two), and its similarity, aligned more finely (`FINE_WINDOWS`)
+where needed, is at least `MIN_SIMILARITY`. The first condition is Lowe's distinctiveness test:
+a re-encoded, resized or slightly cropped copy stands out from the images around its source,
+while two plain trousers or two many-pointed stars sit among look-alikes that are as close.
 Exact duplicates are files with the same content (SHA-256), always reported.
 """
 
@@ -33,15 +34,17 @@ DISTINCT = 0.25
 BLOCK = 1024  # rows compared at a time: memory stays at BLOCK x N whatever the folder's size
 
 
-def _windows() -> list[tuple[float, float, float, float]]:
-    """Crop boxes of a thumbnail: per axis the whole side, or 95 % / 90 % of it at the start, middle or end."""
+def _windows(steps: int) -> list[tuple[float, float, float, float]]:
+    """Crop boxes of a thumbnail: per axis the whole side, or `steps` - 1 shorter lengths down to
+    1 - `MAX_CROP` of it, each at `steps` places from the start to the end."""
     per_axis = [(0.0, float(THUMB_SIDE))]
-    for keep in (1 - MAX_CROP / 2, 1 - MAX_CROP):
-        per_axis += [(share * (1 - keep) * THUMB_SIDE, keep * THUMB_SIDE) for share in (0.0, 0.5, 1.0)]
+    for keep in np.linspace(1, 1 - MAX_CROP, steps)[1:].tolist():
+        per_axis += [(share * (1 - keep) * THUMB_SIDE, keep * THUMB_SIDE) for share in np.linspace(0, 1, steps).tolist()]
     return [(x, y, x + width, y + height) for x, width in per_axis for y, height in per_axis]
 
 
-WINDOWS = _windows()
+WINDOWS = _windows(3)  # 49 crops: 95 % and 90 % of a side at its start, middle or end; every candidate pair
+FINE_WINDOWS = _windows(5)  # 441 crops, 2.5 % apart: a pair that stands out but is not yet similar enough
 
 
 @dataclass(frozen=True)
@@ -78,7 +81,7 @@ def find_duplicates(thumbnails: np.ndarray, features: np.ndarray, digests: Seque
         views = _Views.of(np.stack([_view(t, WINDOWS[0]) for t in thumbnails]))
         neighbours = _candidates(unit, views.units, valid)
         similarity = _verify(thumbnails, views, neighbours)
-        pairs = _distinct_pairs(similarity, unit, digests)
+        pairs = _distinct_pairs(similarity, thumbnails, unit, digests)
     pairs.extend(_exact_pairs_missed(pairs, digests))
     return sorted(pairs, key=lambda pair: (pair.first, pair.second))
 
@@ -152,8 +155,11 @@ def _verify(thumbnails: np.ndarray, views: _Views, neighbours: list[set[int]]) -
     return similarity
 
 
-def _distinct_pairs(similarity: dict[tuple[int, int], float], unit: np.ndarray, digests: Sequence[str]) -> list[DuplicatePair]:
-    """The verified pairs that are alike and stand out from both images' other candidates."""
+def _distinct_pairs(
+    similarity: dict[tuple[int, int], float], thumbnails: np.ndarray, unit: np.ndarray, digests: Sequence[str],
+) -> list[DuplicatePair]:
+    """The verified pairs that stand out from both images' other candidates and are alike, those
+    under `MIN_SIMILARITY` measured again with `FINE_WINDOWS` (thin lines need a finer alignment)."""
     distances: dict[int, list[float]] = {}
     for (first, second), value in similarity.items():
         distances.setdefault(first, []).append(1 - value)
@@ -162,10 +168,20 @@ def _distinct_pairs(similarity: dict[tuple[int, int], float], unit: np.ndarray, 
     pairs = []
     for (first, second), value in sorted(similarity.items()):
         local = float(np.sqrt(max(reference[first], 0.0) * max(reference[second], 0.0)))
-        if value >= MIN_SIMILARITY and 1 - value <= DISTINCT * local:
+        if 1 - value > DISTINCT * local:
+            continue
+        if value < MIN_SIMILARITY:
+            value = max(_best_ssim(thumbnails[first], thumbnails[second]), _best_ssim(thumbnails[second], thumbnails[first]))
+        if value >= MIN_SIMILARITY:
             cosine = float(unit[first] @ unit[second])
             pairs.append(DuplicatePair(first, second, value, cosine, digests[first] == digests[second]))
     return pairs
+
+
+def _best_ssim(cropped: np.ndarray, whole: np.ndarray) -> float:
+    """The best SSIM of `whole`'s picture with any of `FINE_WINDOWS` of `cropped`."""
+    views = _Views.of(np.stack([_view(cropped, box) for box in FINE_WINDOWS]))
+    return float(views.ssim(_Views.of(_view(whole, WINDOWS[0])[None]), [0]).max())
 
 
 def _exact_pairs_missed(found: list[DuplicatePair], digests: Sequence[str]) -> list[DuplicatePair]:
