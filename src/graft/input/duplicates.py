@@ -22,6 +22,7 @@ from typing import Sequence
 
 import numpy as np
 from PIL import Image
+from threadpoolctl import threadpool_limits
 
 THUMB_SIDE = 48  # thumbnails kept per image: 48 x 48 RGB, 6.9 kB
 GRID = 32  # side of the grid the pixels are compared on
@@ -80,8 +81,9 @@ def find_duplicates(thumbnails: np.ndarray, features: np.ndarray, digests: Seque
         unit = _centred_units(features, valid)
         views = _Views.of(np.stack([_view(t, WINDOWS[0]) for t in thumbnails]))
         neighbours = _candidates(unit, views.units, valid)
-        similarity = _verify(thumbnails, views, neighbours)
-        pairs = _distinct_pairs(similarity, thumbnails, unit, digests)
+        with threadpool_limits(1, user_api="blas"):  # thousands of small products: threads only contend
+            similarity = _verify(thumbnails, views, neighbours)
+            pairs = _distinct_pairs(similarity, thumbnails, unit, digests)
     pairs.extend(_exact_pairs_missed(pairs, digests))
     return sorted(pairs, key=lambda pair: (pair.first, pair.second))
 
@@ -164,7 +166,8 @@ def _distinct_pairs(
     for (first, second), value in similarity.items():
         distances.setdefault(first, []).append(1 - value)
         distances.setdefault(second, []).append(1 - value)
-    reference = {image: sorted(found)[min(REFERENCE, len(found)) - 1] for image, found in distances.items()}
+    # Missing candidates (a tiny folder) count as unrelated pictures, at distance 1; none counts farther.
+    reference = {image: sorted(found + [1.0] * REFERENCE)[REFERENCE - 1] for image, found in distances.items()}
     pairs = []
     for (first, second), value in sorted(similarity.items()):
         local = float(np.sqrt(max(reference[first], 0.0) * max(reference[second], 0.0)))
