@@ -2,16 +2,17 @@
 
     python bench/check.py                      # Fashion-MNIST and the Debian clip art
     python bench/check.py --sets fashion       # Fashion-MNIST only
+    python bench/check.py --seed 1             # other flips, split and plantings (the duplicate rule's thresholds were chosen on seed 1)
 
 Labels: 100 images per class (Fashion-MNIST's training images; the clip art's 15 largest
 categories of `openclipart-png`, at most 100 each, links skipped), 5 % of them moved to another
-class at random (seed 0); precision and recall of the images `graft check` flags as `label`
+class at random (--seed, 0 by default); precision and recall of the images `graft check` flags as `label`
 against the moved ones. Duplicates: the same folders split 80/20 into train/ and valid/; the
 clean folder's `leak` and `duplicate` rows are false positives; then 20 training images are
 planted in valid/ (each cropped by 5 %, resized to 80 %, re-encoded as JPEG at quality 70):
 found = planted copies named by a `leak` row. Clip art: `apt-get download openclipart-png`,
 `dpkg-deb -x` it, and pass the folder that holds `usr/` with --clipart (default /tmp/check-clipart/root).
-Writes bench/results/check.json.
+Writes bench/results/check.json (check-seedN.json for --seed N).
 """
 
 from __future__ import annotations
@@ -85,15 +86,15 @@ def flipped_copy(source: Path, target: Path, seed: int = 0) -> set[str]:
     return moved
 
 
-def label_row(name: str, source: Path, work: Path) -> dict:
+def label_row(name: str, source: Path, work: Path, seed: int) -> dict:
     root = work / f"{name}-flipped"
-    moved = flipped_copy(source, root)
+    moved = flipped_copy(source, root, seed)
     started = time.perf_counter()
     result = graft.check(root, verbose=False)
     flagged = {f.path for f in result.findings if f.issue == "label"}
     hits = len(flagged & moved)
     return {
-        "set": name, "images": result.images, "flipped": len(moved), "flagged": len(flagged),
+        "set": name, "seed": seed, "images": result.images, "flipped": len(moved), "flagged": len(flagged),
         "precision": round(hits / max(len(flagged), 1), 3), "recall": round(hits / len(moved), 3),
         "check_seconds": round(time.perf_counter() - started, 1),
     }
@@ -131,12 +132,12 @@ def near_copy(path: Path, rng: random.Random) -> bytes:
     return buffer.getvalue()
 
 
-def duplicate_row(name: str, source: Path, work: Path) -> dict:
+def duplicate_row(name: str, source: Path, work: Path, seed: int) -> dict:
     root = work / f"{name}-split"
-    train = split_copy(source, root)
+    train = split_copy(source, root, seed)
     clean = graft.check(root, verbose=False)
     false_positives = [f for f in clean.findings if f.issue in ("leak", "duplicate")]
-    rng = random.Random(0)
+    rng = random.Random(seed)
     planted = set()
     for path in rng.sample(train, PLANTED):
         copy = root / "valid" / path.parent.name / f"planted-{path.stem}.jpg"
@@ -145,9 +146,9 @@ def duplicate_row(name: str, source: Path, work: Path) -> dict:
     result = graft.check(root, verbose=False)
     named = {f.path for f in result.findings if f.issue == "leak"}
     return {
-        "set": name, "images": clean.images, "planted": PLANTED, "found": len(planted & named),
-        "clean_false_positives": len(false_positives),
-        "false_positive_examples": [f"{f.path}: {f.detail}" for f in false_positives[:5]],
+        "set": name, "seed": seed, "images": clean.images, "planted": PLANTED, "found": len(planted & named),
+        "clean_false_positives": len(false_positives), "missed": sorted(planted - named),
+        "clean_findings": [f"{f.path}: {f.detail}" for f in false_positives],
     }
 
 
@@ -155,6 +156,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sets", default="fashion,clipart")
     parser.add_argument("--work", type=Path, default=Path("/tmp/check-bench"))
+    parser.add_argument("--seed", type=int, default=0, help="seed of the flips, the split and the plantings")
     parser.add_argument("--clipart", type=Path, default=Path("/tmp/check-clipart/root"))
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -162,16 +164,18 @@ def main() -> None:
     labels, duplicates = [], []
     for name in args.sets.split(","):
         source = sources[name]()
-        labels.append(label_row(name, source, args.work))
-        print_table(labels[-1:], ["set", "images", "flipped", "flagged", "precision", "recall", "check_seconds"])
-        duplicates.append(duplicate_row(name, source, args.work))
-        print_table(duplicates[-1:], ["set", "images", "planted", "found", "clean_false_positives"])
-    print_table(labels, ["set", "images", "flipped", "flagged", "precision", "recall", "check_seconds"])
-    print_table(duplicates, ["set", "images", "planted", "found", "clean_false_positives"])
+        labels.append(label_row(name, source, args.work, args.seed))
+        print_table(labels[-1:], ["set", "seed", "images", "flipped", "flagged", "precision", "recall", "check_seconds"])
+        duplicates.append(duplicate_row(name, source, args.work, args.seed))
+        print_table(duplicates[-1:], ["set", "seed", "images", "planted", "found", "clean_false_positives"])
+    print_table(labels, ["set", "seed", "images", "flipped", "flagged", "precision", "recall", "check_seconds"])
+    print_table(duplicates, ["set", "seed", "images", "planted", "found", "clean_false_positives"])
     for row in duplicates:
-        for example in row["false_positive_examples"]:
-            print(f"  {row['set']} false positive: {example}")
-    write_results("check", labels + duplicates, {"machine": machine()})
+        for example in row["clean_findings"]:
+            print(f"  {row['set']} clean folder: {example}")
+        for path in row["missed"]:
+            print(f"  {row['set']} planted copy not found: {path}")
+    write_results("check" if args.seed == 0 else f"check-seed{args.seed}", labels + duplicates, {"machine": machine(), "seed": args.seed})
 
 
 if __name__ == "__main__":

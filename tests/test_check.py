@@ -79,6 +79,28 @@ def test_planted_duplicates_across_train_and_valid_are_reported_as_leaks(foolbox
     assert {r["path"] for r in written if r["issue"] == "leak"} == set(leaks)
 
 
+def test_a_cropped_shrunk_jpeg_copy_of_a_fashion_mnist_image_is_a_leak_and_look_alikes_are_not(fashion_folder, tmp_path):
+    """28-pixel pictures: the copy (cropped, 80 %, JPEG 70) is 21 pixels wide and its features are no
+    closer to its source than other sneakers are; the aligned pixels find it, and the plain trousers
+    and sneakers of the folder, alike as they are, are not taken for copies of each other."""
+    root = tmp_path / "data"
+    planted = {}
+    for folder in sorted(fashion_folder.iterdir()):
+        files = sorted(folder.glob("*.png"))
+        for part, chosen in (("train", files[:9]), ("valid", files[9:])):
+            (root / part / folder.name).mkdir(parents=True, exist_ok=True)
+            for path in chosen:
+                shutil.copy(path, root / part / folder.name / path.name)
+        source = files[0]
+        copy = root / "valid" / folder.name / f"copy-{source.stem}.jpg"
+        copy.write_bytes(_near_copy(source))
+        planted[f"valid/{folder.name}/{copy.name}"] = f"train/{folder.name}/{source.name}"
+    result = graft.check(root, verbose=False)
+    leaks = {f.path: f.detail for f in result.findings if f.issue == "leak"}
+    for copy, source in planted.items():
+        assert copy in leaks and source in leaks[copy], (copy, leaks)
+    assert not [f for f in result.findings if f.issue in ("leak", "duplicate") and f.path not in planted], result.findings
+
 def test_a_flipped_label_in_a_tiny_real_folder_is_among_the_flagged(fashion_folder, tmp_path):
     root = tmp_path / "data"
     shutil.copytree(fashion_folder, root)

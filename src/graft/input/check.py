@@ -37,7 +37,7 @@ from graft.atomic import write_json, write_text
 from graft.console import Reporter
 from graft.errors import ImageError
 from graft.input.data import Dataset, relative_path
-from graft.input.duplicates import HASH_BITS, DuplicatePair, find_duplicates, perceptual_hash
+from graft.input.duplicates import THUMB_SIDE, DuplicatePair, find_duplicates, thumbnail
 from graft.input.images import GRAY_MODES, image_size, load_image
 from graft.input.label_issues import find_label_issues
 from graft.models.backbones import Backbone
@@ -49,7 +49,7 @@ CSV_COLUMNS = ("path", "issue", "score", "suggested_label", "detail")
 MIN_CLASS_IMAGES = 10
 IMBALANCE = 5.0
 SMALL_SHARE_OF_INPUT = 0.25
-HASH_SIDE = 64  # pictures are decoded at about this size for the hash and the colour test
+SCAN_SIDE = 64  # pictures are decoded at about this size for the thumbnail and the colour test
 COLOUR_SET = 0.8  # share of colour pictures from which a grayscale one is out of place
 GRAY_TOLERANCE = 3.0  # mean |R-G|, |G-B| (0-255) under which an RGB file is grayscale (JPEG chroma noise)
 
@@ -118,11 +118,11 @@ class CheckedImages:
 
 @dataclass(frozen=True)
 class ImageFacts:
-    """What the pixels say, per image: (width, height) as stored, grayscale or not, perceptual hash."""
+    """What the pixels say, per image: (width, height) as stored, grayscale or not, a small thumbnail."""
 
     sizes: list[tuple[int, int]]
     gray: np.ndarray
-    hashes: np.ndarray
+    thumbnails: np.ndarray  # (N, THUMB_SIDE, THUMB_SIDE, 3) uint8
 
 
 def run_check(
@@ -167,21 +167,23 @@ def check_dataset(dataset: Dataset, features: np.ndarray, *, input_size: int, se
 
 
 def scan_images(paths: Sequence[Path], *, workers: int = 2) -> ImageFacts:
-    """Sizes, grayscale flags and perceptual hashes; a file that cannot be decoded gets a zero hash."""
+    """Sizes, grayscale flags and thumbnails; a file that cannot be decoded gets a black thumbnail."""
+    blank = np.zeros((THUMB_SIDE, THUMB_SIDE, 3), dtype=np.uint8)
+
     def facts(path: Path) -> tuple[tuple[int, int], bool, np.ndarray]:
         try:
             size = image_size(path)
-            picture = load_image(path, keep_gray=True, min_size=HASH_SIDE)
+            picture = load_image(path, keep_gray=True, min_size=SCAN_SIDE)
         except ImageError:
-            return (0, 0), False, np.zeros(HASH_BITS, dtype=bool)
-        return size, _is_gray(picture), perceptual_hash(picture)
+            return (0, 0), False, blank
+        return size, _is_gray(picture), thumbnail(picture)
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         rows = list(pool.map(facts, paths))
     return ImageFacts(
         sizes=[r[0] for r in rows],
         gray=np.array([r[1] for r in rows], dtype=bool),
-        hashes=np.stack([r[2] for r in rows]) if rows else np.zeros((0, HASH_BITS), dtype=bool),
+        thumbnails=np.stack([r[2] for r in rows]) if rows else np.zeros((0, THUMB_SIDE, THUMB_SIDE, 3), dtype=np.uint8),
     )
 
 
@@ -208,7 +210,7 @@ def _duplicate_findings(images: CheckedImages, facts: ImageFacts, features: np.n
     """One row per copy, naming its twin (across the split if it has one there, else its closest):
     the held-out copy of a pair across the split (`leak`: the one to remove), else the later one."""
     best: dict[int, tuple[tuple[bool, float], int, DuplicatePair]] = {}  # reported image -> (rank, its twin, the pair)
-    for pair in find_duplicates(facts.hashes, np.asarray(features), images.digests):
+    for pair in find_duplicates(facts.thumbnails, np.asarray(features), images.digests):
         first, second = pair.first, pair.second
         if images.parts[first] != images.parts[second] and images.parts[second] == "train":
             first, second = second, first
@@ -218,7 +220,7 @@ def _duplicate_findings(images: CheckedImages, facts: ImageFacts, features: np.n
     findings = []
     for second, (_, first, pair) in sorted(best.items()):
         leak = images.parts[first] != images.parts[second]
-        kind = "identical file" if pair.exact else f"near copy (hash distance {pair.hash_distance}, feature cosine {pair.cosine:.3f})"
+        kind = "identical file" if pair.exact else f"near copy (pixel SSIM {pair.structural:.3f} once aligned, feature cosine {pair.cosine:.3f})"
         findings.append(Finding(
             relative_path(images.paths[second], root), "leak" if leak else "duplicate", pair.similarity, "",
             f"{kind} of {relative_path(images.paths[first], root)} ({images.parts[first]})" + (f", in {images.parts[second]}" if leak else ""),
