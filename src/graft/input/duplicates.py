@@ -111,6 +111,8 @@ class _Views:
 
     def ssim(self, other: "_Views", columns: list[int]) -> np.ndarray:
         """(len(self), len(columns)) SSIM over the whole picture, between these views and `other`'s `columns`."""
+        # Not scikit-image's `structural_similarity`: it scores one pair at a time over sliding windows,
+        # while one matrix product here scores every crop of an image against all its candidates.
         mean, deviation = other.means[columns], other.deviations[columns]
         covariance = (self.units @ other.units[columns].T) * np.outer(self.deviations, deviation)
         luminance = (2 * np.outer(self.means, mean) + SSIM_C1) / (self.means[:, None] ** 2 + mean ** 2 + SSIM_C1)
