@@ -47,8 +47,8 @@ from graft.strategies.auto_rule import (
     LABEL_RANKING_AP, Measurements, ViewScore, accuracy_difference_se, accuracy_se, first_wins,
 )
 from graft.strategies.base import TrainContext
-from graft.training.metrics import label_ranking_precision
 from graft.training.features import ExtractionStats, FeatureCache, SidePooling, Tap, backbone_key, extract_features
+from graft.training.metrics import label_ranking_precision
 
 FRAMING_SAMPLE = 2000  # at most this many training (and validation) images measure the framing and pooling
 
@@ -129,8 +129,8 @@ def choose_framing(context: TrainContext) -> tuple[TrainContext, dict[str, Any]]
 def describe_framing(measured: dict[str, Any]) -> str:
     """One line of what `choose_framing` measured and why it chose."""
     return (
-        f"auto framing: validation probe {measured.get('measure', 'accuracy')} {measured['center_accuracy']:.3f} with the backbone's "
-        f"{measured['center_crop']:g} center crop, {measured['full_accuracy']:.3f} with the whole frame "
+        f"auto framing: validation probe {measured.get('measure', 'accuracy')} {measured['center_accuracy']:.3f} "
+        f"with the backbone's {measured['center_crop']:g} center crop, {measured['full_accuracy']:.3f} with the whole frame "
         f"(standard error of the difference {measured['accuracy_difference_se']:.3f}; log-loss "
         f"{measured['center_loss']:.3f} vs {measured['full_loss']:.3f}); {measured['decided_by']} chose {measured['chose']}"
     )
@@ -198,7 +198,8 @@ def describe_pooling(measured: dict[str, Any]) -> str:
         f"{step['challenger']} {'beat' if step['won'] else 'did not beat'} {step['holder']} by {step['decided_by']} "
         f"(standard error of the difference {step['accuracy_difference_se']:.3f})" for step in measured["steps"]
     )
-    return f"auto pooling: validation probe {measured.get('measure', 'accuracy')} (log-loss) {scores}; {steps}: chose {measured['chose']}"
+    measure = measured.get("measure", "accuracy")  # label-ranking AP for label sets
+    return f"auto pooling: validation probe {measure} (log-loss) {scores}; {steps}: chose {measured['chose']}"
 
 
 def _pooling_candidates(context: TrainContext) -> tuple[str, ...]:

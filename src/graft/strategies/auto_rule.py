@@ -230,7 +230,8 @@ def accuracy_se(score: ViewScore) -> float:
 
 def keeps_fine_tuning(fine_tuned: ViewScore, frozen: ViewScore) -> bool:
     """Whether a fine-tuned model is kept over the frozen candidate: only if its mean validation
-    score (accuracy, or label-ranking AP for label sets) is higher by more than one standard error of the paired difference.
+    score (accuracy, or label-ranking AP for label sets) is higher by more than one standard error
+    of the paired difference.
 
     Stricter than `first_wins` (no log-loss within the standard error): the fine-tuned model's
     validation score also chose its best epoch, so it is biased upward, while the frozen
