@@ -13,13 +13,14 @@ in the feature cache that `feature-extract` reuses, and logistic-regression prob
   validation accuracy of the framing probe of the chosen view (below) when auto measured the
   framing, else 3-fold cross-validated logistic-regression accuracy on the training features.
   Reported, and the distance measure when the backbone has no ImageNet classifier (weights from a
-  file without one).
+  file without one). Not measured for label sets, whose probes score label-ranking AP instead.
 - **framing** (`choose_framing`): the backbone's evaluation center crop (0.875 for
   EfficientNet-Lite) was made for ImageNet photos with margins around the object. When the object
   fills the frame (product thumbnails, digits, tiles) the crop cuts off real content: on 20-shot
   Fashion-MNIST it costs a probe 3.5 points of test accuracy. auto fits a probe on the training
   features of each view (the backbone's crop, the whole frame) and scores both on the validation
-  images; `auto_rule.first_wins` (the one-standard-error rule) decides. Only the crop can change;
+  images (accuracy; for label sets, each image's label-ranking AP); `auto_rule.first_wins` (the
+  one-standard-error rule) decides. Only the crop can change;
   mean, std, size and interpolation stay the pretrained config's, and the bundle records the view
   it was trained on.
 - **pooling** (`choose_pooling`, at every data size): on the chosen
