@@ -88,6 +88,102 @@ def test_a_fine_tuned_model_is_kept_only_beyond_one_standard_error_over_the_froz
     assert accuracy_se(ViewScore(0.9, 0.3, (True,) * 90 + (False,) * 10)) == pytest.approx(0.03)
 
 
+def _label_set_scores(base: list[float], changes: dict[int, float], loss: float) -> ViewScore:
+    """A candidate's label-ranking AP per image: `base`, with the images in `changes` shifted."""
+    scores = tuple(min(1.0, max(0.0, x + changes.get(i, 0.0))) for i, x in enumerate(base))
+    return ViewScore(sum(scores) / len(scores), loss, scores, auto_rule.LABEL_RANKING_AP)
+
+
+def test_label_sets_are_compared_by_each_images_ranking_score_by_the_same_rule():
+    """Per-image scores in [0, 1] (label-ranking AP): the paired standard error is that of the mean of
+    the per-image differences, an image's own that of the mean of the scores, and the rule reads them
+    as it reads right/wrong."""
+    import statistics
+
+    base = [0.5 + 0.4 * ((7 * i) % 10) / 10 for i in range(100)]  # 0.5 .. 0.86
+    frozen = _label_set_scores(base, {}, 0.30)
+    # A small gain on 40 of 100 images, none lost: beyond one standard error, the ranking score
+    # decides (an image's whole label set may be right at 0.5 for neither).
+    steady = _label_set_scores(base, {i: 0.05 for i in range(0, 100, 5)} | {i: 0.05 for i in range(1, 100, 5)}, 0.35)
+    differences = [x - y for x, y in zip(steady.image_scores, frozen.image_scores)]
+    se = accuracy_difference_se(steady, frozen)
+    assert se == pytest.approx(statistics.pstdev(differences) / 100 ** 0.5, abs=1e-12) and 0 < se < 0.01
+    assert first_wins(steady, frozen) == (True, "label-ranking AP")
+    assert first_wins(frozen, steady) == (False, "label-ranking AP")
+    assert keeps_fine_tuning(steady, frozen) and not keeps_fine_tuning(frozen, steady)
+    # Large gains and losses that nearly cancel: within one standard error, the log-loss decides
+    # for the framing and the pooling, and the frozen candidate stays.
+    noisy = _label_set_scores(base, {i: 0.3 for i in range(0, 40, 2)} | {i: -0.25 for i in range(1, 40, 2)}, 0.25)
+    assert 0 < noisy.accuracy - frozen.accuracy < accuracy_difference_se(noisy, frozen)
+    assert first_wins(noisy, frozen) == (True, "log-loss")
+    assert not keeps_fine_tuning(noisy, frozen)
+    # One candidate's own standard error: the scores' population standard deviation over sqrt(n).
+    assert accuracy_se(frozen) == pytest.approx(statistics.pstdev(frozen.image_scores) / 10, abs=1e-12)
+
+
+def test_a_label_set_probe_scores_each_validation_image_by_its_label_ranking_ap(multilabel_csv, lite0):
+    """Real Fashion-MNIST label sets (top, footwear, dark), half of them validation, a probe on 12
+    training images' frozen features of each framing: each validation image scores how well the
+    probe ranks its true labels above the others, and the mean is scikit-learn's
+    `label_ranking_average_precision_score` of the same probe."""
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import label_ranking_average_precision_score
+    from sklearn.multiclass import OneVsRestClassifier
+
+    from graft.input.multilabel import load_multilabel_dataset
+    from graft.models.backbones import with_crop
+    from graft.strategies.auto_measure import _holdout_probe_scores, _spread
+    from graft.training.features import extract_features
+
+    dataset = load_multilabel_dataset(multilabel_csv, val_fraction=0.5)
+    train, val = dataset.train, dataset.val
+    rows = _spread(len(train), 12)
+    train_labels = np.asarray(train.labels)[rows]
+    scores = {}
+    for crop in (0.875, 1.0):
+        backbone = with_crop(lite0, crop)
+        features = [extract_features(backbone, images.paths, images.digests, cache=None).numpy() for images in (train, val)]
+        score = scores[crop] = _holdout_probe_scores(features[0][rows], train_labels.tolist(), features[1], val.labels)
+        probe = OneVsRestClassifier(LogisticRegression(max_iter=1000)).fit(features[0][rows], train_labels)
+        expected = label_ranking_average_precision_score(np.asarray(val.labels), probe.decision_function(features[1]))
+        assert score.measure == "label-ranking AP" and len(score.image_scores) == len(val) == 30
+        assert score.accuracy == pytest.approx(expected, abs=1e-9) and score.accuracy < 1.0
+        assert sum(score.image_scores) / 30 == pytest.approx(score.accuracy)
+        # Graded, not right/wrong: an image whose true label ranks below a false one scores between.
+        assert any(0.0 < x < 1.0 for x in score.image_scores) and all(0.0 <= x <= 1.0 for x in score.image_scores)
+        assert score.loss > 0 and 0 < accuracy_se(score) < 0.1
+    assert scores[0.875].image_scores != scores[1.0].image_scores and accuracy_difference_se(scores[1.0], scores[0.875]) > 0
+
+
+def test_auto_scores_label_sets_by_label_ranking_ap_and_says_so(multilabel_csv, tmp_path, capsys):
+    """On real label sets every candidate (probes and the trained model) is scored by its validation
+    label-ranking AP, and the records, the console and the report name that measure."""
+    import numpy as np
+    from sklearn.metrics import label_ranking_average_precision_score
+
+    from _html import parse_page
+    from graft.input.images import load_image
+    from graft.input.multilabel import load_multilabel_dataset
+
+    run = graft.train(multilabel_csv, out=tmp_path / "auto", strategy="auto", epochs=2, batch_size=16, cache_dir=str(tmp_path / "c"))
+    console = " ".join(capsys.readouterr().err.split())
+    auto = run.metrics["auto"]
+    assert auto["measure"] == auto["framing"]["measure"] == auto["pooling"]["measure"] == "label-ranking AP"
+    # The rule's distance thresholds are accuracies of one label per image: no probe accuracy for label sets.
+    assert auto["measured"]["probe_accuracy"] is None
+    # The kept model's candidate row: its validation label-ranking AP, as scikit-learn computes it
+    # from the bundle's logits on the run's validation images.
+    val = load_multilabel_dataset(multilabel_csv).val
+    logits = graft.load_bundle(run.bundle_dir).logits([load_image(path) for path in val.paths]).numpy()
+    kept = next(c for c in auto["candidates"] if c["kind"] == "trained" and c["chosen"])
+    assert kept["accuracy"] == pytest.approx(label_ranking_average_precision_score(np.asarray(val.labels), logits), abs=1e-3)
+    assert "auto framing: validation probe label-ranking AP" in console
+    assert "auto pooling: validation probe label-ranking AP (log-loss)" in console
+    section = parse_page(run.run_dir / "report.html").sections["strategy"]
+    assert "validation label-ranking AP" in section.text and "validation accuracy" not in section.text
+
+
 def test_the_pooling_is_measured_at_every_data_size(tmp_path, lite0):
     """52 real images per class (above the lp-ft cell's 50): the grids are measured too."""
     import numpy as np
@@ -196,7 +292,8 @@ def test_the_rule_runs_without_torch_or_numpy():
         choices = [choose(Measurements(10, n, 1.0, c, p, pooling=pooling)) for n, c, p, pooling in cells]
         within = first_wins(ViewScore(0.5, 0.6, (True, False)), ViewScore(0.5, 0.7, (False, True)))
         beyond = first_wins(ViewScore(0.4, 0.9, (False,) * 6 + (True,) * 4), ViewScore(1.0, 0.1, (True,) * 10))
-        print(json.dumps({"choices": [[c.strategy, c.options, c.reason] for c in choices], "first_wins": [within, beyond]}))
+        ranked = first_wins(ViewScore(0.65, 0.5, (0.75, 0.55), "label-ranking AP"), ViewScore(0.6, 0.4, (0.7, 0.5), "label-ranking AP"))
+        print(json.dumps({"choices": [[c.strategy, c.options, c.reason] for c in choices], "first_wins": [within, beyond, ranked]}))
     """)
     cells = [cell for cell, _ in RULE_CELLS]
     src = str(Path(graft.__file__).parents[1])
@@ -205,7 +302,7 @@ def test_the_rule_runs_without_torch_or_numpy():
     assert result.returncode == 0, result.stderr
     answer = json.loads(result.stdout)
     assert answer["choices"] == [[c.strategy, c.options, c.reason] for c in (choose(_cell(*cell)) for cell in cells)]
-    assert answer["first_wins"] == [[True, "log-loss"], [False, "accuracy"]]
+    assert answer["first_wins"] == [[True, "log-loss"], [False, "accuracy"], [True, "label-ranking AP"]]
 
 
 def test_auto_measures_real_images_and_says_why(fashion_folder, tmp_path, monkeypatch):

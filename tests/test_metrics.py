@@ -44,3 +44,24 @@ def test_evaluate_on_a_one_class_folder_averages_as_scikit_learn(trained_run, ho
     assert metrics["macro_f1"] == pytest.approx(f1_score(truth, predicted, average="macro", zero_division=0))
     assert "bag" in metrics["macro_f1_classes"] and len(metrics["macro_f1_classes"]) >= 2
     assert metrics["macro_f1"] < metrics["per_class"]["bag"]["f1"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 6).flatmap(lambda labels: st.lists(
+    st.tuples(st.lists(st.booleans(), min_size=labels, max_size=labels),
+              st.lists(st.sampled_from([0.0, 0.25, 0.5, 0.75, 1.0]), min_size=labels, max_size=labels)),
+    min_size=1, max_size=30)))
+def test_label_ranking_precision_per_image_averages_to_scikit_learns_score(rows):
+    """Ties in the scores, images with no true label and with every label true, one label to many."""
+    import numpy as np
+    from sklearn.metrics import label_ranking_average_precision_score
+
+    from graft.training.metrics import label_ranking_precision
+
+    truth = np.array([row[0] for row in rows], dtype=int)
+    scores = np.array([row[1] for row in rows])
+    per_image = label_ranking_precision(truth, scores)
+    assert per_image.shape == (len(rows),) and ((0 <= per_image) & (per_image <= 1)).all()
+    assert per_image.mean() == pytest.approx(label_ranking_average_precision_score(truth, scores), abs=1e-12)
+    for i in range(len(rows)):  # each image's term is scikit-learn's score of that image alone
+        assert per_image[i] == pytest.approx(label_ranking_average_precision_score(truth[i:i + 1], scores[i:i + 1]), abs=1e-12)

@@ -323,8 +323,9 @@ def auto_section(auto: Mapping[str, Any]) -> str:
     if auto.get("decision"):
         why.append(f"kept: {auto['decision']['why']}.")
     measured = ", ".join(f"{k.replace('_', ' ')} {_number(v)}" for k, v in auto.get("measured", {}).items())
+    measure = auto.get("measure", "accuracy")  # label-ranking AP for label sets
     candidates = table(
-        ["measured", "candidate", "validation accuracy", "standard error", "validation log-loss", "chosen"],
+        ["measured", "candidate", f"validation {measure}", "standard error", "validation log-loss", "chosen"],
         [(c["kind"], c["name"], fmt(c["accuracy"]), fmt(c.get("standard_error")), fmt(c.get("loss")),
           "yes" if c.get("chosen") else "") for c in auto.get("candidates", [])],
     )

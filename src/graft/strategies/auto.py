@@ -37,10 +37,14 @@ from graft.strategies.auto_measure import (
     describe_pooling,
     measure,
 )
-from graft.strategies.auto_rule import FROZEN_STRATEGIES, Choice, Measurements, ViewScore, accuracy_difference_se, accuracy_se, choose, keeps_fine_tuning
+from graft.strategies.auto_rule import (
+    FROZEN_STRATEGIES, LABEL_RANKING_AP, Choice, Measurements, ViewScore, accuracy_difference_se, accuracy_se, choose,
+    keeps_fine_tuning,
+)
 from graft.strategies.base import AuditRow, TrainContext, TrainOutcome, with_prefix_tap
 from graft.strategies.feature_extract import head_solver
 from graft.strategies.finetune import FineTune, cached_prefix_split
+from graft.training.metrics import label_ranking_precision
 
 
 class Auto:
@@ -70,7 +74,8 @@ class Auto:
             trained, decision = [kept], None
         outcome = kept.outcome
         outcome.notes = {**outcome.notes, "trainable_params": kept.trainable_params, "auto": {
-            "measured": measured.to_dict(), **views, "candidates": _candidates(views, trained, kept),
+            "measured": measured.to_dict(), **views, "measure": _measure_name(context),
+            "candidates": _candidates(views, trained, kept),
             "chose": choice.strategy, "options": options, "rule": choice.rule, "reason": choice.reason,
             "kept": kept.strategy, "decision": decision,
             "audit": [asdict(row) for row in kept.audit], "settings": kept.settings()}}
@@ -99,16 +104,21 @@ class _Trained:
         return sum(row.trainable_params for row in self.audit)
 
     def score(self) -> ViewScore:
-        """Its validation accuracy, log-loss and which images it got right."""
+        """Its validation score per image and mean, and its log-loss: for one label per image, 1
+        for a right top class (the mean is the accuracy) and cross-entropy; for label sets, each
+        image's label-ranking average precision and the mean binary cross-entropy."""
         labels = torch.tensor(self.context.dataset.val.labels)
         logits = self.outcome.val_logits.float()
-        if labels.dim() == 2:  # label sets: right when the whole set is (sigmoid at 0.5); binary cross-entropy
-            correct = ((logits.sigmoid() >= 0.5) == labels.bool()).all(1)
-            loss = float(torch.nn.functional.binary_cross_entropy_with_logits(logits, labels.float())) if len(labels) else 0.0
-            return ViewScore(float(correct.float().mean()) if len(labels) else 0.0, loss, tuple(correct.tolist()))
-        correct = logits.argmax(1) == labels
-        loss = float(torch.nn.functional.cross_entropy(logits, labels)) if len(labels) else 0.0
-        return ViewScore(float(correct.float().mean()) if len(labels) else 0.0, loss, tuple(correct.tolist()))
+        measure = _measure_name(self.context)
+        if len(labels) == 0:
+            return ViewScore(0.0, 0.0, (), measure)
+        if measure == LABEL_RANKING_AP:  # the logits rank each image's labels as the sigmoid scores do
+            precision = label_ranking_precision(labels.numpy(), logits.numpy())
+            loss = float(torch.nn.functional.binary_cross_entropy_with_logits(logits, labels.float()))
+            return ViewScore(float(precision.mean()), loss, tuple(precision.tolist()), LABEL_RANKING_AP)
+        correct = (logits.argmax(1) == labels).double()
+        loss = float(torch.nn.functional.cross_entropy(logits, labels))
+        return ViewScore(float(correct.mean()), loss, tuple(correct.tolist()))
 
     def settings(self) -> dict[str, Any]:
         """The settings it trained with, the strategy's defaults filled in where none was given."""
@@ -130,6 +140,12 @@ class _Trained:
                 "accuracy": round(score.accuracy, 4), "standard_error": round(accuracy_se(score), 4),
                 "loss": round(score.loss, 4), "epochs_run": len(self.outcome.fit.history),
                 "trainable_params": self.trainable_params}
+
+
+def _measure_name(context: TrainContext) -> str:
+    """What auto scores each candidate by on validation: "accuracy" for one label per image,
+    label-ranking AP for label sets (an image's whole set is rarely all right at 0.5)."""
+    return LABEL_RANKING_AP if context.dataset.task == "multilabel" else "accuracy"
 
 
 def _resolve(choice: Choice, config: TrainConfig) -> tuple[dict[str, Any], TrainConfig]:
@@ -218,7 +234,8 @@ def _fine_tune_or_frozen(context: TrainContext, tuning: TrainContext, choice: Ch
     kept = tuned if keep else frozen
     context.on_epoch(kept.outcome.fit.history)
     se = accuracy_difference_se(tuned_score, frozen_score)
-    why = (f"{choice.strategy} scored {tuned_score.accuracy:.3f} on validation against {frozen_score.accuracy:.3f} for the frozen "
+    why = (f"{choice.strategy} scored {tuned_score.accuracy:.3f} validation {tuned_score.measure} against "
+           f"{frozen_score.accuracy:.3f} for the frozen "
            f"features ({frozen.context.backbone.pooling} pooling), a difference {'beyond' if keep else 'within or below'} one "
            f"standard error ({se:.3f}): kept {kept.strategy}")
     context.reporter.say(f"auto kept {kept.strategy}: {why}")

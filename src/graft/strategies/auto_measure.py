@@ -13,13 +13,14 @@ in the feature cache that `feature-extract` reuses, and logistic-regression prob
   validation accuracy of the framing probe of the chosen view (below) when auto measured the
   framing, else 3-fold cross-validated logistic-regression accuracy on the training features.
   Reported, and the distance measure when the backbone has no ImageNet classifier (weights from a
-  file without one).
+  file without one). Not measured for label sets, whose probes score label-ranking AP instead.
 - **framing** (`choose_framing`): the backbone's evaluation center crop (0.875 for
   EfficientNet-Lite) was made for ImageNet photos with margins around the object. When the object
   fills the frame (product thumbnails, digits, tiles) the crop cuts off real content: on 20-shot
   Fashion-MNIST it costs a probe 3.5 points of test accuracy. auto fits a probe on the training
   features of each view (the backbone's crop, the whole frame) and scores both on the validation
-  images; `auto_rule.first_wins` (the one-standard-error rule) decides. Only the crop can change;
+  images (accuracy; for label sets, each image's label-ranking AP); `auto_rule.first_wins` (the
+  one-standard-error rule) decides. Only the crop can change;
   mean, std, size and interpolation stay the pretrained config's, and the bundle records the view
   it was trained on.
 - **pooling** (`choose_pooling`, at every data size): on the chosen
@@ -44,10 +45,11 @@ from graft.choices import POOLINGS
 from graft.models.backbones import Backbone, with_crop, with_pooling
 from graft.models.pooling import GRID_SIZE, LEVEL_GRIDS, earlier_module_names, supports_grid
 from graft.strategies.auto_rule import (
-    Measurements, ViewScore, accuracy_difference_se, accuracy_se, first_wins,
+    LABEL_RANKING_AP, Measurements, ViewScore, accuracy_difference_se, accuracy_se, first_wins,
 )
 from graft.strategies.base import TrainContext
 from graft.training.features import ExtractionStats, FeatureCache, SidePooling, Tap, backbone_key, extract_features
+from graft.training.metrics import label_ranking_precision
 
 FRAMING_SAMPLE = 2000  # at most this many training (and validation) images measure the framing and pooling
 
@@ -121,23 +123,24 @@ def choose_framing(context: TrainContext) -> tuple[TrainContext, dict[str, Any]]
         "center_se": round(accuracy_se(middle), 4), "full_se": round(accuracy_se(full), 4),
         "accuracy_difference_se": round(accuracy_difference_se(full, middle), 4), "decided_by": decided_by,
         "chose": "the whole frame (crop 1)" if chosen == 1.0 else f"the backbone's center crop ({center:g})",
-        "crop_pct": chosen, "images": [len(train_rows), len(val_rows)],
+        "crop_pct": chosen, "images": [len(train_rows), len(val_rows)], "measure": full.measure,
     }
 
 
 def describe_framing(measured: dict[str, Any]) -> str:
     """One line of what `choose_framing` measured and why it chose."""
     return (
-        f"auto framing: validation probe {measured['center_accuracy']:.3f} with the backbone's "
-        f"{measured['center_crop']:g} center crop, {measured['full_accuracy']:.3f} with the whole frame "
+        f"auto framing: validation probe {measured.get('measure', 'accuracy')} {measured['center_accuracy']:.3f} "
+        f"with the backbone's {measured['center_crop']:g} center crop, {measured['full_accuracy']:.3f} with the whole frame "
         f"(standard error of the difference {measured['accuracy_difference_se']:.3f}; log-loss "
         f"{measured['center_loss']:.3f} vs {measured['full_loss']:.3f}); {measured['decided_by']} chose {measured['chose']}"
     )
 
 
 def chosen_view_accuracy(measured: dict[str, Any]) -> float | None:
-    """The validation accuracy of the probe on the view `choose_framing` chose (None: not measured)."""
-    if not measured:
+    """The validation accuracy of the probe on the view `choose_framing` chose (None: not measured,
+    or label sets, whose probes score label-ranking AP and not the accuracy the rule's thresholds read)."""
+    if not measured or measured.get("measure", "accuracy") != "accuracy":
         return None
     return measured["full_accuracy" if measured["crop_pct"] == 1.0 else "center_accuracy"]
 
@@ -183,7 +186,7 @@ def choose_pooling(context: TrainContext) -> tuple[TrainContext, dict[str, Any]]
         "loss": {p: round(score.loss, 4) for p, score in scores.items()},
         "standard_error": {p: round(accuracy_se(score), 4) for p, score in scores.items()},
         "steps": steps, "grid_size": GRID_SIZE, "level_grids": list(LEVEL_GRIDS), "chose": chosen,
-        "images": [len(train_rows), len(val_rows)],
+        "images": [len(train_rows), len(val_rows)], "measure": scores["avg"].measure,
         "computed": stats.computed,  # images the backbone ran for it (none where the framing's passes pooled every way)
     }
 
@@ -196,7 +199,8 @@ def describe_pooling(measured: dict[str, Any]) -> str:
         f"{step['challenger']} {'beat' if step['won'] else 'did not beat'} {step['holder']} by {step['decided_by']} "
         f"(standard error of the difference {step['accuracy_difference_se']:.3f})" for step in measured["steps"]
     )
-    return f"auto pooling: validation probe accuracy (log-loss) {scores}; {steps}: chose {measured['chose']}"
+    measure = measured.get("measure", "accuracy")  # label-ranking AP for label sets
+    return f"auto pooling: validation probe {measure} (log-loss) {scores}; {steps}: chose {measured['chose']}"
 
 
 def _pooling_candidates(context: TrainContext) -> tuple[str, ...]:
@@ -269,24 +273,29 @@ def _holdout_probe_scores(train_features, train_labels, val_features, val_labels
         return _label_set_probe_scores(train_features, np.asarray(train_labels), val_features, np.asarray(val_labels))
     probe = LogisticRegression(max_iter=1000).fit(train_features, train_labels)
     loss = log_loss(val_labels, probe.predict_proba(val_features), labels=probe.classes_)
-    correct = probe.predict(val_features) == np.asarray(val_labels)
-    return ViewScore(float(correct.mean()), float(loss), tuple(bool(c) for c in correct))
+    correct = (probe.predict(val_features) == np.asarray(val_labels)).astype(float)
+    return ViewScore(float(correct.mean()), float(loss), tuple(correct.tolist()))
 
 
 def _label_set_probe_scores(train_features, train_labels: np.ndarray, val_features, val_labels: np.ndarray) -> ViewScore:
-    """The multi-label probe (scikit-learn's one-vs-rest logistic regression): an image counts as
-    right when its whole label set is, and the loss is the mean binary cross-entropy over its labels.
-    A label without both a positive and a negative in the sample is left out."""
+    """The multi-label probe (scikit-learn's one-vs-rest logistic regression): each validation
+    image scores its label-ranking average precision (`label_ranking_precision`, the probe's
+    decision values ranking its labels), and the loss is the mean binary cross-entropy over its
+    labels. A label without both a positive and a negative in the sample is left out."""
     from sklearn.linear_model import LogisticRegression  # only auto's probes need scikit-learn
     from sklearn.multiclass import OneVsRestClassifier
 
     varied = (train_labels.min(0) == 0) & (train_labels.max(0) == 1)
     train_labels, val_labels = train_labels[:, varied], val_labels[:, varied]
     probe = OneVsRestClassifier(LogisticRegression(max_iter=1000)).fit(train_features, train_labels)
-    scores = np.clip(probe.predict_proba(val_features), 1e-7, 1 - 1e-7)
+    count = len(val_labels)
+    # One label left: scikit-learn answers as for a binary problem (both classes' probabilities).
+    probabilities = probe.predict_proba(val_features).reshape(count, -1)[:, -val_labels.shape[1]:]
+    scores = np.clip(probabilities, 1e-7, 1 - 1e-7)
     loss = -(val_labels * np.log(scores) + (1 - val_labels) * np.log(1 - scores)).mean()
-    correct = ((scores >= 0.5) == (val_labels == 1)).all(axis=1)
-    return ViewScore(float(correct.mean()), float(loss), tuple(bool(c) for c in correct))
+    # Decision values rank as the probabilities do, without their ties where the sigmoid saturates.
+    precision = label_ranking_precision(val_labels, probe.decision_function(val_features).reshape(count, -1))
+    return ViewScore(float(precision.mean()), float(loss), tuple(precision.tolist()), LABEL_RANKING_AP)
 
 
 def _median_image_side(paths) -> float | None:

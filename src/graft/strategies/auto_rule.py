@@ -171,30 +171,42 @@ def _top_stages(count: int) -> str:
     return "the top stage" if count == 1 else f"the top {count} stages"
 
 
+LABEL_RANKING_AP = "label-ranking AP"  # the measure of a candidate on label sets (`ViewScore`)
+
+
 @dataclass(frozen=True)
 class ViewScore:
-    """A view's probe on the validation images: accuracy, log-loss, and which images it got right."""
+    """A candidate's score on the validation images: the mean per-image score, the log-loss, and
+    each image's score in [0, 1].
 
-    accuracy: float
+    One label per image: an image scores 1 when the top class is right, else 0, and `accuracy` is
+    the accuracy. Label sets: an image scores its label-ranking average precision (how far above
+    its other labels its true labels rank; `graft.training.metrics.label_ranking_precision`), and
+    `accuracy` is scikit-learn's `label_ranking_average_precision_score`.
+    """
+
+    accuracy: float  # the mean of `image_scores`
     loss: float
-    correct: tuple[bool, ...]
+    image_scores: tuple[float, ...]
+    measure: str = "accuracy"  # what an image's score is: "accuracy", or LABEL_RANKING_AP for label sets
 
 
 def accuracy_difference_se(a: ViewScore, b: ViewScore) -> float:
-    """Standard error of the difference of two accuracies measured on the same images (paired:
-    only the images one view gets right and the other wrong carry the difference)."""
-    n = len(a.correct)
+    """Standard error of the difference of two mean scores measured on the same images (paired:
+    only the images the two score differently carry the difference). With right/wrong scores it is
+    the paired binomial one, where only the images one gets right and the other wrong count."""
+    n = len(a.image_scores)
     if n == 0:
         return 0.0
-    only_a = sum(x and not y for x, y in zip(a.correct, b.correct))
-    only_b = sum(y and not x for x, y in zip(a.correct, b.correct))
-    return max(0.0, only_a + only_b - (only_a - only_b) ** 2 / n) ** 0.5 / n
+    differences = [x - y for x, y in zip(a.image_scores, b.image_scores)]
+    return max(0.0, sum(d * d for d in differences) - sum(differences) ** 2 / n) ** 0.5 / n
 
 
 def first_wins(challenger: ViewScore, default: ViewScore) -> tuple[bool, str]:
     """The one-standard-error rule: (whether the challenger beats the default, what decided).
 
-    Accuracy decides when the two differ by more than one standard error of the difference;
+    The mean score (`ViewScore.measure`: accuracy, or label-ranking AP for label sets) decides
+    when the two differ by more than one standard error of the difference;
     within it the difference is noise (seed 2 of 20-shot Fashion-MNIST: the whole frame 0.793 vs
     the center crop 0.795 on 1 000 images, 2 images apart with a standard error of 11 images), and
     the lower validation log-loss decides, a proper score that uses every image's confidence. Only
@@ -202,19 +214,24 @@ def first_wins(challenger: ViewScore, default: ViewScore) -> tuple[bool, str]:
     """
     difference = challenger.accuracy - default.accuracy
     if abs(difference) > accuracy_difference_se(challenger, default):
-        return difference > 0, "accuracy"
+        return difference > 0, challenger.measure
     return challenger.loss < default.loss, "log-loss"
 
 
 def accuracy_se(score: ViewScore) -> float:
-    """Standard error of one accuracy measured on `len(score.correct)` images (binomial)."""
-    n = len(score.correct)
-    return (score.accuracy * (1 - score.accuracy) / n) ** 0.5 if n else 0.0
+    """Standard error of one mean score over `len(score.image_scores)` images: the scores' population
+    standard deviation over the square root of their count (for right/wrong, the binomial
+    sqrt(p (1 - p) / n))."""
+    n = len(score.image_scores)
+    if n == 0:
+        return 0.0
+    return (sum((x - score.accuracy) ** 2 for x in score.image_scores) / n) ** 0.5 / n ** 0.5
 
 
 def keeps_fine_tuning(fine_tuned: ViewScore, frozen: ViewScore) -> bool:
-    """Whether a fine-tuned model is kept over the frozen candidate: only if its validation
-    accuracy is higher by more than one standard error of the paired difference.
+    """Whether a fine-tuned model is kept over the frozen candidate: only if its mean validation
+    score (accuracy, or label-ranking AP for label sets) is higher by more than one standard error
+    of the paired difference.
 
     Stricter than `first_wins` (no log-loss within the standard error): the fine-tuned model's
     validation score also chose its best epoch, so it is biased upward, while the frozen

@@ -62,6 +62,28 @@ def macro_average_precision(targets: np.ndarray, scores: np.ndarray) -> float:
     return float(average_precision_score(np.asarray(targets)[:, present], np.asarray(scores)[:, present], average="macro"))
 
 
+def label_ranking_precision(targets: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Each image's label-ranking average precision (targets and scores (N, C); returns (N,)): over
+    its true labels, the share of true ones among the labels scoring at least as high. An image
+    with no true label, or with every label true, scores 1. The mean is scikit-learn's
+    `label_ranking_average_precision_score`; this keeps the per-image terms it averages, which
+    paired comparisons of two models on the same images need."""
+    truth = np.asarray(targets).astype(bool)
+    scores = np.asarray(scores, dtype=np.float64)
+    result = np.ones(len(truth))
+    chunk = max(1, 2**24 // max(1, truth.shape[1] ** 2))  # rows per block: (rows, C, C) booleans stay small
+    for start in range(0, len(truth), chunk):
+        true, score = truth[start:start + chunk], scores[start:start + chunk]
+        at_least = score[:, None, :] >= score[:, :, None]  # [i, j, k]: label k scores at least label j
+        rank = at_least.sum(2)  # ties count as above, as scikit-learn ranks them ("max")
+        true_rank = (at_least & true[:, None, :]).sum(2)
+        relevant = true.sum(1)
+        precision = np.where(true, true_rank / rank, 0.0).sum(1) / np.maximum(relevant, 1)
+        ranked = (relevant > 0) & (relevant < truth.shape[1])
+        result[start:start + chunk] = np.where(ranked, precision, 1.0)
+    return result
+
+
 def multilabel_metrics(targets: Sequence[Sequence[int]], scores: np.ndarray, thresholds: Sequence[float],
                        class_names: Sequence[str]) -> dict[str, Any]:
     """Multi-label scores: macro mAP (`map`, over the labels with a positive), micro and macro F1 at
