@@ -118,16 +118,27 @@ PAGE_HTML = """<!doctype html>
       body.querySelector(".label").textContent = prediction.label + " " + percent(prediction.score);
     }
     const list = el("ol", "topk");
-    prediction.top_k.forEach(function (entry) {
-      const row = el("li");
-      const bar = el("div", "bar");
-      const fill = el("span");
-      fill.style.width = percent(entry.score);
-      bar.append(fill, el("em", "", entry.label));
-      row.append(bar, el("span", "pct", percent(entry.score)));
-      list.append(row);
-    });
+    prediction.top_k.forEach(function (entry) { list.append(scoreRow(entry)); });
     body.append(list);
+  }
+
+  // One label's row: a bar as long as its score with the label on it, and the score; `threshold`
+  // (multi-label) adds a mark where the label's threshold lies.
+  function scoreRow(entry, threshold) {
+    const row = el("li");
+    const bar = el("div", "bar");
+    const fill = el("span");
+    fill.style.width = percent(entry.score);
+    bar.append(fill);
+    if (threshold !== undefined) {
+      const mark = el("i", "threshold");
+      mark.style.left = percent(threshold);
+      mark.title = "threshold " + percent(threshold);
+      bar.append(mark);
+    }
+    bar.append(el("em", "", entry.label));
+    row.append(bar, el("span", "pct", percent(entry.score)));
+    return row;
   }
 
   // A multi-label answer: the labels that reach their thresholds, each with its score's bar and a
@@ -145,18 +156,7 @@ PAGE_HTML = """<!doctype html>
         percent(best.score) + " (threshold " + percent(thresholds[best.label]) + ")"));
     }
     const list = el("ol", "topk labelset");
-    prediction.labels.forEach(function (entry) {
-      const row = el("li");
-      const bar = el("div", "bar");
-      const fill = el("span");
-      fill.style.width = percent(entry.score);
-      const mark = el("i", "threshold");
-      mark.style.left = percent(thresholds[entry.label]);
-      mark.title = "threshold " + percent(thresholds[entry.label]);
-      bar.append(fill, mark, el("em", "", entry.label));
-      row.append(bar, el("span", "pct", percent(entry.score)));
-      list.append(row);
-    });
+    prediction.labels.forEach(function (entry) { list.append(scoreRow(entry, thresholds[entry.label])); });
     body.append(list);
   }
 
