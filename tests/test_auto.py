@@ -237,6 +237,14 @@ def test_rule_falls_back_to_the_probe_and_weights_imbalanced_classes():
     assert choose(_measured(20, 0.8, imbalance=5.0)).options["class_weighting"] == "balanced"
 
 
+def test_label_sets_are_not_class_weighted_and_counted_per_label():
+    measured = Measurements(num_classes=23, images_per_class=175, imbalance=21.9, imagenet_confidence=0.25,
+                            probe_accuracy=None, label_sets=True)
+    choice = choose(measured)
+    assert choice.strategy == "partial" and "class_weighting" not in choice.options
+    assert "175 images per label" in choice.reason and "per class" not in choice.reason
+
+
 # One cell per branch of the rule, and each distance measure: (images per class, ImageNet
 # confidence, probe accuracy, pooling) -> (strategy, the rule's cell).
 RULE_CELLS = [

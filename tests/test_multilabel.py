@@ -174,6 +174,17 @@ def test_every_strategy_trains_two_epochs_on_label_sets(strategy: str, options: 
     assert logits.shape == (0, 3) and torch.is_tensor(logits)
 
 
+def test_a_label_set_head_by_lbfgs_keeps_the_l2_strength_that_scores_best_on_validation(multilabel_csv: Path, tmp_path: Path) -> None:
+    from graft.training.multilabel import MULTILABEL
+
+    run = graft.train(multilabel_csv, out=tmp_path / "run", strategy="feature-extract", head_solver="lbfgs", verbose=False)
+    chose = run.metrics["head_l2"]
+    assert list(chose["validation"]) == [f"{c:g}" for c in MULTILABEL.l2_strengths]
+    assert chose["validation"][f"{chose['l2_c']:g}"] == max(chose["validation"].values())
+    # The bundle's head is the one fitted at that strength: its validation mAP is the run's.
+    assert run.metrics["map"] == pytest.approx(chose["validation"][f"{chose['l2_c']:g}"], abs=1e-4)
+
+
 def _graft_cli(*args, check: bool = True):
     import subprocess
     import sys

@@ -166,7 +166,7 @@ def _expected_prefix_end(context: TrainContext, choice: Choice | None = None) ->
             return None
         choice = choose(Measurements(num_classes=len(counts), images_per_class=train.images_per_class(),
                                      imbalance=max(counts) / min(counts), imagenet_confidence=0.0, probe_accuracy=0.0,
-                                     pooling=context.backbone.pooling))
+                                     pooling=context.backbone.pooling, label_sets=context.dataset.task == "multilabel"))
     strategy = get_strategy(choice.strategy)
     if not isinstance(strategy, FineTune):
         return None

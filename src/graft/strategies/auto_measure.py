@@ -48,6 +48,7 @@ from graft.strategies.auto_rule import (
     LABEL_RANKING_AP, Measurements, ViewScore, accuracy_difference_se, accuracy_se, first_wins,
 )
 from graft.strategies.base import TrainContext
+from graft.strategies.feature_extract import solve_logistic_regression
 from graft.training.features import ExtractionStats, FeatureCache, SidePooling, Tap, backbone_key, extract_features
 from graft.training.metrics import label_ranking_precision
 
@@ -87,6 +88,7 @@ def measure(context: TrainContext, probe_accuracy: float | None = None) -> Measu
         imagenet_confidence=confidence,
         probe_accuracy=probe_accuracy if probe_accuracy is not None else _probe_accuracy(features, train.labels, context.config.seed),
         image_side=_median_image_side([train.paths[i] for i in _spread(len(train), FRAMING_SAMPLE)]),
+        label_sets=context.dataset.task == "multilabel",
     )
 
 
@@ -278,24 +280,25 @@ def _holdout_probe_scores(train_features, train_labels, val_features, val_labels
 
 
 def _label_set_probe_scores(train_features, train_labels: np.ndarray, val_features, val_labels: np.ndarray) -> ViewScore:
-    """The multi-label probe (scikit-learn's one-vs-rest logistic regression): each validation
-    image scores its label-ranking average precision (`label_ranking_precision`, the probe's
-    decision values ranking its labels), and the loss is the mean binary cross-entropy over its
-    labels. A label without both a positive and a negative in the sample is left out."""
-    from sklearn.linear_model import LogisticRegression  # only auto's probes need scikit-learn
-    from sklearn.multiclass import OneVsRestClassifier
-
+    """The multi-label probe (a binary logistic regression per label at C=1, graft's L-BFGS head:
+    `solve_logistic_regression`): each validation image scores its label-ranking average precision
+    (`label_ranking_precision`, the probe's logits ranking its labels), and the loss is the mean
+    binary cross-entropy over its labels. A label without both a positive and a negative in the
+    sample is left out."""
+    # All labels at once by L-BFGS: 23 labels on 16 000-wide grid features in seconds, where
+    # scikit-learn's one-vs-rest took minutes per pooling on the emoji task.
     varied = (train_labels.min(0) == 0) & (train_labels.max(0) == 1)
+    if not varied.any():  # nothing to rank: every candidate ties, and the one holding stays
+        return ViewScore(1.0, 0.0, (1.0,) * len(val_labels), LABEL_RANKING_AP)
     train_labels, val_labels = train_labels[:, varied], val_labels[:, varied]
-    probe = OneVsRestClassifier(LogisticRegression(max_iter=1000)).fit(train_features, train_labels)
-    count = len(val_labels)
-    # One label left: scikit-learn answers as for a binary problem (both classes' probabilities).
-    probabilities = probe.predict_proba(val_features).reshape(count, -1)[:, -val_labels.shape[1]:]
-    scores = np.clip(probabilities, 1e-7, 1 - 1e-7)
-    loss = -(val_labels * np.log(scores) + (1 - val_labels) * np.log(1 - scores)).mean()
-    # Decision values rank as the probabilities do, without their ties where the sigmoid saturates.
-    precision = label_ranking_precision(val_labels, probe.decision_function(val_features).reshape(count, -1))
-    return ViewScore(float(precision.mean()), float(loss), tuple(precision.tolist()), LABEL_RANKING_AP)
+    train_x = torch.as_tensor(train_features, dtype=torch.float32)
+    probe = torch.nn.Linear(train_x.shape[1], int(varied.sum()))
+    solve_logistic_regression(probe, train_x, torch.as_tensor(train_labels))
+    with torch.no_grad():
+        logits = probe(torch.as_tensor(val_features, dtype=torch.float32))
+    loss = float(torch.nn.functional.binary_cross_entropy_with_logits(logits, torch.as_tensor(val_labels, dtype=torch.float32)))
+    precision = label_ranking_precision(val_labels, logits.numpy())
+    return ViewScore(float(precision.mean()), loss, tuple(precision.tolist()), LABEL_RANKING_AP)
 
 
 def _median_image_side(paths) -> float | None:

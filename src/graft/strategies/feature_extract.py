@@ -65,8 +65,10 @@ class FeatureExtract:
             default_patience=self.default_patience,
         )
         model = GraftModel(backbone.model, head).eval()
-        return TrainOutcome(model=model, fit=result, val_logits=val_logits, notes={"features_computed": stats.computed, "features_from_cache": stats.from_cache,
-                                                                                          "backbone_compiled": stats.compiled})
+        notes = {"features_computed": stats.computed, "features_from_cache": stats.from_cache, "backbone_compiled": stats.compiled}
+        if result.chose:  # the L-BFGS head's C and each C's validation score
+            notes["head_l2"] = result.chose
+        return TrainOutcome(model=model, fit=result, val_logits=val_logits, notes=notes)
 
     def cached_features(self, context: TrainContext, stats: ExtractionStats) -> torch.Tensor:
         """Training features (views, N, D): view 0 plain, views 1..K augmented."""
@@ -186,41 +188,58 @@ def fit_logistic_regression(
 ) -> tuple[nn.Module, "FitResult", torch.Tensor]:  # noqa: F821
     """The linear head as multinomial logistic regression, solved to convergence by L-BFGS.
 
-    The objective is scikit-learn's (`LogisticRegression(C=LOGISTIC_C)`): cross-entropy summed over
-    the training images (averaged over their cached views) plus ||W||^2 / (2 C), the bias not
-    penalised; class weights as `--class-weighting` says. It starts from zero and uses every image
-    at once, so it is deterministic and has nothing to resume; the history has one line.
+    The objective is scikit-learn's (`LogisticRegression(C=...)`): cross-entropy summed over the
+    training images (averaged over their cached views) plus ||W||^2 / (2 C), the bias not
+    penalised; class weights as `--class-weighting` says. It is solved at each of the task's
+    `l2_strengths` (one for single-label, a range for label sets) and the C whose head scores
+    best on validation (the task's score, then its loss) is kept. It starts from zero and uses
+    every image at once, so it is deterministic and has nothing to resume; the history has one line.
     """
     import time
 
-
     linear = next((m for m in head.modules() if isinstance(m, nn.Linear)), None)
     if linear is None or sum(isinstance(m, nn.Linear) for m in head.modules()) != 1:
-
         raise ConfigError("--head-solver lbfgs: fits a linear head only; use --head linear, or --head-solver adamw")
-    config = context.config
+    config, task = context.config, context.task
     started = time.perf_counter()
     views, count = train_views.shape[0], train_views.shape[1]
     inputs = train_views.reshape(views * count, -1).float()
     targets = train_labels.repeat(views, *[1] * (train_labels.dim() - 1))  # (N,) class indices or (N, C) label sets
-    if context.task.name == "multilabel":  # one binary logistic regression per label (scikit-learn's one-vs-rest)
+    if task.name == "multilabel":  # one binary logistic regression per label (scikit-learn's one-vs-rest)
         weights = positive_weights(train_labels) if config.class_weighting == "balanced" else None
     else:
         weights = class_weights(train_labels, context.head_spec.num_classes, config.class_weighting)
-    solve_logistic_regression(linear, inputs, targets, views=views, class_weight=weights)
-    head.eval()
+    scored = {}  # C -> (validation score, validation loss, the head's state)
+    for c in task.l2_strengths:
+        solve_logistic_regression(linear, inputs, targets, views=views, class_weight=weights, c=c)
+        with torch.no_grad():
+            val_loss, val_score = task.evaluate(head.eval()(val_features), val_labels)
+        scored[c] = (val_score, val_loss, {k: v.clone() for k, v in head.state_dict().items()})
+    c = _best_strength(scored)
+    head.load_state_dict(scored[c][2])
     with torch.no_grad():
-        train_logits = head(inputs)
+        train_loss, train_accuracy = task.evaluate(head(inputs), targets)
         val_logits = head(val_features)
-    train_loss, train_accuracy = context.task.evaluate(train_logits, targets)
-    val_loss, val_accuracy = context.task.evaluate(val_logits, val_labels)
+    val_loss, val_accuracy = task.evaluate(val_logits, val_labels)
     record = EpochRecord(epoch=0, train_loss=train_loss, train_accuracy=train_accuracy, val_loss=val_loss,
                          val_accuracy=val_accuracy, lr=[1.0], seconds=round(time.perf_counter() - started, 3))
     context.on_epoch([record])
-    context.reporter.say(f"head: logistic regression by L-BFGS (C {LOGISTIC_C:g}), val accuracy {val_accuracy:.3f}")
+    tried = ", ".join(f"{k:g}: {v[0]:.3f}" for k, v in scored.items()) if len(scored) > 1 else ""
+    context.reporter.say(f"head: logistic regression by L-BFGS (C {c:g}{f', chosen on validation from {tried}' if tried else ''}), "
+                         f"val {'mAP' if task.name == 'multilabel' else 'accuracy'} {val_accuracy:.3f}")
     result = FitResult(history=[record], best_epoch=0, best_val_accuracy=val_accuracy, best_val_loss=val_loss,
-                       stopped_early=False, best_state={k: v.clone() for k, v in head.state_dict().items()})
+                       stopped_early=False, best_state=scored[c][2],
+                       chose={"l2_c": c, "validation": {f"{k:g}": round(v[0], 4) for k, v in scored.items()}})
     return head, result, val_logits
+
+
+def _best_strength(scored: dict[float, tuple[float, float, dict]]) -> float:
+    """The C whose head scored highest on validation, then had the lower loss; without validation
+    images (scores are NaN) the last one tried."""
+    finite = {c: v for c, v in scored.items() if not math.isnan(v[0])}
+    if not finite:
+        return list(scored)[-1]
+    return max(finite, key=lambda c: (finite[c][0], -finite[c][1]))
 
 
 def solve_logistic_regression(linear: nn.Linear, inputs: torch.Tensor, targets: torch.Tensor, *, views: int = 1,

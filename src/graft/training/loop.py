@@ -52,6 +52,7 @@ class FitResult:
     best_val_loss: float
     stopped_early: bool
     best_state: dict[str, torch.Tensor] = field(repr=False, default_factory=dict)
+    chose: dict[str, Any] = field(default_factory=dict)  # a choice made on validation besides the epoch (the L-BFGS head's C)
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int, floor: float = 0.01) -> Callable[[int], float]:

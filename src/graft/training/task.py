@@ -19,6 +19,9 @@ from graft.config import TrainConfig
 
 class Task(Protocol):
     name: str
+    # The L2 strengths C (scikit-learn's `LogisticRegression(C=...)`) an L-BFGS head on cached
+    # features is solved at; the one that scores best on validation is kept.
+    l2_strengths: tuple[float, ...]
 
     def training_loss(self, labels: torch.Tensor, num_classes: int, config: TrainConfig) -> nn.Module:
         """The loss the optimiser minimises, given the training labels and the run's options."""
@@ -42,6 +45,9 @@ class ClassificationTask:
     run's options), accuracy for the best epoch, argmax for the prediction."""
 
     name = "classification"
+    # scikit-learn's default. Choosing C on validation from 0.01 to 1 moved the test accuracy of the
+    # grid-3 head by at most 0.3 points on 20- and 100-shot Fashion-MNIST (docs/benchmarks.md).
+    l2_strengths = (1.0,)
 
     def training_loss(self, labels: torch.Tensor, num_classes: int, config: TrainConfig) -> nn.Module:
         weights = class_weights(labels, num_classes, config.class_weighting)
