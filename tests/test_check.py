@@ -151,3 +151,29 @@ def test_check_out_never_replaces_a_run_even_with_overwrite(fashion_folder, tmp_
     with pytest.raises(graft.OutputError, match="never replaces a run"):
         graft.check(fashion_folder, run, overwrite=True, verbose=False)
     assert (run / "metrics.json").read_text() == "{}"
+
+
+def test_a_label_set_csv_is_checked_for_leaks_and_rare_labels_and_not_for_wrong_labels(multilabel_csv, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(multilabel_csv.parent, root)
+    with (root / "labels.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    original = rows[1]["path"]
+    shutil.copy(root / original, root / "copy.png")
+    with (root / "labels.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "labels", "split"])
+        for i, row in enumerate(rows):
+            labels = row["labels"] + (";rare" if i in (2, 3) else "")
+            writer.writerow([row["path"], labels.lstrip(";"), "valid" if i % 5 == 0 else ""])
+        writer.writerow(["copy.png", rows[1]["labels"], "valid"])
+    result = graft.check(root / "labels.csv", verbose=False)
+    leaks = {f.path: f.detail for f in result.findings if f.issue == "leak"}
+    assert "copy.png" in leaks and original in leaks["copy.png"], result.findings
+    assert [f.path for f in result.findings if f.issue == "small-class"] == ["label: rare"]
+    assert not [f for f in result.findings if f.issue == "label"] and any("label sets" in n for n in result.notes)
+    # graft train runs the same check and reports it.
+    run = graft.train(root / "labels.csv", out=tmp_path / "run", strategy="feature-extract", epochs=2, verbose=False)
+    assert run.metrics["data_check"]["leak"] == 1 and (run.run_dir / "data_check.csv").is_file()
+    page = (run.run_dir / "report.html").read_text(encoding="utf-8")
+    assert 'id="data-check"' in page and "label: rare" in page

@@ -17,9 +17,9 @@ from graft.config import TrainConfig
 from graft.console import Reporter
 from graft.errors import ConfigError, DataError, OutputError
 from graft.input.check import CHECK_FILES, DataCheck, run_check, write_check
-from graft.input.data import OnBadImage, load_dataset, load_labelled_folder, walk_images
+from graft.input.data import OnBadImage, load_labelled_folder, walk_images
 from graft.input.images import IMAGE_EXTENSIONS
-from graft.input.multilabel import is_multilabel_csv, load_labelled_sets
+from graft.input.multilabel import is_multilabel_csv, load_labelled_sets, load_task_dataset
 from graft.models.backbones import load_backbone, with_pooling
 from graft.models.heads import HeadSpec, make_head
 from graft.models.stages import Stage, discover_stages
@@ -68,7 +68,8 @@ def check(
     verbose: bool = True,
 ) -> DataCheck:
     """Check a labelled folder (or CSV) before training: likely wrong labels, duplicates and
-    train/validation leaks, small or imbalanced classes, tiny and grayscale images.
+    train/validation leaks, small or imbalanced classes, tiny and grayscale images. A label-set
+    CSV is checked for all but wrong labels (`graft.input.check`).
 
     The split is `graft train`'s for the same `seed` and `val_fraction`; the backbone's frozen
     features come from the feature cache where a run (or an earlier check) computed them.
@@ -84,7 +85,7 @@ def check(
         _check_check_folder(Path(out), overwrite)
     cache_root = Path(cache_dir) if cache_dir else default_cache_dir()
     check_writable_folder(cache_root, "--cache-dir")
-    dataset = load_dataset(data, val_fraction=val_fraction, seed=seed, on_bad_image="skip")
+    dataset = load_task_dataset(data, val_fraction=val_fraction, seed=seed, on_bad_image="skip")
     loaded = load_backbone(backbone, weights=weights)
     where = resolve_device(device)
     precision = resolve_precision("auto", where)

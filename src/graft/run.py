@@ -143,8 +143,7 @@ def train_with_config(
     unknown = _fit_unknown(plan, dataset, backbone, numerics, outcome, places, voice, pretrained=pretrained)
     measured = _measure(plan, dataset, backbone, outcome, train_seconds=time.perf_counter() - started)
     measured["unknown"] = unknown.record() if unknown is not None else None
-    # The data check's label issues and class counts assume one label per image.
-    checked = _check_data(config, dataset, numerics, places, voice) if config.check_data and dataset.task != "multilabel" else None
+    checked = _check_data(config, dataset, numerics, places, voice) if config.check_data else None
     if checked is not None:
         measured["data_check"] = checked.counts()
     metrics = _write_run(plan, dataset, backbone, numerics, outcome, measured, places, voice, unknown) if main_rank else measured

@@ -1,17 +1,18 @@
 """What is wrong with a labelled image folder, before a model learns it: `check_dataset`.
 
 Every finding is one row of `data_check.csv` (path, issue, score, suggested_label, detail), the
-path relative to the data root (a class's row names its folder, `bag/`). The issues:
+path relative to the data root (a class's row names its folder, `bag/`; a label of a label-set CSV
+is `label: NAME`). The issues:
 
 - `unreadable`: the file cannot be decoded (the reason is in `detail`);
 - `label`: likely mislabelled (`graft.input.label_issues`: cleanlab on out-of-fold probabilities
   of a probe on the frozen features); `suggested_label` is the probe's class, `score` 1 minus
-  the out-of-fold probability of the given label;
+  the out-of-fold probability of the given label; one label per image only;
 - `leak`: the same picture (exact or near duplicate, `graft.input.duplicates`) on both sides of
   the split: validation scores overstate the model; the row names the held-out copy;
 - `duplicate`: the same picture twice on one side of the split;
-- `small-class`: fewer than `MIN_CLASS_IMAGES` images; `imbalanced`: `IMBALANCE` times fewer
-  images than the largest class;
+- `small-class`: fewer than `MIN_CLASS_IMAGES` images (for label sets, carrying the label);
+  `imbalanced`: `IMBALANCE` times fewer images than the largest class (one label per image only);
 - `small-image`: shorter side under a quarter of the model's input and under half the folder's
   median (a folder of small images, such as 28-pixel scans, is one note, not a row per image);
 - `grayscale`: a grayscale picture in a folder of colour pictures (at least `COLOUR_SET` of them).
@@ -153,13 +154,14 @@ def check_dataset(dataset: Dataset, features: np.ndarray, *, input_size: int, se
     facts = scan_images(images.paths)
     names, root = dataset.class_names, dataset.root
     findings = [Finding(relative_path(Path(b.path), root), "unreadable", 1.0, "", b.reason) for b in dataset.bad_images]
-    for issue in find_label_issues(features, np.array(images.labels), seed=seed):
+    label_sets = dataset.task == "multilabel"
+    for issue in [] if label_sets else find_label_issues(features, np.array(images.labels), seed=seed):
         findings.append(Finding(
             relative_path(images.paths[issue.index], root), "label", round(1 - issue.given_probability, 4),
             names[issue.suggested], f"labelled {names[issue.given]}; out-of-fold probability of that label {issue.given_probability:.3f}",
         ))
     findings += _duplicate_findings(images, facts, features, root)
-    class_findings, notes = _class_findings(dataset)
+    class_findings, notes = _label_findings(dataset) if label_sets else _class_findings(dataset)
     image_findings, image_notes = _image_findings(images, facts, root, input_size)
     rank = {issue: i for i, issue in enumerate(ISSUES)}
     ordered = sorted(findings + class_findings + image_findings, key=lambda f: (rank[f.issue], -f.score, f.path))
@@ -243,6 +245,20 @@ def _class_findings(dataset: Dataset) -> tuple[list[Finding], list[str]]:
             findings.append(Finding(folder, "imbalanced", round(1 - count / largest, 4), "",
                                     f"{count} images against {largest} in the largest class; consider --class-weighting balanced"))
     return findings, []
+
+
+def _label_findings(dataset: Dataset) -> tuple[list[Finding], list[str]]:
+    """Labels of a label-set dataset carried by too few images, counted over training and validation.
+
+    No `imbalanced` rows (labels are rarely balanced, and weighting them lowered mAP; docs/data.md)
+    and no `label` rows: the wrong-label check's probe and thresholds were measured on one label per image."""
+    train, val = dataset.train.counts(), dataset.val.counts()
+    findings = [
+        Finding(f"label: {name}", "small-class", round(1 - count / MIN_CLASS_IMAGES, 4), "",
+                f"{count} images carry this label (training and validation): too few to learn or to measure it")
+        for name, count in ((name, train[name] + val[name]) for name in dataset.class_names) if count < MIN_CLASS_IMAGES
+    ]
+    return findings, ["label sets: wrong labels are not looked for (the check does that for one label per image)"]
 
 
 def _image_findings(images: CheckedImages, facts: ImageFacts, root: Path, input_size: int) -> tuple[list[Finding], list[str]]:

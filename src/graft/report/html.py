@@ -48,7 +48,7 @@ SECTIONS: tuple[tuple[str, str], ...] = (
 )
 # A label-set run's page: the single-label sections give way to `graft.report.multilabel`'s.
 MULTILABEL_SECTIONS: tuple[tuple[str, str], ...] = (
-    *(s for s in SECTIONS if s[0] in ("data", "strategy", "curves")),
+    *(s for s in SECTIONS if s[0] in ("data", "data-check", "strategy", "curves")),
     *LABEL_SET_SECTIONS,
     *(s for s in SECTIONS if s[0] in ("filters", "feature-maps", "forgetting")),
 )
@@ -157,12 +157,11 @@ def write_report(run_dir: str | Path, *, cka_images: int | None = None) -> Path:
     num_images = loaded[0] if loaded else 0
     write_json(run_dir / "forgetting.json", {"images": num_images, "stages": forgetting})
 
-    multilabel = is_multilabel(run.metrics)  # the data check does not run on label sets
-    check = [] if multilabel else [section("data-check", "Data check: likely wrong labels, leaks, odd images", data_check_section(run, figures))]
+    multilabel = is_multilabel(run.metrics)
     parts = [
         header(run),
         section("data", "Data", data_section(run)),
-        *check,
+        section("data-check", "Data check: likely wrong labels, leaks, odd images", data_check_section(run, figures)),
         section("strategy", "Strategy and what it trains", strategy_section(run, bundle, pretrained, stages)),
         section("curves", "Learning curves", curves_section(run, figures)),
         *(multilabel_sections(run, figures) if multilabel else single_label_sections(run, figures)),
@@ -260,7 +259,8 @@ def data_check_section(run: Run, figures: Any) -> str:
     intro = f"<p>{esc(checked.get('images', '?'))} images checked: <b>{esc(counts)}</b>. The full list is data_check.csv.</p>"
     intro += "".join(note(f"note: {n}") for n in checked.get("notes", []))
     tiles = []
-    for row in [f for f in findings if not f["path"].endswith("/") and f["issue"] != "unreadable"][:MAX_CHECK_THUMBNAILS]:
+    pictures = [f for f in findings if f["issue"] not in ("small-class", "imbalanced", "unreadable")]  # rows of one image
+    for row in pictures[:MAX_CHECK_THUMBNAILS]:
         try:
             uri = figures.image_uri(load_image(run.data_root / row["path"]), max_side=160)
         except ImageError:
