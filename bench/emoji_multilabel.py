@@ -7,7 +7,7 @@ with professions, couples, flags), of `cldr-annotations-derived-full` 48.2.0
 (`annotationsDerived/en/annotations.json`), joined through the code points of `emoji.json`.
 Keywords used by at least 30 emoji (skin-tone variants counted once) are the labels; an image with none of them stays in, with no
 label. The split is by emoji, not by image: an emoji and its skin-tone variants (near copies of one
-drawing) fall on the same side. 20 % of the emoji are held out as `test` and 20 % of the rest are
+drawing) fall on the same side, and so do emoji drawn with identical files (some flags, some families). 20 % of the emoji are held out as `test` and 20 % of the rest are
 `valid`, each by a seeded iterative stratification over the emoji's label sets (the `split` column).
 
     cd /tmp && npm pack emoji-datasource-apple@16.0.0 cldr-annotations-full@48.2.0 cldr-annotations-derived-full@48.2.0
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import shutil
 import sys
@@ -91,13 +92,33 @@ def _grouped_split(groups: list[str], targets: np.ndarray, fraction: float, seed
     return {names[i] for i in chosen}
 
 
+def _same_picture_groups(pngs: list[Path], groups: list[str]) -> list[str]:
+    """`groups` (each image's base emoji) merged wherever two emoji share an identical file: Apple
+    draws some flags alike (Norway and Bouvet Island) and some families alike, and `graft check`
+    finds such copies across a split as leaks. Each image's group becomes its merged group's first name."""
+    parent = {group: group for group in groups}
+
+    def root(group: str) -> str:
+        while parent[group] != group:
+            group = parent[group]
+        return group
+
+    first_group: dict[str, str] = {}
+    for png, group in zip(pngs, groups):
+        digest = hashlib.sha256(png.read_bytes()).hexdigest()
+        other = first_group.setdefault(digest, group)
+        a, b = sorted((root(group), root(other)))
+        parent[b] = a
+    return [root(group) for group in groups]
+
+
 def build(packs: Path, out: Path, seed: int = 0) -> Path:
     """Write `out/images/*.png` and `out/labels.csv` (path,labels,split); returns the CSV."""
     found = emoji_keywords(packs, out / "npm")
     uses = Counter(k for _, k in {(group, k) for _, group, keywords in found for k in keywords})  # emoji, not images
     kept = sorted(k for k, n in uses.items() if n >= MIN_EMOJI_PER_KEYWORD)
     targets = np.array([[k in keywords for k in kept] for _, _, keywords in found], dtype=np.int64)
-    groups = [group for _, group, _ in found]
+    groups = _same_picture_groups([png for png, _, _ in found], [group for _, group, _ in found])
     test = _grouped_split(groups, targets, TEST_FRACTION, seed)
     rest = [row for row, group in enumerate(groups) if group not in test]
     valid = _grouped_split([groups[r] for r in rest], targets[rest], TEST_FRACTION, seed)
@@ -107,7 +128,7 @@ def build(packs: Path, out: Path, seed: int = 0) -> Path:
     with csv_path.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(["path", "labels", "split"])
-        for (png, group, keywords) in found:
+        for (png, _, keywords), group in zip(found, groups):
             side = "test" if group in test else "valid" if group in valid else "train"
             sides[side] += 1
             shutil.copyfile(png, out / "images" / png.name)
