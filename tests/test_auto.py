@@ -156,6 +156,20 @@ def test_a_label_set_probe_scores_each_validation_image_by_its_label_ranking_ap(
     assert scores[0.875].image_scores != scores[1.0].image_scores and accuracy_difference_se(scores[1.0], scores[0.875]) > 0
 
 
+def test_a_label_set_probe_with_no_label_to_rank_ties_every_candidate():
+    """A sample where every label is on (or off) for all training images gives the probe nothing
+    to fit: it scores every image 1 with no loss, so the candidate holding its place stays."""
+    import numpy as np
+
+    from graft.strategies.auto_measure import _holdout_probe_scores
+
+    features = np.random.default_rng(0).normal(size=(8, 5)).astype(np.float32)
+    labels = [[1, 0]] * 6
+    score = _holdout_probe_scores(features[:6], labels, features[6:], [[1, 0], [0, 1]])
+    assert score.measure == "label-ranking AP" and score.image_scores == (1.0, 1.0) and score.loss == 0.0
+    assert first_wins(score, score) == (False, "log-loss")
+
+
 def test_auto_scores_label_sets_by_label_ranking_ap_and_says_so(multilabel_csv, tmp_path, capsys):
     """On real label sets every candidate (probes and the trained model) is scored by its validation
     label-ranking AP, and the records, the console and the report name that measure."""

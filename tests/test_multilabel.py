@@ -180,6 +180,7 @@ def test_a_label_set_head_by_lbfgs_keeps_the_l2_strength_that_scores_best_on_val
     run = graft.train(multilabel_csv, out=tmp_path / "run", strategy="feature-extract", head_solver="lbfgs", verbose=False)
     chose = run.metrics["head_l2"]
     assert list(chose["validation"]) == [f"{c:g}" for c in MULTILABEL.l2_strengths]
+    assert len(set(chose["validation"].values())) > 1  # the strengths gave different heads: the choice is real
     assert chose["validation"][f"{chose['l2_c']:g}"] == max(chose["validation"].values())
     # The bundle's head is the one fitted at that strength: its validation mAP is the run's.
     assert run.metrics["map"] == pytest.approx(chose["validation"][f"{chose['l2_c']:g}"], abs=1e-4)

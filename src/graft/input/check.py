@@ -250,7 +250,7 @@ def _class_findings(dataset: Dataset) -> tuple[list[Finding], list[str]]:
 def _label_findings(dataset: Dataset) -> tuple[list[Finding], list[str]]:
     """Labels of a label-set dataset carried by too few images, counted over training and validation.
 
-    No `imbalanced` rows (labels are rarely balanced, and weighting them lowered mAP; docs/data.md)
+    No `imbalanced` rows (labels are rarely balanced, and weighting them never raised mAP; docs/data.md)
     and no `label` rows: the wrong-label check's probe and thresholds were measured on one label per image."""
     train, val = dataset.train.counts(), dataset.val.counts()
     findings = [
